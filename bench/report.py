@@ -1,0 +1,143 @@
+"""Benchmark output: a console table, JSON and CSV rows, a markdown report, a plot.
+
+A result is a list of flat dict rows (one per op x shape x backend) plus the
+environment record and the ceilings measured in the same run. Every CSV row
+repeats the environment, so rows from different runs can be concatenated and
+still say where they came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+# Reports go to logs and CI as often as to terminals: do not squeeze the table to 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+# (row key, column header, format) of the console / markdown tables.
+DEFAULT_COLUMNS = (
+    ("op", "op", "{}"),
+    ("shape", "shape", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("backend", "backend", "{}"),
+    ("status", "status", "{}"),
+    ("median_ms", "median ms", "{:.4f}"),
+    ("p10_ms", "p10", "{:.4f}"),
+    ("p90_ms", "p90", "{:.4f}"),
+    ("cv", "cv", "{:.1%}"),
+    ("gbps", "GB/s", "{:.1f}"),
+    ("frac_of_peak", "% of peak", "{:.0%}"),
+    ("max_abs_err", "max err", "{:.1e}"),
+)
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _present(rows: Sequence[dict], columns) -> list:
+    return [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
+
+
+def print_table(rows: Sequence[dict], title: str, columns=DEFAULT_COLUMNS) -> None:
+    cols = _present(rows, columns)
+    table = Table(title=title, title_justify="left")
+    for key, header, _ in cols:
+        table.add_column(header, justify="left" if key in ("op", "shape", "dtype", "backend", "status") else "right")
+    for r in rows:
+        table.add_row(*(_fmt(r.get(k), f) for k, _, f in cols))
+    console.print(table)
+
+
+def markdown_table(rows: Sequence[dict], columns=DEFAULT_COLUMNS) -> str:
+    cols = _present(rows, columns)
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(k), f) for k, _, f in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[dict], env: dict, ceilings: dict, out_dir: Path, stem: str,
+                  title: str, notes: Iterable[str] = ()) -> list[Path]:
+    """Write ``stem.json``, ``stem.csv`` and ``stem.md`` (and ``stem.png`` if matplotlib is there)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    p = out_dir / f"{stem}.json"
+    p.write_text(json.dumps({"environment": env, "ceilings": ceilings, "rows": list(rows)}, indent=1))
+    paths.append(p)
+
+    p = out_dir / f"{stem}.csv"
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    env_keys = [k for k in env if k not in keys]
+    with p.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys + env_keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: env[k] for k in env_keys}, **r})
+    paths.append(p)
+
+    plot = out_dir / f"{stem}.png"
+    if plot_bandwidth(rows, ceilings, plot, title):
+        paths.append(plot)
+
+    md = [f"# {title}", "", "## Environment", ""]
+    md += [f"- {k}: {v}" for k, v in env.items() if v is not None]
+    md += ["", "## Ceilings measured in this run", ""]
+    md += [f"- {k}: {v:.1f}" for k, v in ceilings.items()]
+    if notes:
+        md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    md += ["", "## Results", "", markdown_table(rows), ""]
+    if plot in paths:
+        md += [f"![{title}]({plot.name})", ""]
+    p = out_dir / f"{stem}.md"
+    p.write_text("\n".join(md))
+    paths.append(p)
+    return paths
+
+
+def plot_bandwidth(rows: Sequence[dict], ceilings: dict, path: Path, title: str) -> bool:
+    """GB/s per backend against width, one panel per op; the copy ceiling as a line."""
+    timed = [r for r in rows if r.get("gbps")]
+    if not timed:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ops = list(dict.fromkeys(r["op"] for r in timed))
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 3.6), squeeze=False, sharey=True)
+    for ax, op in zip(axes[0], ops):
+        mine = [r for r in timed if r["op"] == op]
+        for backend in dict.fromkeys(r["backend"] for r in mine):
+            pts = sorted((r["numel"], r["gbps"]) for r in mine if r["backend"] == backend)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+        if "copy_gbps" in ceilings:
+            ax.axhline(ceilings["copy_gbps"], color="gray", linestyle="--", label="copy")
+        ax.set_xscale("log")
+        ax.set_title(op)
+        ax.set_xlabel("elements (rows x width)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("GB/s")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

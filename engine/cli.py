@@ -1,0 +1,30 @@
+"""The ``trifuse`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bench import cli as bench_cli
+
+    p = argparse.ArgumentParser(prog="trifuse", description="trifuse: a transformer inference engine "
+                                "on fused Triton kernels")
+    p.add_argument("--version", action="version", version=f"trifuse {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench_cli.add_arguments(sub.add_parser(
+        "bench", help="benchmark kernels and models against PyTorch peers",
+        description="Check, then time, trifuse against its peers; write JSON/CSV/markdown/PNG reports."))
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

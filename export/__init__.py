@@ -1,0 +1,1 @@
+"""ONNX export of trifuse models, verified in ONNX Runtime against PyTorch."""

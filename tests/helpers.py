@@ -1,0 +1,46 @@
+"""Comparison rules shared by the kernel tests.
+
+fp32 results are compared to a float64 reference with tight tolerances. Low
+precision follows flash-attention's rule: our error against the float64
+reference is at most twice PyTorch's own error in that dtype (plus a floor of a
+few ulps, so an exact PyTorch result does not demand an exact kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) of a result in this dtype against a float64 reference.
+TOL = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+# A few units in the last place, the slack granted on top of "2x PyTorch's error".
+ULP_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_matches_reference(ours: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
+                             torch_lowp: torch.Tensor | None = None, scale: float = 1.0) -> None:
+    """``ours`` (in ``dtype``) against the float64 reference ``ref64``.
+
+    ``torch_lowp`` is PyTorch's own result computed in ``dtype``; when given, the
+    2x rule applies on top of the absolute tolerance table. ``scale`` widens the
+    table for ops whose outputs are large (e.g. a norm followed by a big weight).
+    """
+    assert ours.dtype == dtype, f"output dtype {ours.dtype}, expected {dtype}"
+    assert ours.shape == ref64.shape, f"output shape {tuple(ours.shape)}, expected {tuple(ref64.shape)}"
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(ours.double(), ref64, atol=atol * scale, rtol=rtol)
+    if torch_lowp is not None and dtype != torch.float32:
+        ours_err = max_err(ours, ref64)
+        torch_err = max_err(torch_lowp, ref64)
+        bound = 2 * torch_err + ULP_FLOOR[dtype] * scale
+        assert ours_err <= bound, (
+            f"{dtype} error {ours_err:.3g} exceeds 2x PyTorch's own error {torch_err:.3g} (+floor)"
+        )

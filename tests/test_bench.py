@@ -1,0 +1,84 @@
+"""The benchmark harness: statistics, reports, and a smoke run of `trifuse bench kernels`."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench import report
+from bench.suite import Options, check_and_time, matches
+from bench.timing import Timing, copy_bandwidth, measure
+from engine.cli import main as trifuse_main
+
+
+def test_timing_statistics():
+    t = Timing(np.array([1.0, 2.0, 3.0, 4.0, 100.0]), cold_ms=50.0)
+    s = t.summary()
+    assert s["median_ms"] == 3.0  # robust to the outlier the mean is not
+    assert s["mean_ms"] == 22.0
+    assert s["p10_ms"] == pytest.approx(1.4)
+    assert s["std_ms"] == pytest.approx(np.std([1, 2, 3, 4, 100], ddof=1))
+    assert s["cv"] == pytest.approx(s["std_ms"] / 22.0)
+    assert s["iters"] == 5 and s["cold_ms"] == 50.0
+
+
+def test_measure_cpu_counts_and_orders():
+    calls = []
+    t = measure(lambda: calls.append(1), "cpu", warmup=3, min_time_s=0.0, min_iters=12)
+    assert len(t.samples_ms) == 12
+    assert len(calls) == 1 + 3 + 12  # cold call, warm-up, samples
+    assert (t.samples_ms >= 0).all() and t.cold_ms is not None
+
+
+def test_copy_bandwidth_is_positive():
+    assert copy_bandwidth("cpu", nbytes=1 << 20) > 0
+
+
+def test_check_and_time_refuses_to_time_a_wrong_answer():
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True)
+    ref = torch.ones(8, dtype=torch.float64)
+    assert check_and_time(lambda: torch.ones(8) * 1.01, ref, opts) == {
+        "status": "mismatch", "max_abs_err": pytest.approx(0.01)}
+    ok = check_and_time(lambda: torch.ones(8), ref, opts)
+    assert ok["status"] == "ok" and ok["median_ms"] >= 0
+    err = check_and_time(lambda: 1 / 0, ref, opts)
+    assert err["status"].startswith("error: ZeroDivisionError")
+    assert matches((torch.ones(2), torch.zeros(2)), (torch.ones(2), torch.zeros(2)), torch.float32)
+
+
+def test_write_results(tmp_path):
+    rows = [{"suite": "kernels", "op": "layer_norm", "shape": "2x8", "numel": 16, "dtype": "fp32",
+             "backend": "eager", "status": "ok", "median_ms": 0.5, "gbps": 1.0}]
+    env = {"device": "test-cpu", "torch": torch.__version__, "git_commit": "abc"}
+    paths = report.write_results(rows, env, {"copy_gbps": 2.0}, tmp_path, "k", "title", ["a note"])
+    names = {p.name for p in paths}
+    assert {"k.json", "k.csv", "k.md"} <= names
+    data = json.loads((tmp_path / "k.json").read_text())
+    assert data["rows"] == rows and data["environment"] == env
+    with (tmp_path / "k.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["device"] == "test-cpu" and row["backend"] == "eager" and float(row["median_ms"]) == 0.5
+    md = (tmp_path / "k.md").read_text()
+    assert "copy_gbps: 2.0" in md and "a note" in md and "| layer_norm |" in md
+
+
+def test_cli_bench_kernels_smoke(tmp_path, capsys):
+    rc = trifuse_main(["bench", "kernels", "--quick", "--rows", "16", "--widths", "96",
+                       "--backends", "trifuse", "reference", "eager", "--out", str(tmp_path)])
+    assert rc == 0
+    (result,) = list(tmp_path.glob("kernels-*.json"))
+    rows = json.loads(result.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"layer_norm", "add_layer_norm", "add_rms_norm",
+                                       "bias_gelu", "bias_gelu_tanh", "gated_gelu"}
+    assert all(r["status"] in ("ok", "checked") for r in rows), rows
+    assert all(r["max_abs_err"] < 1e-4 for r in rows)
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert timed and all(r["gbps"] > 0 and 0 < r["frac_of_peak"] for r in timed)
+    assert "layer_norm" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_suite():
+    with pytest.raises(SystemExit, match="unknown suite"):
+        trifuse_main(["bench", "nope", "--quick"])
