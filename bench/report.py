@@ -35,6 +35,7 @@ DEFAULT_COLUMNS = (
     ("gbps", "GB/s", "{:.1f}"),
     ("frac_of_peak", "% of peak", "{:.0%}"),
     ("max_abs_err", "max err", "{:.1e}"),
+    ("cold_ms", "cold ms", "{:.1f}"),
 )
 
 
@@ -122,8 +123,12 @@ def plot_bandwidth(rows: Sequence[dict], ceilings: dict, path: Path, title: str)
     except ImportError:
         return False
     ops = list(dict.fromkeys(r["op"] for r in timed))
-    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 3.6), squeeze=False, sharey=True)
-    for ax, op in zip(axes[0], ops):
+    ncols = min(3, len(ops))
+    nrows = -(-len(ops) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(ops):]:
+        ax.set_visible(False)
+    for ax, op in zip(axes.flat, ops):
         mine = [r for r in timed if r["op"] == op]
         for backend in dict.fromkeys(r["backend"] for r in mine):
             pts = sorted((r["numel"], r["gbps"]) for r in mine if r["backend"] == backend)
@@ -134,8 +139,9 @@ def plot_bandwidth(rows: Sequence[dict], ceilings: dict, path: Path, title: str)
         ax.set_title(op)
         ax.set_xlabel("elements (rows x width)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("GB/s")
-    axes[0][-1].legend(fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("GB/s")
+    axes.flat[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
