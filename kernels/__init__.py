@@ -7,11 +7,14 @@ time; see :mod:`kernels._dispatch`.
 """
 
 from ._dispatch import BACKENDS, INTERPRET, get_backend, set_backend, use_backend
+from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, RelativeBias, attention, attention_reference,
+                        relative_position_bucket)
 from .gelu import gelu, gelu_reference
 from .norm import MAX_FUSED_WIDTH, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 
 __all__ = [
     "BACKENDS", "INTERPRET", "get_backend", "set_backend", "use_backend",
+    "attention", "attention_reference", "RelativeBias", "relative_position_bucket", "MIN_HEAD_DIM", "MAX_HEAD_DIM",
     "gelu", "gelu_reference",
     "layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference", "MAX_FUSED_WIDTH",
 ]
