@@ -18,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_arguments(sub.add_parser(
         "bench", help="benchmark kernels and models against PyTorch peers",
         description="Check, then time, trifuse against its peers; write JSON/CSV/markdown/PNG reports."))
+    from . import check
+
+    check.add_arguments(sub.add_parser(
+        "check", help="compare a checkpoint in trifuse with Hugging Face transformers",
+        description=check.__doc__.split("\n\n")[0]))
     return p
 
 

@@ -1,0 +1,167 @@
+"""``trifuse check SOURCE``: trifuse against Hugging Face transformers on one checkpoint.
+
+Both load the checkpoint and run the same batch (mixed lengths, padded). For
+every output the report gives the max absolute error and the error relative to
+the largest reference value (``max|ours - ref| / max|ref|``; element-wise
+relative error is meaningless next to zeros), first in fp32, then in the
+requested low-precision dtype, and walks the hidden states layer by layer to
+name the first one that leaves its budget.
+
+Budgets: fp32 errors must stay under 1e-4 relative. In fp16/bf16 the reference
+is Hugging Face in fp32 and the budget is the flash-attention rule: at most
+twice Hugging Face's own error in that dtype, plus a small floor.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import from_pretrained, resolve_dtype
+
+FP32_BUDGET = 1e-4
+LOWP_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FIELDS = ("last_hidden_state", "pooler_output", "logits", "start_logits", "end_logits")
+_AUTO = {
+    "feature-extraction": "AutoModel", "masked-lm": "AutoModelForMaskedLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class Row:
+    dtype: str
+    output: str
+    max_abs: float
+    rel: float
+    budget: float
+    hf_rel: Optional[float] = None  # Hugging Face's own error in this dtype
+
+    @property
+    def ok(self) -> bool:
+        return self.rel <= self.budget
+
+
+@dataclass
+class Report:
+    rows: list
+    first_bad_layer: dict  # dtype name -> (layer index, relative error) or None
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+
+def make_batch(vocab_size: int, pad_token_id: int, batch: int, seq: int, device, seed: int = 0):
+    """Random tokens with mixed lengths (full, then shorter), right-padded with the pad token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch, seq), generator=g)
+    lengths = torch.linspace(seq, max(1, seq // 4), batch).round().long()
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    return ids.masked_fill(mask == 0, pad_token_id).to(device), mask.to(device)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    d = (a.double() - b.double()).abs().max().item()
+    return d, d / max(b.double().abs().max().item(), 1e-30)
+
+
+def _run(model, ids, mask, hf: bool):
+    with torch.no_grad():
+        if hf:
+            return model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return model(ids, attention_mask=mask, output_hidden_states=True)
+
+
+def check(source, *, dtype="fp32", device=None, batch: int = 3, seq: int = 32, task: Optional[str] = None,
+          seed: int = 0) -> Report:
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit("trifuse check compares with Hugging Face transformers: pip install 'trifuse[hf]'") from e
+    lowp = resolve_dtype(dtype) or torch.float32
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    ours32 = from_pretrained(source, task=task, device=device, dtype=torch.float32)
+    auto = getattr(transformers, _AUTO[ours32.task])
+    hf32 = auto.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").to(device).eval()
+    c = ours32.config
+    ids, mask = make_batch(c.vocab_size, c.pad_token_id, batch, min(seq, c.max_length), device, seed)
+
+    ref = _run(hf32, ids, mask, hf=True)
+    runs = [(torch.float32, _run(ours32, ids, mask, hf=False), None)]
+    if lowp != torch.float32:
+        ours_lp = from_pretrained(source, task=task, device=device, dtype=lowp)
+        hf_lp = auto.from_pretrained(source, dtype=lowp, attn_implementation="eager").to(device).eval()
+        runs.append((lowp, _run(ours_lp, ids, mask, hf=False), _run(hf_lp, ids, mask, hf=True)))
+
+    rows, first_bad = [], {}
+    for dt, ours, theirs in runs:
+        name = _DTYPE_NAMES[dt]
+
+        def budget(key, i=None):
+            if theirs is None:
+                return FP32_BUDGET, None
+            a = theirs[key] if i is None else theirs[key][i]
+            b = ref[key] if i is None else ref[key][i]
+            hf_rel = _rel(a, b)[1]
+            return 2 * hf_rel + LOWP_FLOOR[dt], hf_rel
+
+        for key in FIELDS:
+            if key in ours.keys():
+                max_abs, rel = _rel(ours[key], ref[key])
+                bud, hf_rel = budget(key)
+                rows.append(Row(name, key, max_abs, rel, bud, hf_rel))
+        first_bad[name] = None
+        for i, (h, r) in enumerate(zip(ours.hidden_states, ref.hidden_states)):
+            rel = _rel(h, r)[1]
+            if rel > budget("hidden_states", i)[0]:
+                first_bad[name] = (i, rel)
+                break
+    return Report(rows, first_bad)
+
+
+def print_report(report: Report, source) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    table = Table(title=f"trifuse vs Hugging Face: {source}", title_justify="left")
+    for col in ("dtype", "output", "max abs err", "rel err", "HF's own rel err", "budget", ""):
+        table.add_column(col, justify="left" if col in ("dtype", "output") else "right")
+    for r in report.rows:
+        table.add_row(r.dtype, r.output, f"{r.max_abs:.2e}", f"{r.rel:.2e}",
+                      "-" if r.hf_rel is None else f"{r.hf_rel:.2e}", f"{r.budget:.1e}",
+                      "[green]ok[/]" if r.ok else "[red]OVER[/]")
+    console.print(table)
+    for dt, bad in report.first_bad_layer.items():
+        where = ("every hidden state within budget" if bad is None else
+                 f"first hidden state over budget: {'embeddings' if bad[0] == 0 else f'layer {bad[0]}'} "
+                 f"(rel err {bad[1]:.2e})")
+        console.print(f"{dt}: {where}")
+    console.print("[green]PASS[/]" if report.ok else "[red]FAIL: out of budget[/]")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("source", help="a Hugging Face checkpoint directory")
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"],
+                   help="low-precision dtype checked after fp32 (default fp16)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--task", help="override the head chosen from config.architectures")
+    p.add_argument("--batch", type=int, default=3)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    report = check(args.source, dtype=args.dtype, device=args.device, batch=args.batch, seq=args.seq,
+                   task=args.task, seed=args.seed)
+    print_report(report, args.source)
+    return 0 if report.ok else 1

@@ -1,0 +1,50 @@
+"""`trifuse check`: parity report against Hugging Face, and its verdict."""
+
+import torch
+
+import engine
+from engine import check as check_mod
+from engine.cli import main as trifuse_main
+from tests.test_bert import hf_model
+
+
+def _saved(tmp_path, family="bert", head="ForSequenceClassification"):
+    hf_model(family, head).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_check_passes_fp32_and_bf16(tmp_path):
+    report = check_mod.check(_saved(tmp_path), dtype="bf16", device="cpu", seq=12)
+    assert report.ok
+    dtypes = {(r.dtype, r.output) for r in report.rows}
+    assert dtypes == {("fp32", "logits"), ("bf16", "logits")}
+    fp32 = next(r for r in report.rows if r.dtype == "fp32")
+    assert fp32.rel < 1e-5
+    bf16 = next(r for r in report.rows if r.dtype == "bf16")
+    assert bf16.hf_rel is not None and bf16.budget > bf16.hf_rel
+    assert report.first_bad_layer == {"fp32": None, "bf16": None}
+
+
+def test_check_names_first_diverging_layer(tmp_path, monkeypatch, capsys):
+    source = _saved(tmp_path, family="roberta", head="Model")
+    real = engine.from_pretrained
+
+    def broken(*args, **kwargs):  # trifuse with layer 2's FFN output bias knocked off
+        model = real(*args, **kwargs)
+        with torch.no_grad():  # not a constant shift: the LayerNorm after it would cancel that
+            model.layers[1].ffn.down.bias.add_(torch.randn_like(model.layers[1].ffn.down.bias))
+        return model
+
+    monkeypatch.setattr(check_mod, "from_pretrained", broken)
+    report = check_mod.check(source, dtype="fp32", device="cpu", seq=10)
+    assert not report.ok
+    assert report.first_bad_layer["fp32"][0] == 2  # hidden_states[2]: the output of layer 2
+    rc = trifuse_main(["check", str(source), "--dtype", "fp32", "--device", "cpu", "--seq", "10"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "first hidden state over budget: layer 2" in out and "FAIL" in out
+
+
+def test_check_cli_passes(tmp_path, capsys):
+    rc = trifuse_main(["check", str(_saved(tmp_path, "albert", "ForMaskedLM")), "--dtype", "bf16",
+                       "--device", "cpu", "--seq", "9"])
+    assert rc == 0 and "PASS" in capsys.readouterr().out
