@@ -1,0 +1,170 @@
+"""``trifuse bench vit-base-patch16-224``: ViT latency and images/s against Hugging Face and torch.compile.
+
+A model is a named size built from a config with random weights (no hub at run
+time) or a local ViT / DeiT checkpoint directory. Every backend runs the same
+batch of random ``pixel_values`` at the checkpoint's image size; its
+``last_hidden_state`` is checked against Hugging Face eager (same dtype, to the
+dtype's budget) before it is timed. Rows carry ``batch`` and ``seq`` (patches
+plus the special tokens) for the latency plot; ``images_per_s`` (also shown as
+``seq/s``: one image is one sequence) and ``tokens_per_s``.
+
+Backends: ``trifuse`` (our kernels), ``reference`` (our graph on the PyTorch
+reference ops), ``hf-eager``, ``hf-sdpa``, ``torch-compile`` (Hugging Face's
+SDPA model under ``torch.compile``). Entry point: ``run(opts, models)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import engine
+import kernels
+from kernels import _dispatch
+
+from .suite import DTYPE_NAMES, Options, SuiteResult, pick_backends
+from .timing import measure
+
+VIT_BASE = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                intermediate_size=3072, image_size=224, patch_size=16, num_channels=3, hidden_act="gelu",
+                layer_norm_eps=1e-12)
+NAMED = {
+    "vit-base-patch16-224": VIT_BASE,
+    "vit-large-patch16-224": {**VIT_BASE, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                              "intermediate_size": 4096},
+}
+BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
+# Largest |out - ref| / max|ref| a backend may show against Hugging Face eager (as bench.models).
+MODEL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def is_model(name: str) -> bool:
+    """A named ViT size, or a checkpoint directory whose config says ``vit`` or ``deit``."""
+    if name in NAMED:
+        return True
+    cfg = Path(name) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in ("vit", "deit")
+    except (OSError, ValueError):
+        return False
+
+
+def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
+    import transformers
+
+    if os.path.isdir(name):
+        model = transformers.AutoModel.from_pretrained(name, dtype=torch.float32, attn_implementation=attn)
+    else:
+        cfg = dict(NAMED[name])
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        config._attn_implementation = attn
+        torch.manual_seed(0)
+        model = transformers.AutoModel.from_config(config, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
+
+
+def _image_shape(cfg) -> tuple[int, int, int]:
+    size = cfg.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return cfg.num_channels, h, w
+
+
+def _bench_one(name: str, opts: Options, backends: list[str], batch: int) -> list[dict]:
+    dev, dtype = opts.device, opts.dtype
+    hf_eager = build_hf(name, dtype, dev, "eager")
+    c, h, w = _image_shape(hf_eager.config)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, c, h, w, generator=g).to(device=dev, dtype=dtype)
+    with torch.no_grad():
+        ref = hf_eager(pixel_values=pixels).last_hidden_state
+    seq = ref.shape[1]  # patches + CLS (+ DeiT's distillation token)
+    ours = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=dtype, device=dev)
+
+    def run_ours():
+        return ours(pixels).last_hidden_state
+
+    def run_reference():
+        with kernels.use_backend("reference"):
+            return run_ours()
+
+    fns = {"trifuse": run_ours, "reference": run_reference,
+           "hf-eager": lambda: hf_eager(pixel_values=pixels).last_hidden_state}
+    if "hf-sdpa" in backends or "torch-compile" in backends:
+        hf_sdpa = build_hf(name, dtype, dev, "sdpa")
+        hf_sdpa.load_state_dict(hf_eager.state_dict())
+        fns["hf-sdpa"] = lambda: hf_sdpa(pixel_values=pixels).last_hidden_state
+        if "torch-compile" in backends:
+            compiled = torch.compile(hf_sdpa)
+            fns["torch-compile"] = lambda: compiled(pixel_values=pixels).last_hidden_state
+    interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
+    rows = []
+    for backend in backends:
+        row = {"suite": "vit", "op": name, "shape": f"{batch}x{c}x{h}x{w}", "batch": batch, "seq": seq,
+               "image_size": f"{h}x{w}", "dtype": DTYPE_NAMES[dtype], "backend": backend}
+        fn = fns[backend]
+        try:
+            with torch.no_grad():
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                out = fn()
+                row["max_abs_err"] = (out.float() - ref.float()).abs().max().item()
+                row["rel_err"] = _rel(out, ref)
+                if row["rel_err"] > MODEL_TOL[dtype]:
+                    rows.append({**row, "status": "mismatch"})
+                    continue
+                if backend == "trifuse" and interpreted:
+                    # Interpreted Triton on the CPU: checked, but its time says nothing about a GPU.
+                    rows.append({**row, "status": "checked"})
+                    continue
+                t = measure(fn, dev, warmup=2 if opts.quick else opts.warmup,
+                            min_time_s=0.05 if opts.quick else opts.min_time_s, min_iters=5, flush_l2=False)
+        except Exception as e:  # noqa: BLE001 - a failing backend is a result
+            rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+            continue
+        s = t.summary()
+        per_s = batch / (s["median_ms"] * 1e-3)
+        row.update(status="ok", **s, images_per_s=per_s, seq_per_s=per_s, tokens_per_s=per_s * seq)
+        if dev.type == "cuda":
+            row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        rows.append(row)
+    base = {r["backend"]: r.get("median_ms") for r in rows}
+    for r in rows:
+        if r.get("median_ms") and base.get("hf-eager"):
+            r["speedup_vs_hf_eager"] = base["hf-eager"] / r["median_ms"]
+    return rows
+
+
+def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
+    """Benchmark ViT ``models`` (named sizes or checkpoint directories) at ``opts.batch`` sizes.
+
+    The image size is the checkpoint's (``opts.seq`` does not apply); batches default
+    to 1, 8, 32 on a GPU and 1 on the CPU.
+    """
+    gpu = opts.on_gpu
+    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else ("trifuse", "reference", "hf-eager", "hf-sdpa"))
+    models = models or ["vit-base-patch16-224"]
+    unknown = [m for m in models if not is_model(m)]
+    if unknown:
+        raise SystemExit(f"unknown ViT model(s) {unknown}; choose from {list(NAMED)} or a vit/deit checkpoint "
+                         "directory")
+    batches = opts.batch or ([1, 8, 32] if gpu else [1])
+    if opts.quick:
+        batches = batches[:1]
+    notes = ["Images at the checkpoint's size; seq = patches + special tokens; seq/s = images/s."]
+    if not gpu:
+        notes.append("No GPU: the trifuse backend's Triton kernels are checked under the interpreter, "
+                     "not timed; CPU latencies of the PyTorch paths are shown for reference only.")
+    rows = []
+    for name in models:
+        for b in batches:
+            rows += _bench_one(name, opts, backends, b)
+    title = f"trifuse ViT on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"
+    return SuiteResult(title, rows, {}, notes)
