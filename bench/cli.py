@@ -16,9 +16,22 @@ SUITES = {
 DEFAULT_SUITES = ["kernels"]
 
 
+def _model_suites() -> list:
+    """Model suites, most specific first: each has ``NAMED`` sizes and ``is_model(name)``."""
+    from . import models, vit
+
+    return [vit, models]
+
+
+def _model_suite(name: str, suites: list):
+    return next((m for m in suites if m.is_model(name)), None)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suites", nargs="*", metavar="SUITE",
-                   help=f"what to benchmark: {', '.join(SUITES)} (default: {' '.join(DEFAULT_SUITES)})")
+    p.add_argument("suites", nargs="*", metavar="SUITE|MODEL",
+                   help=f"what to benchmark: a suite ({', '.join(SUITES)}), a named model size "
+                        f"(bert-base, roberta-base, ..., vit-base-patch16-224, ...) "
+                        f"or a local checkpoint directory (default: {' '.join(DEFAULT_SUITES)})")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                    help="activation dtype (default: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -50,9 +63,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     from .env import device_slug, environment
     from .suite import DTYPES, Options
 
-    unknown = [s for s in args.suites if s not in SUITES]
+    model_suites = _model_suites()
+    unknown = [s for s in args.suites if s not in SUITES and _model_suite(s, model_suites) is None]
     if unknown:
-        raise SystemExit(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+        named = [n for m in model_suites for n in m.NAMED]
+        raise SystemExit(f"unknown suite(s) {unknown}; choose a suite from {list(SUITES)}, a model from "
+                         f"{named} or a checkpoint directory")
+    # Model names run through the suite of their family, in the order given.
+    by_suite: dict = {}
+    for s in args.suites:
+        if s not in SUITES:
+            by_suite.setdefault(_model_suite(s, model_suites), []).append(s)
+    suites = [s for s in args.suites if s in SUITES] + list(by_suite)
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     opts = Options(device=device, dtype=dtype, backends=args.backends, quick=args.quick,
                    warmup=args.warmup, min_time_s=args.min_time, rows=args.rows, widths=args.widths,
@@ -61,12 +83,17 @@ def run_from_args(args: argparse.Namespace) -> int:
     report.console.print(f"[bold]trifuse bench[/] on {env['device']} ({device.type}), "
                          f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}")
     failed = False
-    for name in args.suites or DEFAULT_SUITES:
-        try:
-            suite = importlib.import_module(SUITES[name])
-        except ModuleNotFoundError as e:
-            raise SystemExit(f"suite {name!r} is not available in this build: {e}") from e
-        result = suite.run(opts)
+    for name in suites or DEFAULT_SUITES:
+        if not isinstance(name, str):  # a model family's suite module
+            suite, models = name, by_suite[name]
+            name = suite.__name__.rsplit(".", 1)[-1]
+            result = suite.run(opts, models)
+        else:
+            try:
+                suite = importlib.import_module(SUITES[name])
+            except ModuleNotFoundError as e:
+                raise SystemExit(f"suite {name!r} is not available in this build: {e}") from e
+            result = suite.run(opts)
         report.print_table(result.rows, result.title)
         for note in result.notes:
             report.console.print(f"[yellow]note:[/] {note}")
@@ -79,7 +106,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         bad = [r for r in result.rows if r["status"] == "mismatch" or r["status"].startswith("error")]
         for r in bad:
             report.console.print(f"[red]{r['backend']} {r['op']} {r['shape']}: {r['status']}[/]")
-        failed |= any(r["backend"] in ("trifuse", "reference") for r in bad)
+        failed |= any(r["backend"].startswith("trifuse") or r["backend"] == "reference" for r in bad)
     # A wrong answer from our own kernels fails the run; a peer's failure is only reported.
     return 1 if failed else 0
 

@@ -33,8 +33,14 @@ DEFAULT_COLUMNS = (
     ("p90_ms", "p90", "{:.4f}"),
     ("cv", "cv", "{:.1%}"),
     ("gbps", "GB/s", "{:.1f}"),
+    ("tflops", "TFLOP/s", "{:.1f}"),
     ("frac_of_peak", "% of peak", "{:.0%}"),
+    ("seq_per_s", "seq/s", "{:.1f}"),
+    ("tokens_per_s", "tok/s", "{:.0f}"),
+    ("speedup_vs_hf_eager", "vs hf-eager", "{:.2f}x"),
+    ("peak_mem_mib", "peak MiB", "{:.0f}"),
     ("max_abs_err", "max err", "{:.1e}"),
+    ("rel_err", "rel err", "{:.1e}"),
     ("cold_ms", "cold ms", "{:.1f}"),
 )
 
@@ -92,7 +98,7 @@ def write_results(rows: Sequence[dict], env: dict, ceilings: dict, out_dir: Path
     paths.append(p)
 
     plot = out_dir / f"{stem}.png"
-    if plot_bandwidth(rows, ceilings, plot, title):
+    if plot_bandwidth(rows, ceilings, plot, title) or plot_latency(rows, plot, title):
         paths.append(plot)
 
     md = [f"# {title}", "", "## Environment", ""]
@@ -110,17 +116,53 @@ def write_results(rows: Sequence[dict], env: dict, ceilings: dict, out_dir: Path
     return paths
 
 
-def plot_bandwidth(rows: Sequence[dict], ceilings: dict, path: Path, title: str) -> bool:
-    """GB/s per backend against width, one panel per op; the copy ceiling as a line."""
-    timed = [r for r in rows if r.get("gbps")]
-    if not timed:
-        return False
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_latency(rows: Sequence[dict], path: Path, title: str) -> bool:
+    """Median latency against batch size per backend, one panel per model and sequence length."""
+    timed = [r for r in rows if r.get("median_ms") and "batch" in r]
+    plt = _pyplot() if timed else None
+    if plt is None:
+        return False
+    panels = list(dict.fromkeys((r["op"], r["seq"]) for r in timed))
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (op, seq) in zip(axes.flat, panels):
+        mine = [r for r in timed if r["op"] == op and r["seq"] == seq]
+        for backend in dict.fromkeys(r["backend"] for r in mine):
+            pts = sorted((r["batch"], r["median_ms"]) for r in mine if r["backend"] == backend)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{op}, seq {seq}")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("median latency (ms)")
+        ax.grid(alpha=0.3, which="both")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_bandwidth(rows: Sequence[dict], ceilings: dict, path: Path, title: str) -> bool:
+    """GB/s per backend against width, one panel per op; the copy ceiling as a line."""
+    timed = [r for r in rows if r.get("gbps")]
+    plt = _pyplot() if timed else None
+    if plt is None:
         return False
     ops = list(dict.fromkeys(r["op"] for r in timed))
     ncols = min(3, len(ops))

@@ -82,3 +82,35 @@ def test_cli_bench_kernels_smoke(tmp_path, capsys):
 def test_cli_rejects_unknown_suite():
     with pytest.raises(SystemExit, match="unknown suite"):
         trifuse_main(["bench", "nope", "--quick"])
+
+
+def test_cli_bench_model_checkpoint_dir(tmp_path, capsys):
+    """A local checkpoint directory as the model; every backend checked against HF eager first."""
+    from tests.test_bert import hf_model
+
+    ckpt = tmp_path / "ckpt"
+    hf_model("roberta", "Model").save_pretrained(ckpt)
+    rc = trifuse_main(["bench", str(ckpt), "--quick", "--batch", "2", "--seq", "16",
+                       "--backends", "trifuse", "reference", "hf-eager", "hf-sdpa", "--out", str(tmp_path)])
+    assert rc == 0
+    (result,) = list(tmp_path.glob("models-*.json"))
+    rows = {r["backend"]: r for r in json.loads(result.read_text())["rows"]}
+    assert rows["trifuse"]["status"] in ("ok", "checked")  # interpreted Triton is checked, not timed
+    for b in ("reference", "hf-eager", "hf-sdpa"):
+        assert rows[b]["status"] == "ok" and rows[b]["rel_err"] < 1e-4 and rows[b]["tokens_per_s"] > 0
+    assert rows["hf-eager"]["speedup_vs_hf_eager"] == 1.0
+    assert (tmp_path / result.name.replace(".json", ".png")).exists()
+
+
+def test_cli_bench_routes_vit_checkpoint_to_vit_suite(tmp_path):
+    from tests.test_vit import CONFIGS, hf_model
+
+    ckpt = tmp_path / "vit"
+    hf_model(next(iter(CONFIGS)), "ForImageClassification").save_pretrained(ckpt)
+    rc = trifuse_main(["bench", str(ckpt), "--quick", "--batch", "2",
+                       "--backends", "trifuse", "reference", "hf-eager", "--out", str(tmp_path)])
+    assert rc == 0
+    (result,) = list(tmp_path.glob("vit-*.json"))
+    rows = {r["backend"]: r for r in json.loads(result.read_text())["rows"]}
+    assert rows["trifuse"]["status"] in ("ok", "checked")
+    assert rows["reference"]["status"] == rows["hf-eager"]["status"] == "ok"
