@@ -1,0 +1,248 @@
+"""``trifuse bench gpt2``: GPT-2 prefill and decode latency against Hugging Face ``generate``.
+
+A model is a named size built from a config with random weights (no hub at run
+time) or a local GPT-2 checkpoint directory. For each batch size and context
+length every backend is checked before it is timed, in two phases:
+
+* ``prefill``: one forward over a ``[B, ctx]`` prompt that fills a KV cache and
+  returns the last position's logits, checked against Hugging Face eager (fp32
+  for the fp32 run, the run's dtype otherwise) to the dtype's budget;
+* ``decode``: greedy generation of ``G`` tokens after a ``ctx - G`` token prompt
+  (so the last step attends over ``ctx`` positions, within GPT-2's 1024);
+  per-token latency ``(t(G) - t(1)) / (G - 1)``, i.e. prefill removed. Checked by
+  teacher forcing: Hugging Face eager re-reads the generated sequence, and every
+  generated token must be its argmax up to the dtype's budget (greedy ties may
+  legitimately break differently in low precision).
+
+Backends: ``trifuse`` (our kernels: ``model.generate`` and the forward it runs),
+``reference`` (our graph on the PyTorch reference ops), ``hf-eager``,
+``hf-sdpa`` (``GPT2LMHeadModel.generate``), ``torch-compile`` (Hugging Face's
+SDPA model: its forward under ``torch.compile`` for prefill, and ``generate``
+with ``cache_implementation="static"``, which compiles the decode step, for
+decode). Without a GPU the trifuse backend runs Triton's interpreter: checked,
+not timed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+import engine
+import kernels
+from kernels import _dispatch
+
+from .suite import DTYPE_NAMES, Options, SuiteResult, pick_backends
+from .timing import measure
+
+GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+            bos_token_id=50256, eos_token_id=50256)
+NAMED = {
+    "gpt2": GPT2,
+    "gpt2-medium": {**GPT2, "n_embd": 1024, "n_layer": 24, "n_head": 16},
+    "gpt2-large": {**GPT2, "n_embd": 1280, "n_layer": 36, "n_head": 20},
+    "gpt2-xl": {**GPT2, "n_embd": 1600, "n_layer": 48, "n_head": 25},
+    # For smoke runs and tests: the real vocabulary, a toy body.
+    "gpt2-tiny": {**GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
+}
+BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
+# Largest |out - ref| / max|ref| a backend's logits may show against Hugging Face eager.
+MODEL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def is_model(name: str) -> bool:
+    return name in NAMED or (os.path.isdir(name) and _is_gpt2_dir(name))
+
+
+def _is_gpt2_dir(path: str) -> bool:
+    import json
+
+    cfg = os.path.join(path, "config.json")
+    return os.path.isfile(cfg) and json.load(open(cfg)).get("model_type") == "gpt2"
+
+
+def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
+    import transformers
+
+    if os.path.isdir(name):
+        model = transformers.GPT2LMHeadModel.from_pretrained(name, attn_implementation=attn)
+    else:
+        cfg = dict(NAMED[name])
+        cfg.pop("model_type")
+        config = transformers.GPT2Config(**cfg)
+        config._attn_implementation = attn
+        torch.manual_seed(0)
+        with torch.device(device):  # random init on the device: seconds, not minutes, for gpt2-xl
+            model = transformers.GPT2LMHeadModel(config)
+    model = model.to(device=device, dtype=dtype).eval()
+    # Greedy decoding for exactly the requested number of tokens: no EOS stop.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
+
+
+def _argmax_gap(hf_eager, seq: torch.Tensor, new: int) -> float:
+    """Teacher forcing: the largest (max logit - logit of the chosen token) over the
+    ``new`` generated tokens of ``seq``, relative to max|logit|, under Hugging Face eager."""
+    with torch.no_grad():
+        logits = hf_eager(input_ids=seq[:, :-1], logits_to_keep=new).logits.float()  # predicts the last `new`
+    chosen = logits.gather(-1, seq[:, -new:, None].to(logits.device)).squeeze(-1)
+    return ((logits.amax(-1) - chosen).max() / logits.abs().max().clamp(min=1e-30)).item()
+
+
+def _time(fn: Callable[[], object], opts: Options, *, slow: bool = False):
+    """Median and spread of ``fn``; ``slow``: a whole generate call, so fewer samples."""
+    warmup = 1 if (opts.quick or slow) else opts.warmup
+    return measure(fn, opts.device, warmup=warmup, min_time_s=0.05 if opts.quick else opts.min_time_s,
+                   min_iters=3 if slow else 5, max_iters=50 if slow else 1000, flush_l2=False)
+
+
+def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: int, new: int,
+               hf_eager, hf_sdpa, ours, compiled) -> list[dict]:
+    dev, dtype = opts.device, opts.dtype
+    vocab = hf_eager.config.vocab_size
+    g = torch.Generator().manual_seed(batch * 10007 + ctx)
+    ids = torch.randint(0, vocab - 1, (batch, ctx), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    prompt, pmask = ids[:, : ctx - new].contiguous(), mask[:, : ctx - new]
+    with torch.no_grad():
+        ref = hf_eager(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+    cache = ours.new_cache(batch, ctx)
+
+    def ours_prefill():
+        cache.reset()
+        return ours._forward(ids, mask, None, cache, logits_to_keep=1).logits[:, -1]  # generate's path
+
+    def ours_generate(n):
+        return lambda: ours.generate(prompt, pmask, max_new_tokens=n, eos_token_id=[], pad_token_id=0)
+
+    def reference(fn):
+        def run():
+            with kernels.use_backend("reference"):
+                return fn()
+        return run
+
+    def hf_prefill(model):
+        return lambda: model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def hf_generate(model, n, **kw):
+        return lambda: model.generate(input_ids=prompt, attention_mask=pmask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, **kw)
+
+    prefill = {"trifuse": ours_prefill, "reference": reference(ours_prefill), "hf-eager": hf_prefill(hf_eager)}
+    generate = {"trifuse": ours_generate, "reference": lambda n: reference(ours_generate(n)),
+                "hf-eager": lambda n: hf_generate(hf_eager, n)}
+    if hf_sdpa is not None:
+        prefill["hf-sdpa"] = hf_prefill(hf_sdpa)
+        generate["hf-sdpa"] = lambda n: hf_generate(hf_sdpa, n)
+    if compiled is not None:
+        prefill["torch-compile"] = lambda: compiled(input_ids=ids, attention_mask=mask, use_cache=False,
+                                                    logits_to_keep=1).logits[:, -1]
+        generate["torch-compile"] = lambda n: hf_generate(hf_sdpa, n, cache_implementation="static")
+
+    interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
+    rows = []
+    for phase in ("prefill", "decode"):
+        for backend in backends:
+            row = {"suite": "gpt2", "op": f"{name} {phase}", "phase": phase, "shape": f"{batch}x{ctx}",
+                   "batch": batch, "seq": ctx, "dtype": DTYPE_NAMES[dtype], "backend": backend}
+            if phase == "decode":
+                row["new_tokens"] = new
+            try:
+                with torch.no_grad():
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    if phase == "prefill":
+                        fn = prefill[backend]
+                        row["rel_err"] = _rel(fn(), ref)
+                    else:
+                        fn = generate[backend](new)
+                        seq = fn()
+                        if seq.shape != (batch, ctx):
+                            raise RuntimeError(f"generated shape {tuple(seq.shape)}, expected {(batch, ctx)}")
+                        row["rel_err"] = _argmax_gap(hf_eager, seq, new)
+                    if row["rel_err"] > MODEL_TOL[dtype]:
+                        rows.append({**row, "status": "mismatch"})
+                        continue
+                    if backend == "trifuse" and interpreted:
+                        # Interpreted Triton on the CPU: checked, but its time says nothing about a GPU.
+                        rows.append({**row, "status": "checked"})
+                        continue
+                    if phase == "prefill":
+                        s = _time(fn, opts).summary()
+                        row.update(s, tokens_per_s=batch * ctx / (s["median_ms"] * 1e-3),
+                                   seq_per_s=batch / (s["median_ms"] * 1e-3))
+                    else:
+                        one = _time(generate[backend](1), opts, slow=True)
+                        full = _time(fn, opts, slow=True)
+                        per_token = max(full.median - one.median, 1e-9) / (new - 1)
+                        row.update(full.summary(), generate_ms=full.median, first_token_ms=one.median,
+                                   median_ms=per_token, tokens_per_s=batch / (per_token * 1e-3))
+                        for k in ("p10_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms"):
+                            row.pop(k)  # the spread is of the whole generate call, not of one step
+            except Exception as e:  # noqa: BLE001 - a failing backend is a result
+                rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+                continue
+            row["status"] = "ok"
+            if dev.type == "cuda":
+                row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            rows.append(row)
+    for phase in ("prefill", "decode"):
+        mine = [r for r in rows if r["phase"] == phase]
+        base = next((r.get("median_ms") for r in mine if r["backend"] == "hf-eager"), None)
+        for r in mine:
+            if r.get("median_ms") and base:
+                r["speedup_vs_hf_eager"] = base / r["median_ms"]
+    return rows
+
+
+def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
+    """The GPT-2 suite: ``run(opts, ["gpt2", "gpt2-medium", ...])``; default ``["gpt2"]``."""
+    gpu = opts.on_gpu
+    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else ("trifuse", "reference", "hf-eager", "hf-sdpa"))
+    models = models or ["gpt2"]
+    unknown = [m for m in models if not is_model(m)]
+    if unknown:
+        raise SystemExit(f"unknown GPT-2 model(s) {unknown}; choose from {list(NAMED)} or a gpt2 checkpoint directory")
+    batches = opts.batch or ([1, 8] if gpu else [1])
+    contexts = opts.seq or ([128, 256, 512, 1024] if gpu else [32])
+    new = 4 if (opts.quick or not gpu) else 32
+    if opts.quick:
+        batches, contexts = batches[:1], [min(contexts[0], 32 if not gpu else 128)]
+    notes = [f"decode: greedy generate of {new} tokens after a (ctx - {new}) token prompt; per-token latency "
+             f"= (t({new}) - t(1)) / {new - 1}; tok/s = batch / per-token latency.",
+             "prefill: one forward over the whole context into a KV cache, last-position logits."]
+    if not gpu:
+        notes.append("No GPU: the trifuse backend's Triton kernels are checked under the interpreter, "
+                     "not timed; CPU latencies of the PyTorch paths are shown for reference only.")
+    rows = []
+    for name in models:
+        dtype, dev = opts.dtype, opts.device
+        hf_eager = build_hf(name, dtype, dev, "eager")
+        n_pos = hf_eager.config.n_positions
+        hf_sdpa = compiled = None
+        if "hf-sdpa" in backends or "torch-compile" in backends:
+            hf_sdpa = build_hf(name, dtype, dev, "sdpa")
+            hf_sdpa.load_state_dict(hf_eager.state_dict())
+            if "torch-compile" in backends:
+                compiled = torch.compile(hf_sdpa)
+        ours = engine.from_pretrained(hf_eager, task="causal-lm", dtype=dtype, device=dev)
+        for b in batches:
+            for ctx in contexts:
+                if ctx > n_pos or ctx <= new:
+                    rows.append({"suite": "gpt2", "op": name, "shape": f"{b}x{ctx}", "batch": b, "seq": ctx,
+                                 "dtype": DTYPE_NAMES[dtype], "backend": "-",
+                                 "status": f"skipped: context must lie in ({new}, {n_pos}]"})
+                    continue
+                rows += _bench_one(name, opts, backends, b, ctx, new, hf_eager, hf_sdpa, ours, compiled)
+        del hf_eager, hf_sdpa, ours, compiled
+        if opts.device.type == "cuda":
+            torch.cuda.empty_cache()
+    title = f"trifuse GPT-2 on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"
+    return SuiteResult(title, rows, {}, notes)

@@ -1,0 +1,234 @@
+"""Token-by-token decoding with Hugging Face's semantics: greedy and sampling.
+
+The pieces are model-agnostic, so any decoder (GPT-2 now, T5's decoder later)
+plugs in with two callables: the logits of the prompt's last position, and a
+``step(tokens) -> logits`` that feeds one new token per row through its cache.
+
+* :class:`GenerationConfig` holds and validates the options (``ValueError`` on bad ones).
+* The logits processors are plain functions, each equal to its Hugging Face
+  counterpart: :func:`repetition_penalty` (``RepetitionPenaltyLogitsProcessor``),
+  :func:`temperature` (``TemperatureLogitsWarper``), :func:`top_k_filter`
+  (``TopKLogitsWarper``), :func:`top_p_filter` (``TopPLogitsWarper``).
+  :func:`process_logits` applies them in Hugging Face's order: the repetition
+  penalty (greedy too), then, only when sampling, temperature, top-k, top-p.
+* :func:`decode_stream` is the loop: it yields each step's tokens ``[B]``; rows
+  stop independently at an EOS token and are filled with ``pad_token_id``
+  after it; the loop ends once every row has finished or after
+  ``max_new_tokens``, as Hugging Face's ``generate`` does. The sequences so far
+  live in one preallocated buffer (no concatenation per step).
+
+Reference semantics: ``transformers/generation/{utils,logits_process}.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+TokenIds = Union[None, int, Sequence[int]]
+
+
+def _eos_tuple(eos: TokenIds) -> Tuple[int, ...]:
+    if eos is None:
+        return ()
+    if isinstance(eos, Tensor):
+        eos = eos.tolist()
+    ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        raise ValueError(f"eos_token_id must be a non-negative int or a list of them, got {eos!r}")
+    return ids
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding options, validated on construction.
+
+    ``top_k=0`` and ``top_p=1.0`` disable those filters; ``temperature``,
+    ``top_k`` and ``top_p`` only act when ``do_sample``. ``eos_token_id``: one
+    id or several (``()`` never stops early); ``pad_token_id`` fills finished
+    rows and defaults to the first EOS id, as in Hugging Face.
+    """
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: Tuple[int, ...] = ()
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "eos_token_id", _eos_tuple(self.eos_token_id))
+        if self.pad_token_id is None and self.eos_token_id:
+            set_(self, "pad_token_id", self.eos_token_id[0])
+        if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or int(self.pad_token_id) < 0):
+            raise ValueError(f"pad_token_id must be a non-negative int, got {self.pad_token_id!r}")
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {n!r}")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or math.isnan(t) or t < 0:
+            raise ValueError(f"temperature must be a non-negative number, got {t!r}")
+        if self.do_sample and t == 0:
+            raise ValueError("temperature=0 is not valid for sampling; use do_sample=False for greedy decoding")
+        if math.isinf(t):
+            raise ValueError(f"temperature must be finite, got {t!r}")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {k!r}")
+        p = self.top_p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (1 disables it), got {p!r}")
+        r = self.repetition_penalty
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0 or math.isinf(r):
+            raise ValueError(f"repetition_penalty must be a positive number (1 disables it), got {r!r}")
+
+
+# ----------------------------------------------------------------------------
+# Logits processors. ``scores``: [B, V] (fp32 in the decoding loop).
+
+
+def _seen_tokens(input_ids: Tensor, vocab: int, ignore_before: Optional[Tensor] = None) -> Tensor:
+    """``[B, V + 1]`` bool: which ids occur in each row (ids >= V land in the spare column).
+
+    ``ignore_before`` ``[B]``: per row, how many leading positions not to count (left padding).
+    """
+    ids = input_ids.clamp(max=vocab)
+    if ignore_before is not None:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        ids = ids.masked_fill(pos[None, :] < ignore_before.to(ids.device)[:, None], vocab)
+    seen = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids, True)
+
+
+def _penalize(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen[:, : scores.shape[-1]], penalized, scores)
+
+
+def repetition_penalty(scores: Tensor, input_ids: Tensor, penalty: float,
+                       prompt_ignore_length: Optional[Tensor] = None) -> Tensor:
+    """CTRL's penalty on every id already in ``input_ids`` (once per id): negative
+    scores times ``penalty``, others divided by it. ``prompt_ignore_length`` ``[B]``
+    skips each row's leading positions (Hugging Face passes the left-padding length).
+    """
+    return _penalize(scores, _seen_tokens(input_ids, scores.shape[-1], prompt_ignore_length), penalty)
+
+
+def temperature(scores: Tensor, t: float) -> Tensor:
+    return scores / t
+
+
+def top_k_filter(scores: Tensor, k: int, min_tokens_to_keep: int = 1,
+                 filter_value: float = -float("inf")) -> Tensor:
+    """Keep the ``k`` highest scores per row (and every tie of the k-th); the rest get ``filter_value``."""
+    k = min(max(k, min_tokens_to_keep), scores.shape[-1])
+    kth = torch.topk(scores, k).values[..., -1:]
+    return scores.masked_fill(scores < kth, filter_value)
+
+
+def top_p_filter(scores: Tensor, p: float, min_tokens_to_keep: int = 1,
+                 filter_value: float = -float("inf")) -> Tensor:
+    """Nucleus filtering: drop the least likely tokens whose cumulative probability
+    stays ``<= 1 - p``, always keeping the ``min_tokens_to_keep`` most likely."""
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= (1 - p)
+    drop[..., -min_tokens_to_keep:] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), filter_value)
+
+
+def warp(scores: Tensor, cfg: GenerationConfig) -> Tensor:
+    """The sampling-only processors, in Hugging Face's order: temperature, top-k, top-p."""
+    if cfg.temperature != 1.0:
+        scores = temperature(scores, cfg.temperature)
+    if cfg.top_k != 0:
+        scores = top_k_filter(scores, cfg.top_k)
+    if cfg.top_p < 1.0:
+        scores = top_p_filter(scores, cfg.top_p)
+    return scores
+
+
+def process_logits(scores: Tensor, input_ids: Tensor, cfg: GenerationConfig,
+                   prompt_ignore_length: Optional[Tensor] = None) -> Tensor:
+    """Every processor ``cfg`` asks for, in Hugging Face's order."""
+    if cfg.repetition_penalty != 1.0:
+        scores = repetition_penalty(scores, input_ids, cfg.repetition_penalty, prompt_ignore_length)
+    return warp(scores, cfg) if cfg.do_sample else scores
+
+
+def select_tokens(scores: Tensor, do_sample: bool, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``[B]`` next tokens: the argmax (first on ties), or a draw from ``softmax(scores)``."""
+    if do_sample:
+        return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+    return scores.argmax(dim=-1)
+
+
+def default_attention_mask(input_ids: Tensor, cfg: GenerationConfig) -> Tensor:
+    """Hugging Face's mask when none is given: ``input_ids != pad`` if the pad token
+    occurs in the prompt and is not an EOS token, else all ones."""
+    pad = cfg.pad_token_id
+    if pad is not None and pad not in cfg.eos_token_id and bool((input_ids == pad).any()):
+        return input_ids.ne(pad).long()
+    return torch.ones_like(input_ids)
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+def decode_stream(first_logits: Tensor, step: Callable[[Tensor], Tensor], prompt: Tensor, cfg: GenerationConfig,
+                  *, generator: Optional[torch.Generator] = None,
+                  prompt_ignore_length: Optional[Tensor] = None) -> Iterator[Tensor]:
+    """Yield the ``[B]`` tokens chosen at each step.
+
+    ``first_logits`` ``[B, V]``: the next-token logits after the prompt.
+    ``step(tokens [B]) -> [B, V]``: feed one token per row, return the next logits
+    (called only while another token is wanted). ``prompt`` ``[B, L]``: the ids the
+    repetition penalty counts (a decoder's own prompt), ``prompt_ignore_length``
+    ``[B]`` the leading positions of it that it skips (left padding).
+    """
+    b = prompt.shape[0]
+    device = prompt.device
+    vocab = first_logits.shape[-1]
+    eos = torch.tensor(cfg.eos_token_id, dtype=torch.long, device=device) if cfg.eos_token_id else None
+    unfinished = torch.ones(b, dtype=torch.bool, device=device)
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        # Which ids each row holds so far, updated per step rather than rebuilt from the sequence.
+        seen = _seen_tokens(prompt, vocab, prompt_ignore_length)
+    rows = torch.arange(b, device=device)
+    logits = first_logits
+    for i in range(cfg.max_new_tokens):
+        scores = logits.to(torch.float32)
+        if seen is not None:
+            scores = _penalize(scores, seen, cfg.repetition_penalty)
+        if cfg.do_sample:
+            scores = warp(scores, cfg)
+        tokens = select_tokens(scores, cfg.do_sample, generator)
+        if eos is not None:
+            tokens = torch.where(unfinished, tokens, torch.full_like(tokens, cfg.pad_token_id))
+        if seen is not None:
+            seen[rows, tokens.clamp(max=vocab)] = True
+        yield tokens
+        if eos is not None:
+            unfinished &= ~torch.isin(tokens, eos)
+            if not bool(unfinished.any()):
+                return
+        if i + 1 < cfg.max_new_tokens:
+            logits = step(tokens)
+
+
+def generate(first_logits: Tensor, step: Callable[[Tensor], Tensor], prompt: Tensor, cfg: GenerationConfig,
+             **kwargs) -> Tensor:
+    """``[B, L + n]``: ``prompt`` followed by the ``n <= max_new_tokens`` generated steps."""
+    new = list(decode_stream(first_logits, step, prompt, cfg, **kwargs))
+    if not new:
+        return prompt
+    return torch.cat([prompt, torch.stack(new, dim=1).to(prompt.dtype)], dim=1)

@@ -1,0 +1,463 @@
+"""GPT-2 on trifuse's kernels: a causal LM with a preallocated KV cache and generation.
+
+* Pre-LN blocks (:class:`~engine.layers.PreLNBlock`) with every residual add
+  fused into the next LayerNorm; the position embeddings ride into the first
+  LayerNorm the same way.
+* One fused ``[3H, H]`` QKV projection (GPT-2's ``c_attn`` already is one);
+  GPT-2's ``Conv1D`` weights are ``[in, out]`` and are transposed explicitly
+  when loading.
+* :class:`KVCache` is allocated once for a maximum length: each forward writes
+  its keys and values in place and attends over a strided view of the filled
+  part (``kernels.attention`` takes any strides; one new token against a long
+  cache runs its split-K decode path). The cache keeps the attention mask too.
+* Without ``position_ids``, positions follow the mask as in Hugging Face's
+  ``generate``: ``cumsum(mask) - 1`` over everything seen so far, 0 on masked
+  slots, so a left-padded row numbers its real tokens from 0.
+* ``generate`` / ``stream`` decode greedily or by sampling with Hugging Face's
+  semantics (see :mod:`engine.generation`).
+
+Reference semantics: Hugging Face transformers' ``modeling_gpt2.py`` and
+``generation/utils.py``; the checkpoint names below are theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels
+
+from .. import generation as gen
+from ..layers import LayerNorm, PreLNBlock, check_activation
+from ..loading import assemble_state, load_into
+from ..outputs import ModelOutput
+
+TASKS = ("causal-lm", "feature-extraction")
+_ARCH_TASKS = {"GPT2LMHeadModel": "causal-lm", "GPT2Model": "feature-extraction"}
+# Heads of GPT-2 classes we do not build; their backbone still loads with task="feature-extraction".
+_OTHER_HEADS = ("score.", "multiple_choice_head.", "classifier.", "qa_outputs.")
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    eos_token_id: Tuple[int, ...] = ()
+    pad_token_id: Optional[int] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def attn_scale(self, layer: int) -> float:
+        scale = self.head_dim ** -0.5 if self.scale_attn_weights else 1.0
+        return scale / (layer + 1) if self.scale_attn_by_inverse_layer_idx else scale
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "GPT2Config":
+        if cfg.get("model_type") != "gpt2":
+            raise ValueError(f"model_type {cfg.get('model_type')!r} is not gpt2")
+        if cfg.get("add_cross_attention"):
+            raise ValueError("GPT-2 with cross-attention (add_cross_attention=True) is not supported")
+        get = lambda *names, default=None: next((cfg[n] for n in names if cfg.get(n) is not None), default)  # noqa: E731
+        n_embd = get("n_embd", "hidden_size")
+        n_head = get("n_head", "num_attention_heads")
+        eos = cfg.get("eos_token_id")
+        c = cls(vocab_size=cfg["vocab_size"], n_positions=get("n_positions", "max_position_embeddings"),
+                n_embd=n_embd, n_layer=get("n_layer", "num_hidden_layers"), n_head=n_head,
+                n_inner=cfg.get("n_inner") or 4 * n_embd,
+                activation_function=cfg.get("activation_function", "gelu_new"),
+                layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5),
+                scale_attn_weights=cfg.get("scale_attn_weights", True),
+                scale_attn_by_inverse_layer_idx=cfg.get("scale_attn_by_inverse_layer_idx", False),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+                eos_token_id=gen._eos_tuple(eos) if eos is not None else (),
+                pad_token_id=cfg.get("pad_token_id"))
+        check_activation(c.activation_function)
+        if c.n_embd % c.n_head:
+            raise ValueError(f"n_embd {c.n_embd} is not divisible by n_head {c.n_head}")
+        if not kernels.MIN_HEAD_DIM <= c.head_dim <= kernels.MAX_HEAD_DIM:
+            raise ValueError(f"head dim {c.head_dim} (n_embd {c.n_embd} / n_head {c.n_head}) is outside the "
+                             f"attention kernel's {kernels.MIN_HEAD_DIM}..{kernels.MAX_HEAD_DIM}")
+        return c
+
+
+@dataclass
+class CausalLMOutput(ModelOutput):
+    logits: Optional[Tensor] = None
+    past_key_values: Optional["KVCache"] = None
+    last_hidden_state: Optional[Tensor] = None
+    hidden_states: Optional[Tuple[Tensor, ...]] = None
+
+
+# ----------------------------------------------------------------------------
+# The KV cache.
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_len`` positions.
+
+    ``keys``/``values``: ``[layers, B, H, max_len, D]``; ``mask``: ``[B, max_len]``
+    bool (True = attend). ``length`` positions are filled. A forward writes its
+    ``n`` new positions in place at ``[length, length + n)`` and attends over the
+    ``[:length + n]`` views; nothing is concatenated. ``grow`` reallocates (rarely:
+    only when a forward would overflow a cache the model allocated itself).
+    """
+
+    def __init__(self, batch: int, layers: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (layers, batch, heads, max_len, head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.padded = False  # whether any filled slot is masked (then the kernel needs the mask)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def get_seq_length(self) -> int:  # Hugging Face's name
+        return self.length
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Write ``k``, ``v`` ``[B, H, n, D]`` at ``[start, start + n)``; the views up to there."""
+        end = start + k.shape[2]
+        self.keys[layer, :, :, start:end].copy_(k)
+        self.values[layer, :, :, start:end].copy_(v)
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def grow(self, max_len: int) -> None:
+        if max_len <= self.max_len:
+            return
+        n = self.length
+        keys, values, mask = self.keys, self.values, self.mask
+        layers, batch, heads, _, d = keys.shape
+        self.__init__(batch, layers, heads, max_len, d, keys.dtype, keys.device)
+        self.keys[:, :, :, :n] = keys[:, :, :, :n]
+        self.values[:, :, :, :n] = values[:, :, :, :n]
+        self.mask[:, :n] = mask[:, :n]
+        self.length, self.padded = n, bool(n and not mask[:, :n].all())
+
+    def crop(self, length: int) -> None:
+        """Forget everything after ``length`` positions (e.g. to re-run a step)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
+        self.mask[:, length:] = True
+        self.length = length
+        self.padded = bool(length and not self.mask[:, :length].all())
+
+    def reset(self) -> None:
+        self.crop(0)
+
+    def __repr__(self) -> str:
+        layers, b, h, t, d = self.keys.shape
+        return (f"KVCache(batch={b}, layers={layers}, heads={h}, max_len={t}, head_dim={d}, "
+                f"length={self.length}, dtype={self.keys.dtype}, device={self.keys.device})")
+
+
+# ----------------------------------------------------------------------------
+# The model.
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention over the new tokens and, with a cache, everything before them."""
+
+    def __init__(self, hidden: int, heads: int, layer: int, scale: float):
+        super().__init__()
+        self.heads, self.head_dim, self.layer, self.scale = heads, hidden // heads, layer, scale
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor, cache: Optional[KVCache], start: int, mask: Optional[Tensor]):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, n, D] strided views
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)  # [B, H, start + n, D] views of the cache
+        # Bottom-right aligned: new query i sees keys <= start + i. One query runs split-K decoding.
+        ctx = kernels.attention(q, k, v, causal=True, attention_mask=mask, scale=self.scale)
+        return self.out(ctx.transpose(1, 2).reshape(b, n, -1)), None
+
+
+class GPT2Model(nn.Module):
+    """GPT-2 (``GPT2LMHeadModel`` / ``GPT2Model``); call it like the Hugging Face model."""
+
+    def __init__(self, c: GPT2Config, task: str = "causal-lm", untied_head: bool = False):
+        super().__init__()
+        self.config, self.task = c, task
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.n_positions, c.n_embd)
+        self.layers = nn.ModuleList(
+            PreLNBlock(c.n_embd, c.n_inner, c.activation_function, c.layer_norm_epsilon,
+                       CausalSelfAttention(c.n_embd, c.n_head, i, c.attn_scale(i)))
+            for i in range(c.n_layer))
+        self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False) if untied_head else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.task == "causal-lm"
+
+    def new_cache(self, batch: int, max_len: Optional[int] = None) -> KVCache:
+        """An empty cache for ``batch`` rows and up to ``max_len`` positions (default: the position table)."""
+        c = self.config
+        max_len = c.n_positions if max_len is None else max_len
+        if not 0 < max_len <= c.n_positions:
+            raise ValueError(f"max_len must lie in [1, {c.n_positions}] (the position table), got {max_len}")
+        return KVCache(batch, c.n_layer, c.n_head, max_len, c.head_dim, self.dtype, self.device)
+
+    # -- checks ---------------------------------------------------------------
+
+    def _check(self, input_ids, attention_mask, position_ids, cache: Optional[KVCache]) -> None:
+        c = self.config
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError("input_ids must be an integer tensor of shape [batch, seq]")
+        b, n = input_ids.shape
+        if n == 0:
+            raise ValueError("input_ids must hold at least one token")
+        start = 0
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"past_key_values must be a trifuse KVCache (model.new_cache(...) or a previous "
+                                f"output's past_key_values), got {type(cache).__name__}")
+            if cache.batch_size != b:
+                raise ValueError(f"past_key_values holds {cache.batch_size} rows but input_ids has {b}")
+            start = cache.length
+        if position_ids is None and start + n > c.n_positions:
+            raise ValueError(f"sequence length {start + n} ({start} cached + {n} new) exceeds the position table "
+                             f"({c.n_positions} positions)")
+        if attention_mask is not None and tuple(attention_mask.shape) not in ((b, n), (b, start + n)):
+            want = f"{(b, n)}" + (f" (new tokens) or {(b, start + n)} (cached + new)" if start else "")
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {want}")
+        if position_ids is not None and tuple(position_ids.shape) != (b, n):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(b, n)} like input_ids")
+        if torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return  # the value checks below would synchronize or break the graph
+        if input_ids.min() < 0 or input_ids.max() >= c.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {c.vocab_size}); got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if position_ids is not None and (position_ids.min() < 0 or position_ids.max() >= c.n_positions):
+            raise ValueError(f"position_ids must lie in [0, {c.n_positions})")
+
+    # -- forward --------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None,
+                use_cache: bool = False, output_hidden_states: bool = False,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """Logits (``causal-lm``) and the last hidden state for ``input_ids`` ``[B, n]``.
+
+        ``attention_mask``: ``[B, n]`` for the new tokens, or ``[B, cached + n]``
+        (Hugging Face's convention), 1 = attend; left padding is fine.
+        ``past_key_values``: a :class:`KVCache` to continue (it is updated in
+        place and returned); ``use_cache=True`` without one starts a new cache.
+        ``logits_to_keep``: only the last that many positions get logits (0: all).
+        """
+        self._check(input_ids, attention_mask, position_ids, past_key_values)
+        cache = past_key_values
+        if cache is None and use_cache:
+            b, n = input_ids.shape
+            cap = min(self.config.n_positions, max(n, 64))
+            cache = self.new_cache(b, cap)
+        return self._forward(input_ids, attention_mask, position_ids, cache, output_hidden_states, logits_to_keep)
+
+    def _positions_and_mask(self, input_ids: Tensor, attention_mask: Optional[Tensor],
+                            cache: Optional[KVCache], start: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """Position ids following the mask (Hugging Face ``generate``'s rule) and the kernel's mask."""
+        b, n = input_ids.shape
+        end = start + n
+        if cache is None:
+            mask = None if attention_mask is None else attention_mask.ne(0)
+            padded = mask is not None and not bool(mask.all())
+        else:
+            if attention_mask is not None:
+                lo = end - attention_mask.shape[1]  # 0 (whole history) or start (new tokens only)
+                cache.mask[:, lo:end] = attention_mask.ne(0)
+                cache.padded = cache.padded or not bool(cache.mask[:, lo:end].all())
+            else:
+                cache.mask[:, start:end] = True
+            mask, padded = cache.mask[:, :end], cache.padded
+        if not padded:
+            return torch.arange(start, end, device=input_ids.device).expand(b, n), None
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
+        return pos[:, start:], mask
+
+    def _forward(self, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor],
+                 cache: Optional[KVCache], output_hidden_states: bool = False,
+                 logits_to_keep: int = 0) -> CausalLMOutput:
+        b, n = input_ids.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None and start + n > cache.max_len:
+            cache.grow(max(start + n, min(self.config.n_positions, 2 * cache.max_len)))
+        pos, mask = self._positions_and_mask(input_ids, attention_mask, cache, start)
+        if position_ids is not None:
+            pos = position_ids
+        # The position embeddings are the first block's pending residual: added inside its LayerNorm.
+        h, pending = self.wte(input_ids), self.wpe(pos)
+        hidden = [h + pending] if output_hidden_states else None
+        for block in self.layers:
+            h, pending, _ = block(h, pending, cache, start, mask)
+            if hidden is not None:
+                hidden.append(h + pending)
+        x, _ = self.ln_f(pending, residual=h)
+        if cache is not None:
+            cache.length = start + n
+        if hidden is not None:
+            hidden[-1] = x  # Hugging Face's last hidden state is after the final LayerNorm
+        logits = None
+        if self.has_lm_head:
+            head = self.wte.weight if self.lm_head is None else self.lm_head.weight
+            logits = F.linear(x[:, -logits_to_keep:] if logits_to_keep else x, head)
+        return CausalLMOutput(logits=logits, past_key_values=cache, last_hidden_state=x,
+                              hidden_states=tuple(hidden) if hidden is not None else None)
+
+    # -- generation -----------------------------------------------------------
+
+    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
+               do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               repetition_penalty: float = 1.0, eos_token_id: gen.TokenIds = None,
+               pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Iterator[Tensor]:
+        """Like :meth:`generate`, but an iterator over each step's new tokens ``[B]``.
+
+        The arguments are checked (and the prompt run) before the iterator is returned.
+        """
+        if not self.has_lm_head:
+            raise ValueError("this GPT-2 was loaded for feature-extraction; load it with task='causal-lm' to generate")
+        c = self.config
+        cfg = gen.GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
+            pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id)
+        self._check(input_ids, attention_mask, None, None)
+        b, n = input_ids.shape
+        if n + max_new_tokens > c.n_positions:
+            raise ValueError(f"prompt length {n} + max_new_tokens {max_new_tokens} exceeds the position table "
+                             f"({c.n_positions} positions)")
+        if attention_mask is None:
+            attention_mask = gen.default_attention_mask(input_ids, cfg)
+        mask = attention_mask.ne(0)
+        # Hugging Face's repetition penalty skips the left padding of the prompt.
+        ignore = mask.int().argmax(dim=1) if cfg.repetition_penalty != 1.0 else None
+        with torch.no_grad():
+            cache = self.new_cache(b, n + max_new_tokens)
+            first = self._forward(input_ids, mask, None, cache, logits_to_keep=1).logits[:, -1]
+
+        def step(tokens: Tensor) -> Tensor:
+            with torch.no_grad():
+                return self._forward(tokens[:, None], None, None, cache, logits_to_keep=1).logits[:, -1]
+
+        return gen.decode_stream(first, step, input_ids, cfg, generator=generator, prompt_ignore_length=ignore)
+
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, eos_token_id: gen.TokenIds = None,
+                 pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``[B, L + n]`` token ids: the prompt and ``n <= max_new_tokens`` new tokens.
+
+        Greedy (``do_sample=False``) or sampling with Hugging Face's temperature,
+        top-k, top-p and repetition penalty. Rows stop independently at
+        ``eos_token_id`` (default: the config's; ``[]`` never stops) and are padded
+        with ``pad_token_id`` (default: the config's, else the first EOS id);
+        generation ends early once every row has stopped. The prompt may be
+        left-padded (pass its ``attention_mask``). ``generator`` seeds sampling.
+        """
+        tokens = list(self.stream(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                  repetition_penalty, eos_token_id, pad_token_id, generator))
+        return torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint names.
+
+_LAYER = {  # ours -> GPT-2's, under "h.{i}."; Conv1D modules have [in, out] weights
+    "norm1": "ln_1", "attn.qkv": "attn.c_attn", "attn.out": "attn.c_proj",
+    "norm2": "ln_2", "ffn.up": "mlp.c_fc", "ffn.down": "mlp.c_proj",
+}
+_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def key_map(model: GPT2Model, prefix: str) -> dict:
+    """Our parameter name -> the checkpoint's, for this model and backbone prefix."""
+    p = prefix
+    spec = {"wte.weight": [f"{p}wte.weight"], "wpe.weight": [f"{p}wpe.weight"],
+            "ln_f.weight": [f"{p}ln_f.weight"], "ln_f.bias": [f"{p}ln_f.bias"]}
+    for i in range(model.config.n_layer):
+        for ours, theirs in _LAYER.items():
+            for suffix in ("weight", "bias"):
+                spec[f"layers.{i}.{ours}.{suffix}"] = [f"{p}h.{i}.{theirs}.{suffix}"]
+    if model.lm_head is not None:
+        spec["lm_head.weight"] = ["lm_head.weight"]
+    return spec
+
+
+def _is_conv1d_weight(name: str) -> bool:
+    return name.endswith(".weight") and name[: -len(".weight")].endswith(_CONV1D)
+
+
+def _task_from_architectures(cfg: dict) -> str:
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        if arch in _ARCH_TASKS:
+            return _ARCH_TASKS[arch]
+    if archs:
+        raise ValueError(f"GPT-2 head {archs[0]} is not supported; pass task='causal-lm' or "
+                         f"task='feature-extraction' to load its backbone")
+    return "causal-lm"
+
+
+def from_checkpoint(cfg: dict, state: dict, *, task: Optional[str] = None, dtype=None,
+                    device=None) -> GPT2Model:
+    c = GPT2Config.from_hf(cfg)
+    task = task or _task_from_architectures(cfg)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} for gpt2; choose from {', '.join(TASKS)}")
+    prefix = "transformer." if any(k.startswith("transformer.") for k in state) else ""
+    # The LM head reads the word embeddings unless the checkpoint unties it and has its own.
+    # An untied head must come from the checkpoint: a missing lm_head.weight is reported, not
+    # silently replaced by the embeddings.
+    untied = task == "causal-lm" and not c.tie_word_embeddings
+    with torch.device("meta"):
+        model = GPT2Model(c, task, untied_head=untied)
+
+    def skip(name: str) -> bool:
+        return (name.endswith((".attn.bias", ".attn.masked_bias"))  # causal-mask buffers of old checkpoints
+                or (name == "lm_head.weight" and not untied)  # tied to wte, or unused by feature-extraction
+                or name.startswith(_OTHER_HEADS))
+
+    # Conv1D stores [in, out]: hand assemble_state transposed views (names unchanged, so errors
+    # still name the checkpoint's tensors), then make the loaded copies contiguous.
+    state = {k: v.t() if _is_conv1d_weight(k) and v.dim() == 2 else v for k, v in state.items()}
+    weights = assemble_state(model, state, key_map(model, prefix), skip=skip, dtype=dtype, device=device,
+                             what=f"gpt2 checkpoint for {task} (Conv1D weights shown transposed)")
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    return load_into(model, weights)
