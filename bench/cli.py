@@ -18,9 +18,9 @@ DEFAULT_SUITES = ["kernels"]
 
 def _model_suites() -> list:
     """Model suites, most specific first: each has ``NAMED`` sizes and ``is_model(name)``."""
-    from . import models, vit
+    from . import gpt2, models, vit
 
-    return [vit, models]
+    return [vit, gpt2, models]
 
 
 def _model_suite(name: str, suites: list):
@@ -30,7 +30,7 @@ def _model_suite(name: str, suites: list):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suites", nargs="*", metavar="SUITE|MODEL",
                    help=f"what to benchmark: a suite ({', '.join(SUITES)}), a named model size "
-                        f"(bert-base, roberta-base, ..., vit-base-patch16-224, ...) "
+                        f"(bert-base, roberta-base, ..., gpt2, gpt2-medium, ..., vit-base-patch16-224, ...) "
                         f"or a local checkpoint directory (default: {' '.join(DEFAULT_SUITES)})")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                    help="activation dtype (default: fp16 on a GPU, fp32 on the CPU)")

@@ -114,3 +114,12 @@ def test_cli_bench_routes_vit_checkpoint_to_vit_suite(tmp_path):
     rows = {r["backend"]: r for r in json.loads(result.read_text())["rows"]}
     assert rows["trifuse"]["status"] in ("ok", "checked")
     assert rows["reference"]["status"] == rows["hf-eager"]["status"] == "ok"
+
+
+def test_cli_bench_gpt2_smoke(tmp_path):
+    rc = trifuse_main(["bench", "gpt2-tiny", "--quick", "--backends", "trifuse", "reference", "hf-eager",
+                       "--out", str(tmp_path)])
+    assert rc == 0
+    (result,) = list(tmp_path.glob("gpt2-*.json"))
+    rows = json.loads(result.read_text())["rows"]
+    assert rows and all(r["status"] in ("ok", "checked") for r in rows), rows
