@@ -34,7 +34,8 @@ import engine
 import kernels
 from kernels import _dispatch
 
-from .suite import DTYPE_NAMES, Options, SuiteResult, pick_backends
+from .suite import build_hf as suite_build_hf
+from .suite import DTYPE_NAMES, MODEL_TOL, Options, SuiteResult, add_speedups, pick_backends, rel_error
 from .timing import measure
 
 GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
@@ -48,8 +49,6 @@ NAMED = {
     "gpt2-tiny": {**GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
 }
 BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
-# Largest |out - ref| / max|ref| a backend's logits may show against Hugging Face eager.
-MODEL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
 def is_model(name: str) -> bool:
@@ -64,27 +63,11 @@ def _is_gpt2_dir(path: str) -> bool:
 
 
 def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
-    import transformers
-
-    if os.path.isdir(name):
-        model = transformers.GPT2LMHeadModel.from_pretrained(name, attn_implementation=attn)
-    else:
-        cfg = dict(NAMED[name])
-        cfg.pop("model_type")
-        config = transformers.GPT2Config(**cfg)
-        config._attn_implementation = attn
-        torch.manual_seed(0)
-        with torch.device(device):  # random init on the device: seconds, not minutes, for gpt2-xl
-            model = transformers.GPT2LMHeadModel(config)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = suite_build_hf(name, NAMED, dtype, device, attn, auto_class="AutoModelForCausalLM")
     # Greedy decoding for exactly the requested number of tokens: no EOS stop.
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
 
 
 def _argmax_gap(hf_eager, seq: torch.Tensor, new: int) -> float:
@@ -160,7 +143,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
                         torch.cuda.reset_peak_memory_stats(dev)
                     if phase == "prefill":
                         fn = prefill[backend]
-                        row["rel_err"] = _rel(fn(), ref)
+                        row["rel_err"] = rel_error(fn(), ref)
                     else:
                         fn = generate[backend](new)
                         seq = fn()
@@ -194,11 +177,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
                 row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
             rows.append(row)
     for phase in ("prefill", "decode"):
-        mine = [r for r in rows if r["phase"] == phase]
-        base = next((r.get("median_ms") for r in mine if r["backend"] == "hf-eager"), None)
-        for r in mine:
-            if r.get("median_ms") and base:
-                r["speedup_vs_hf_eager"] = base / r["median_ms"]
+        add_speedups([r for r in rows if r["phase"] == phase])
     return rows
 
 

@@ -19,10 +19,8 @@ import torch
 
 import engine
 import kernels
-from kernels import _dispatch
 
-from .suite import DTYPE_NAMES, Options, SuiteResult, pick_backends
-from .timing import measure
+from .suite import DTYPE_NAMES, Options, SuiteResult, build_hf, pick_backends, time_model_backends
 
 BERT_BASE = dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu")
@@ -39,35 +37,15 @@ NAMED = {
     "electra-base": {**BERT_BASE, "model_type": "electra", "embedding_size": 768},
 }
 BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
-# Largest |out - ref| / max|ref| a backend may show against Hugging Face eager.
-MODEL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
 def is_model(name: str) -> bool:
     return name in NAMED or os.path.isdir(name)
 
 
-def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
-    import transformers
-
-    if os.path.isdir(name):
-        model = transformers.AutoModel.from_pretrained(name, dtype=dtype, attn_implementation=attn)
-    else:
-        cfg = dict(NAMED[name])
-        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        config._attn_implementation = attn
-        torch.manual_seed(0)
-        model = transformers.AutoModel.from_config(config, dtype=torch.float32)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
-
-
 def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: int) -> list[dict]:
     dev, dtype = opts.device, opts.dtype
-    hf_eager = build_hf(name, dtype, dev, "eager")
+    hf_eager = build_hf(name, NAMED, dtype, dev, "eager")
     cfg = hf_eager.config
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, cfg.vocab_size, (batch, seq), generator=g).to(dev)
@@ -86,48 +64,15 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
     fns = {"trifuse": run_ours, "reference": run_reference,
            "hf-eager": lambda: hf_eager(input_ids=ids, attention_mask=mask).last_hidden_state}
     if "hf-sdpa" in backends or "torch-compile" in backends:
-        hf_sdpa = build_hf(name, dtype, dev, "sdpa")
+        hf_sdpa = build_hf(name, NAMED, dtype, dev, "sdpa")
         hf_sdpa.load_state_dict(hf_eager.state_dict())
         fns["hf-sdpa"] = lambda: hf_sdpa(input_ids=ids, attention_mask=mask).last_hidden_state
         if "torch-compile" in backends:
             compiled = torch.compile(hf_sdpa)
             fns["torch-compile"] = lambda: compiled(input_ids=ids, attention_mask=mask).last_hidden_state
-    interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
-    rows = []
-    for backend in backends:
-        row = {"suite": "models", "op": name, "shape": f"{batch}x{seq}", "batch": batch, "seq": seq,
-               "dtype": DTYPE_NAMES[dtype], "backend": backend}
-        fn = fns[backend]
-        try:
-            with torch.no_grad():
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                out = fn()
-                row["max_abs_err"] = (out.float() - ref.float()).abs().max().item()
-                row["rel_err"] = _rel(out, ref)
-                if row["rel_err"] > MODEL_TOL[dtype]:
-                    rows.append({**row, "status": "mismatch"})
-                    continue
-                if backend == "trifuse" and interpreted:
-                    # Interpreted Triton on the CPU: checked, but its time says nothing about a GPU.
-                    rows.append({**row, "status": "checked"})
-                    continue
-                t = measure(fn, dev, warmup=2 if opts.quick else opts.warmup,
-                            min_time_s=0.05 if opts.quick else opts.min_time_s, min_iters=5, flush_l2=False)
-        except Exception as e:  # noqa: BLE001 - a failing backend is a result
-            rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
-            continue
-        s = t.summary()
-        row.update(status="ok", **s, seq_per_s=batch / (s["median_ms"] * 1e-3),
-                   tokens_per_s=batch * seq / (s["median_ms"] * 1e-3))
-        if dev.type == "cuda":
-            row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
-        rows.append(row)
-    base = {r["backend"]: r.get("median_ms") for r in rows}
-    for r in rows:
-        if r.get("median_ms") and base.get("hf-eager"):
-            r["speedup_vs_hf_eager"] = base["hf-eager"] / r["median_ms"]
-    return rows
+    base = {"suite": "models", "op": name, "shape": f"{batch}x{seq}", "batch": batch, "seq": seq,
+            "dtype": DTYPE_NAMES[dtype]}
+    return time_model_backends(fns, ref, backends, opts, base, items=batch, tokens=batch * seq)
 
 
 def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:

@@ -101,3 +101,87 @@ def pick_backends(opts: Options, available: Sequence[str], default: Sequence[str
     if unknown:
         raise SystemExit(f"unknown backend(s) {unknown}; this suite has {list(available)}")
     return list(opts.backends)
+
+
+# ----------------------------------------------------------------------------
+# Whole models: outputs compared with Hugging Face eager relative to the largest
+# reference value (element-wise relative error means nothing next to zeros).
+
+MODEL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def build_hf(name: str, named: dict, dtype: torch.dtype, device: torch.device, attn: str,
+             auto_class: str = "AutoModel"):
+    """A Hugging Face model: a checkpoint directory, or a named size from ``named``
+    (a config dict with ``model_type``) with seeded random weights."""
+    import os
+
+    import transformers
+
+    auto = getattr(transformers, auto_class)
+    if os.path.isdir(name):
+        model = auto.from_pretrained(name, dtype=torch.float32, attn_implementation=attn)
+    else:
+        cfg = dict(named[name])
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        config._attn_implementation = attn
+        torch.manual_seed(0)
+        with torch.device(device):  # random init on the device: seconds, not minutes, for large sizes
+            model = auto.from_config(config, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
+
+
+def time_model_backends(fns: dict, ref: torch.Tensor, backends: Sequence[str], opts: Options, base_row: dict,
+                        *, items: int, tokens: int, item_name: str = "seq") -> list[dict]:
+    """Check each backend's output against ``ref``, then time the ones that match.
+
+    ``items`` sequences (or images) of ``tokens`` tokens in all go through one call;
+    rows get ``{item_name}_per_s`` and ``tokens_per_s``. On the CPU the trifuse
+    backend runs interpreted Triton: it is checked, not timed.
+    """
+    from kernels import _dispatch
+
+    dev = opts.device
+    interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
+    rows = []
+    for backend in backends:
+        row = {**base_row, "backend": backend}
+        try:
+            with torch.no_grad():
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                out = fns[backend]()
+                row["max_abs_err"] = (out.float() - ref.float()).abs().max().item()
+                row["rel_err"] = rel_error(out, ref)
+                if row["rel_err"] > MODEL_TOL[opts.dtype]:
+                    rows.append({**row, "status": "mismatch"})
+                    continue
+                if backend == "trifuse" and interpreted:
+                    # Interpreted Triton on the CPU: checked, but its time says nothing about a GPU.
+                    rows.append({**row, "status": "checked"})
+                    continue
+                t = measure(fns[backend], dev, warmup=2 if opts.quick else opts.warmup,
+                            min_time_s=0.05 if opts.quick else opts.min_time_s, min_iters=5, flush_l2=False)
+        except Exception as e:  # noqa: BLE001 - a failing backend is a result
+            rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+            continue
+        s = t.summary()
+        seconds = s["median_ms"] * 1e-3
+        row.update(status="ok", **s, **{f"{item_name}_per_s": items / seconds}, tokens_per_s=tokens / seconds)
+        if dev.type == "cuda":
+            row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        rows.append(row)
+    return add_speedups(rows)
+
+
+def add_speedups(rows: list[dict], baseline: str = "hf-eager") -> list[dict]:
+    """``speedup_vs_hf_eager`` for every timed row of one shape."""
+    base = next((r.get("median_ms") for r in rows if r["backend"] == baseline), None)
+    for r in rows:
+        if r.get("median_ms") and base:
+            r[f"speedup_vs_{baseline.replace('-', '_')}"] = base / r["median_ms"]
+    return rows

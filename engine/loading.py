@@ -58,6 +58,25 @@ def _read_weights(path: Path) -> dict:
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
+def module_keys(spec: dict, ours: str, theirs, *, bias: bool = True) -> None:
+    """Map our module's ``weight`` (and ``bias``) onto checkpoint module(s) ``theirs``.
+
+    ``theirs``: a module name, or a list of them fused along dim 0 (a QKV projection);
+    each may be a tuple of alternative spellings of one module. LayerNorms are also
+    found under the ``gamma``/``beta`` names of older checkpoints.
+    """
+    theirs = [theirs] if isinstance(theirs, (str, tuple)) else theirs
+    for suffix in ("weight", "bias") if bias else ("weight",):
+        legacy = {"weight": "gamma", "bias": "beta"}[suffix]
+        keys = []
+        for module in theirs:
+            alts = (module,) if isinstance(module, str) else tuple(module)
+            names = tuple(f"{a}.{suffix}" for a in alts)
+            names += tuple(f"{a}.{legacy}" for a in alts if "LayerNorm" in a or "layer_norm" in a)
+            keys.append(names[0] if len(names) == 1 else names)
+        spec[f"{ours}.{suffix}"] = keys
+
+
 def _fmt(names: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -33,3 +33,12 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def reference_backend():
+    """Model parity runs the PyTorch reference ops; the interpreter tests run the kernels."""
+    import kernels
+
+    with kernels.use_backend("reference"):
+        yield

@@ -44,3 +44,30 @@ def assert_matches_reference(ours: torch.Tensor, ref64: torch.Tensor, dtype: tor
         assert ours_err <= bound, (
             f"{dtype} error {ours_err:.3g} exceeds 2x PyTorch's own error {torch_err:.3g} (+floor)"
         )
+
+
+# ----------------------------------------------------------------------------
+# Whole models against Hugging Face.
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|ours - ref| / max|ref|``: element-wise relative error means nothing next to zeros."""
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+# Tensor outputs compared by default (Hugging Face's names); hidden states on request.
+OUTPUT_FIELDS = ("last_hidden_state", "pooler_output", "logits", "start_logits", "end_logits",
+                 "cls_logits", "distillation_logits")
+
+
+def assert_same_outputs(ours, ref, tol: float = 1e-5, hidden: bool = False, fields=OUTPUT_FIELDS) -> None:
+    """Every field of ``fields`` that ``ours`` has matches ``ref`` (and the hidden states, if asked)."""
+    names = [f for f in fields if f in ours.keys()]
+    assert names, "no output fields"
+    for name in names:
+        assert ours[name].shape == ref[name].shape, name
+        assert rel_err(ours[name], ref[name]) < tol, f"{name}: relative error {rel_err(ours[name], ref[name]):.2e}"
+    if hidden:
+        assert len(ours.hidden_states) == len(ref.hidden_states)
+        for i, (a, b) in enumerate(zip(ours.hidden_states, ref.hidden_states)):
+            assert rel_err(a, b) < tol, f"hidden state {i}: {rel_err(a, b):.2e}"

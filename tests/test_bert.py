@@ -10,6 +10,7 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 
 import engine
+from tests.helpers import assert_same_outputs, rel_err
 import kernels
 
 SMALL = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -26,7 +27,6 @@ CONFIGS = {
 }
 PREFIX = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "albert": "Albert", "electra": "Electra"}
 HEADS = ["Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"]
-FIELDS = ("last_hidden_state", "pooler_output", "logits", "start_logits", "end_logits")
 
 
 def hf_model(family: str, head: str, config=None, seed: int = 0, attn_implementation=None):
@@ -54,29 +54,6 @@ def batch(config, b=3, n=13, seed=1):
     for i, length in enumerate([n, max(1, n // 2), 2][:b]):
         mask[i, length:] = 0
     return ids.masked_fill(mask == 0, pad), mask
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
-def assert_same_outputs(ours, ref, tol=1e-5, hidden=False):
-    names = [f for f in FIELDS if f in ours.keys()]
-    assert names, "no output fields"
-    for name in names:
-        assert ours[name].shape == ref[name].shape, name
-        assert rel_err(ours[name], ref[name]) < tol, f"{name}: relative error {rel_err(ours[name], ref[name]):.2e}"
-    if hidden:
-        assert len(ours.hidden_states) == len(ref.hidden_states)
-        for i, (a, b) in enumerate(zip(ours.hidden_states, ref.hidden_states)):
-            assert rel_err(a, b) < tol, f"hidden state {i}: {rel_err(a, b):.2e}"
-
-
-@pytest.fixture
-def reference_backend():
-    """Model parity runs the PyTorch reference path; the interpreter tests run the kernels."""
-    with kernels.use_backend("reference"):
-        yield
 
 
 @pytest.mark.parametrize("head", HEADS)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers.generation import logits_process as LP
 
 import engine
+from tests.helpers import rel_err
 import kernels
 from engine import generation as gen
 from engine.models.gpt2 import CausalLMOutput, KVCache
@@ -49,16 +50,6 @@ def left_padded(lengths, vocab=97, seed=1, pad=0):
 
 def hf_positions(mask):
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
-@pytest.fixture
-def reference_backend():
-    with kernels.use_backend("reference"):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import engine
+from tests.helpers import assert_same_outputs, rel_err
 import kernels
 from engine.images import ImageProcessor, preprocess
 
@@ -25,7 +26,6 @@ CONFIGS = {
 HEADS = {"vit": ["Model", "ForImageClassification"],
          "deit": ["Model", "ForImageClassification", "ForImageClassificationWithTeacher"]}
 PREFIX = {"vit": "ViT", "deit": "DeiT"}
-FIELDS = ("last_hidden_state", "pooler_output", "logits", "cls_logits", "distillation_logits")
 CASES = [(name, head) for name in CONFIGS for head in HEADS[name.split("-")[0]]]
 
 
@@ -54,28 +54,6 @@ def image_hw(config):
 def pixels(config, b=2, size=None, seed=1):
     h, w = size or image_hw(config)
     return torch.randn(b, config.num_channels, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(ours, ref) -> float:
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
-def assert_same_outputs(ours, ref, tol=1e-5, hidden=False):
-    names = [f for f in FIELDS if f in ours.keys()]
-    assert names, "no output fields"
-    for name in names:
-        assert ours[name].shape == ref[name].shape, name
-        assert rel_err(ours[name], ref[name]) < tol, f"{name}: relative error {rel_err(ours[name], ref[name]):.2e}"
-    if hidden:
-        assert len(ours.hidden_states) == len(ref.hidden_states)
-        for i, (a, b) in enumerate(zip(ours.hidden_states, ref.hidden_states)):
-            assert rel_err(a, b) < tol, f"hidden state {i}: {rel_err(a, b):.2e}"
-
-
-@pytest.fixture
-def reference_backend():
-    with kernels.use_backend("reference"):
-        yield
 
 
 @pytest.mark.parametrize("name,head", CASES)

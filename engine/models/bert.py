@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import LayerNorm, PostLNBlock, bias_act, check_activation
-from ..loading import assemble_state, load_into
+from ..loading import assemble_state, load_into, module_keys
 from ..outputs import EncoderOutput, LogitsOutput, QuestionAnsweringOutput
 
 FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra")
@@ -283,20 +283,6 @@ _HEAD_PREFIXES = ("cls.", "lm_head.", "classifier.", "qa_outputs.", "pre_classif
                   "predictions.", "sop_classifier.", "generator_", "discriminator_predictions.")
 
 
-def _param(module: str, suffix: str):
-    """A checkpoint parameter name; LayerNorms also under their old gamma/beta names."""
-    name = f"{module}.{suffix}"
-    if "LayerNorm" in module or "layer_norm" in module:
-        return (name, f"{module}.{ {'weight': 'gamma', 'bias': 'beta'}[suffix]}")
-    return name
-
-
-def _linear(spec: dict, ours: str, theirs, bias: bool = True) -> None:
-    theirs = [theirs] if isinstance(theirs, str) else theirs
-    for suffix in ("weight", "bias") if bias else ("weight",):
-        spec[f"{ours}.{suffix}"] = [_param(t, suffix) for t in theirs]
-
-
 def key_map(model: EncoderModel, prefix: str) -> dict:
     """Our parameter name -> checkpoint name(s), for this model and backbone prefix."""
     c, spec = model.config, {}
@@ -305,31 +291,31 @@ def key_map(model: EncoderModel, prefix: str) -> dict:
     spec["embed.pos.weight"] = [f"{p}embeddings.position_embeddings.weight"]
     if model.embed.types is not None:
         spec["embed.types.weight"] = [f"{p}embeddings.token_type_embeddings.weight"]
-    _linear(spec, "embed.norm", f"{p}embeddings.LayerNorm")
+    module_keys(spec, "embed.norm", f"{p}embeddings.LayerNorm")
     if model.embed.proj is not None:
-        _linear(spec, "embed.proj", p + _PROJ[c.family])
+        module_keys(spec, "embed.proj", p + _PROJ[c.family])
     layer_fmt, modules = _LAYER[c.family]
     for u in range(len(model.layers)):
         where = layer_fmt.format(*divmod(u, c.inner_group_num)) if c.family == "albert" else layer_fmt.format(u)
         for ours, theirs in modules.items():
-            _linear(spec, f"layers.{u}.{ours}", [p + where + t for t in theirs])
+            module_keys(spec, f"layers.{u}.{ours}", [p + where + t for t in theirs])
     if model.pooler is not None:
-        _linear(spec, "pooler", p + _POOLER[c.family])
+        module_keys(spec, "pooler", p + _POOLER[c.family])
     if model.head is not None:
         task = model.task
         if task == "masked-lm":
             dense, norm, bias, decoder = _MLM[c.family]
-            _linear(spec, "head.dense", dense)
-            _linear(spec, "head.norm", norm)
+            module_keys(spec, "head.dense", dense)
+            module_keys(spec, "head.norm", norm)
             spec["head.bias"] = [bias]
             if model.head.decoder is not None:
                 spec["head.decoder.weight"] = [decoder]
         elif task == "sequence-classification" and model.head.dense is not None:
             dense, out = _CLS_DENSE[c.family]
-            _linear(spec, "head.dense", dense)
-            _linear(spec, "head.out", out)
+            module_keys(spec, "head.dense", dense)
+            module_keys(spec, "head.out", out)
         else:
-            _linear(spec, "head.out", "qa_outputs" if task == "question-answering" else "classifier")
+            module_keys(spec, "head.out", "qa_outputs" if task == "question-answering" else "classifier")
     return spec
 
 

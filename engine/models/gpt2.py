@@ -33,7 +33,7 @@ import kernels
 
 from .. import generation as gen
 from ..layers import LayerNorm, PreLNBlock, check_activation
-from ..loading import assemble_state, load_into
+from ..loading import assemble_state, load_into, module_keys
 from ..outputs import ModelOutput
 
 TASKS = ("causal-lm", "feature-extraction")
@@ -409,12 +409,11 @@ _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 def key_map(model: GPT2Model, prefix: str) -> dict:
     """Our parameter name -> the checkpoint's, for this model and backbone prefix."""
     p = prefix
-    spec = {"wte.weight": [f"{p}wte.weight"], "wpe.weight": [f"{p}wpe.weight"],
-            "ln_f.weight": [f"{p}ln_f.weight"], "ln_f.bias": [f"{p}ln_f.bias"]}
+    spec = {"wte.weight": [f"{p}wte.weight"], "wpe.weight": [f"{p}wpe.weight"]}
+    module_keys(spec, "ln_f", f"{p}ln_f")
     for i in range(model.config.n_layer):
         for ours, theirs in _LAYER.items():
-            for suffix in ("weight", "bias"):
-                spec[f"layers.{i}.{ours}.{suffix}"] = [f"{p}h.{i}.{theirs}.{suffix}"]
+            module_keys(spec, f"layers.{i}.{ours}", f"{p}h.{i}.{theirs}")
     if model.lm_head is not None:
         spec["lm_head.weight"] = ["lm_head.weight"]
     return spec

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..images import ImageProcessor, preprocess  # noqa: F401  (re-exported: engine.models.vit.preprocess)
 from ..layers import LayerNorm, PreLNBlock, SelfAttention, bias_act, check_activation
-from ..loading import assemble_state, load_into
+from ..loading import assemble_state, load_into, module_keys
 from ..outputs import EncoderOutput, LogitsOutput
 
 FAMILIES = ("vit", "deit")
@@ -269,13 +269,6 @@ _LAYER = {
 _HEAD_PREFIXES = ("classifier.", "cls_classifier.", "distillation_classifier.", "decoder.")
 
 
-def _linear(spec: dict, ours: str, theirs: list, bias: bool = True) -> None:
-    """``theirs``: checkpoint module names (or tuples of alternative names), fused along dim 0."""
-    for suffix in ("weight", "bias") if bias else ("weight",):
-        spec[f"{ours}.{suffix}"] = [tuple(f"{a}.{suffix}" for a in t) if isinstance(t, tuple) else f"{t}.{suffix}"
-                                    for t in theirs]
-
-
 def key_map(model: VisionTransformer, prefix: str) -> dict:
     """Our parameter name -> checkpoint name(s), for this model and backbone prefix."""
     p, spec = prefix, {}
@@ -283,20 +276,20 @@ def key_map(model: VisionTransformer, prefix: str) -> dict:
     if model.embed.dist_token is not None:
         spec["embed.dist_token"] = [f"{p}embeddings.distillation_token"]
     spec["embed.pos"] = [f"{p}embeddings.position_embeddings"]
-    _linear(spec, "embed.patch", [f"{p}embeddings.patch_embeddings.projection"])
+    module_keys(spec, "embed.patch", [f"{p}embeddings.patch_embeddings.projection"])
     for i in range(len(model.layers)):
         for ours, theirs in _LAYER.items():
             names = [tuple(p + a.format(i) for a in alts) for alts in theirs]
-            _linear(spec, f"layers.{i}.{ours}", names, bias=ours != "attn.qkv" or model.config.qkv_bias)
-    _linear(spec, "norm", [f"{p}layernorm"])
+            module_keys(spec, f"layers.{i}.{ours}", names, bias=ours != "attn.qkv" or model.config.qkv_bias)
+    module_keys(spec, "norm", [f"{p}layernorm"])
     if model.pooler is not None:
-        _linear(spec, "pooler", [f"{p}pooler.dense"])
+        module_keys(spec, "pooler", [f"{p}pooler.dense"])
     if model.head is not None:
         if model.head.distillation is None:
-            _linear(spec, "head.classifier", ["classifier"])
+            module_keys(spec, "head.classifier", ["classifier"])
         else:
-            _linear(spec, "head.classifier", ["cls_classifier"])
-            _linear(spec, "head.distillation", ["distillation_classifier"])
+            module_keys(spec, "head.classifier", ["cls_classifier"])
+            module_keys(spec, "head.distillation", ["distillation_classifier"])
     return spec
 
 
