@@ -112,7 +112,15 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    add_arguments(p)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:  # python -m bench compare OLD NEW
+        from . import compare
+
+        p = argparse.ArgumentParser(prog="python -m bench compare", description=compare.__doc__)
+        compare.add_arguments(p)
+        argv = argv[1:]
+    else:
+        p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+        add_arguments(p)
     args = p.parse_args(argv)
     return args.func(args)

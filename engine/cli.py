@@ -18,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_arguments(sub.add_parser(
         "bench", help="benchmark kernels and models against PyTorch peers",
         description="Check, then time, trifuse against its peers; write JSON/CSV/markdown/PNG reports."))
+    from bench import compare
+
+    compare.add_arguments(sub.add_parser(
+        "compare", help="diff two benchmark result files and flag regressions beyond the noise",
+        description=compare.__doc__.split("\n\n")[0]))
     from . import check
 
     check.add_arguments(sub.add_parser(

@@ -123,3 +123,39 @@ def test_cli_bench_gpt2_smoke(tmp_path):
     (result,) = list(tmp_path.glob("gpt2-*.json"))
     rows = json.loads(result.read_text())["rows"]
     assert rows and all(r["status"] in ("ok", "checked") for r in rows), rows
+
+
+def _result(path, rows, device="dev"):
+    path.write_text(json.dumps({"environment": {"device": device, "torch": "x", "git_commit": "c"}, "rows": rows}))
+    return path
+
+
+def _row(op, median, p10, p90, backend="trifuse"):
+    return {"suite": "kernels", "op": op, "shape": "8x8", "dtype": "fp16", "backend": backend,
+            "median_ms": median, "p10_ms": p10, "p90_ms": p90}
+
+
+def test_compare_flags_only_changes_beyond_noise(tmp_path, capsys):
+    from bench.compare import compare
+
+    old = [_row("a", 1.0, 0.98, 1.02), _row("b", 1.0, 0.98, 1.02), _row("c", 1.0, 0.9, 1.1),
+           _row("d", 1.0, 0.98, 1.02), _row("gone", 1.0, 0.9, 1.1), {**_row("e", 1.0, 1, 1), "median_ms": None}]
+    new = [_row("a", 1.20, 1.18, 1.22),  # slower, bands apart: regression
+           _row("b", 0.80, 0.79, 0.81),  # faster, bands apart: improvement
+           _row("c", 1.05, 0.95, 1.15),  # bands overlap: noise
+           _row("d", 1.01, 1.005, 1.015),  # bands apart but under the 2% threshold
+           _row("new", 1.0, 0.9, 1.1)]
+    verdicts = {e["op"]: e["verdict"] for e in compare(old, new)}
+    assert verdicts == {"a": "regression", "b": "improvement", "c": "within noise", "d": "within noise"}
+
+    a, b = _result(tmp_path / "a.json", old), _result(tmp_path / "b.json", new)
+    assert trifuse_main(["compare", str(a), str(b)]) == 1
+    out = capsys.readouterr().out
+    assert "+20.0%" in out and "1 regression, 1 improvement, 2 within noise" in out
+    from bench.cli import main as bench_main
+
+    assert bench_main(["compare", str(a), str(a)]) == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a trifuse bench result"):
+        trifuse_main(["compare", str(a), str(bad)])
