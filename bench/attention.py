@@ -32,7 +32,6 @@ interpreter on small shapes but not timed; only the PyTorch paths are timed.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Optional
 
 import torch

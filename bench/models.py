@@ -6,8 +6,9 @@ token ids; its output is checked against Hugging Face eager (fp32 for the fp32
 run, the same dtype otherwise, to the dtype's budget) before it is timed.
 
 Backends: ``trifuse`` (our kernels), ``reference`` (our graph on the PyTorch
-reference ops), ``hf-eager``, ``hf-sdpa``, ``torch-compile`` (Hugging Face's
-SDPA model under ``torch.compile``).
+reference ops), ``hf-eager``, ``hf-sdpa``, ``torch-compile`` and
+``torch-compile-max-autotune`` (Hugging Face's SDPA model under ``torch.compile``),
+``trifuse-graphs`` (ours under a CUDA graph; GPU only).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Optional
 import torch
 
 import engine
-import kernels
 
-from .suite import DTYPE_NAMES, Options, SuiteResult, build_hf, pick_backends, time_model_backends
+from .suite import (DTYPE_NAMES, ENCODER_BACKENDS, ENCODER_CPU_DEFAULT, Options, SuiteResult, build_hf,
+                    encoder_backend_fns, pick_backends, time_model_backends)
 
 BERT_BASE = dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu")
@@ -36,7 +37,7 @@ NAMED = {
                     "hidden_act": "gelu_new"},
     "electra-base": {**BERT_BASE, "model_type": "electra", "embedding_size": 768},
 }
-BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
+BACKENDS = ENCODER_BACKENDS
 
 
 def is_model(name: str) -> bool:
@@ -54,22 +55,13 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
         ref = hf_eager(input_ids=ids, attention_mask=mask).last_hidden_state
     ours = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=dtype, device=dev)
 
-    def run_ours():
-        return ours(ids, attention_mask=mask).last_hidden_state
+    def build_sdpa():
+        model = build_hf(name, NAMED, dtype, dev, "sdpa")
+        model.load_state_dict(hf_eager.state_dict())
+        return model
 
-    def run_reference():
-        with kernels.use_backend("reference"):
-            return run_ours()
-
-    fns = {"trifuse": run_ours, "reference": run_reference,
-           "hf-eager": lambda: hf_eager(input_ids=ids, attention_mask=mask).last_hidden_state}
-    if "hf-sdpa" in backends or "torch-compile" in backends:
-        hf_sdpa = build_hf(name, NAMED, dtype, dev, "sdpa")
-        hf_sdpa.load_state_dict(hf_eager.state_dict())
-        fns["hf-sdpa"] = lambda: hf_sdpa(input_ids=ids, attention_mask=mask).last_hidden_state
-        if "torch-compile" in backends:
-            compiled = torch.compile(hf_sdpa)
-            fns["torch-compile"] = lambda: compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+    fns = encoder_backend_fns(ours, hf_eager, build_sdpa, {"input_ids": ids, "attention_mask": mask}, backends,
+                              batch=batch, seq=seq)
     base = {"suite": "models", "op": name, "shape": f"{batch}x{seq}", "batch": batch, "seq": seq,
             "dtype": DTYPE_NAMES[dtype]}
     return time_model_backends(fns, ref, backends, opts, base, items=batch, tokens=batch * seq)
@@ -77,7 +69,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
 
 def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     gpu = opts.on_gpu
-    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else ("trifuse", "reference", "hf-eager", "hf-sdpa"))
+    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else ENCODER_CPU_DEFAULT)
     models = models or ["bert-base"]
     batches = opts.batch or ([1, 8, 32] if gpu else [1])
     seqs = opts.seq or ([128, 384] if gpu else [128])

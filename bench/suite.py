@@ -185,3 +185,51 @@ def add_speedups(rows: list[dict], baseline: str = "hf-eager") -> list[dict]:
         if r.get("median_ms") and base:
             r[f"speedup_vs_{baseline.replace('-', '_')}"] = base / r["median_ms"]
     return rows
+
+
+# Encoders (BERT family, ViT): the backends side by side.
+ENCODER_BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile",
+                    "torch-compile-max-autotune")
+ENCODER_CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa")
+
+
+def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs: dict, backends: Sequence[str],
+                        *, batch: int, seq: int = 0) -> dict:
+    """Zero-argument callables returning ``last_hidden_state``, one per backend.
+
+    ``inputs`` are keyword inputs both models take (``input_ids``/``attention_mask``
+    or ``pixel_values``); ``build_sdpa()`` makes Hugging Face's SDPA model, the one
+    ``torch.compile`` compiles. ``trifuse-graphs`` captures one CUDA graph for
+    this exact ``batch`` x ``seq`` bucket.
+    """
+    import kernels
+
+    def run_ours():
+        return ours(**inputs).last_hidden_state
+
+    def run_reference():
+        with kernels.use_backend("reference"):
+            return run_ours()
+
+    fns = {"trifuse": run_ours, "reference": run_reference,
+           "hf-eager": lambda: hf_eager(**inputs).last_hidden_state}
+    if "trifuse-graphs" in backends:
+        graphed = []
+
+        def run_graphed():  # built on first call, so a CPU run reports the error in its row
+            from engine.graphs import CUDAGraphModel
+
+            if not graphed:
+                graphed.append(CUDAGraphModel(ours, batch_sizes=(batch,), seq_lengths=(seq,) if seq else (1,),
+                                              copy_outputs=False))
+            return graphed[0](**inputs).last_hidden_state
+
+        fns["trifuse-graphs"] = run_graphed
+    if {"hf-sdpa", "torch-compile", "torch-compile-max-autotune"} & set(backends):
+        hf_sdpa = build_sdpa()
+        fns["hf-sdpa"] = lambda: hf_sdpa(**inputs).last_hidden_state
+        for name, mode in (("torch-compile", None), ("torch-compile-max-autotune", "max-autotune")):
+            if name in backends:
+                compiled = torch.compile(hf_sdpa, mode=mode)
+                fns[name] = lambda compiled=compiled: compiled(**inputs).last_hidden_state
+    return fns

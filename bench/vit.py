@@ -9,23 +9,23 @@ plus the special tokens) for the latency plot; ``images_per_s`` (also shown as
 ``seq/s``: one image is one sequence) and ``tokens_per_s``.
 
 Backends: ``trifuse`` (our kernels), ``reference`` (our graph on the PyTorch
-reference ops), ``hf-eager``, ``hf-sdpa``, ``torch-compile`` (Hugging Face's
-SDPA model under ``torch.compile``). Entry point: ``run(opts, models)``.
+reference ops), ``hf-eager``, ``hf-sdpa``, ``torch-compile`` and
+``torch-compile-max-autotune`` (Hugging Face's SDPA model under ``torch.compile``),
+``trifuse-graphs`` (ours under a CUDA graph; GPU only). Entry point: ``run(opts, models)``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 import engine
-import kernels
 
-from .suite import DTYPE_NAMES, Options, SuiteResult, build_hf, pick_backends, rel_error, time_model_backends
+from .suite import (DTYPE_NAMES, ENCODER_BACKENDS, ENCODER_CPU_DEFAULT, Options, SuiteResult, build_hf,
+                    encoder_backend_fns, pick_backends, time_model_backends)
 
 VIT_BASE = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                 intermediate_size=3072, image_size=224, patch_size=16, num_channels=3, hidden_act="gelu",
@@ -35,7 +35,7 @@ NAMED = {
     "vit-large-patch16-224": {**VIT_BASE, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                               "intermediate_size": 4096},
 }
-BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
+BACKENDS = ENCODER_BACKENDS
 
 
 def is_model(name: str) -> bool:
@@ -66,22 +66,12 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int) -> lis
     seq = ref.shape[1]  # patches + CLS (+ DeiT's distillation token)
     ours = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=dtype, device=dev)
 
-    def run_ours():
-        return ours(pixels).last_hidden_state
+    def build_sdpa():
+        model = build_hf(name, NAMED, dtype, dev, "sdpa")
+        model.load_state_dict(hf_eager.state_dict())
+        return model
 
-    def run_reference():
-        with kernels.use_backend("reference"):
-            return run_ours()
-
-    fns = {"trifuse": run_ours, "reference": run_reference,
-           "hf-eager": lambda: hf_eager(pixel_values=pixels).last_hidden_state}
-    if "hf-sdpa" in backends or "torch-compile" in backends:
-        hf_sdpa = build_hf(name, NAMED, dtype, dev, "sdpa")
-        hf_sdpa.load_state_dict(hf_eager.state_dict())
-        fns["hf-sdpa"] = lambda: hf_sdpa(pixel_values=pixels).last_hidden_state
-        if "torch-compile" in backends:
-            compiled = torch.compile(hf_sdpa)
-            fns["torch-compile"] = lambda: compiled(pixel_values=pixels).last_hidden_state
+    fns = encoder_backend_fns(ours, hf_eager, build_sdpa, {"pixel_values": pixels}, backends, batch=batch)
     base = {"suite": "vit", "op": name, "shape": f"{batch}x{c}x{h}x{w}", "batch": batch, "seq": seq,
             "image_size": f"{h}x{w}", "dtype": DTYPE_NAMES[dtype]}
     return time_model_backends(fns, ref, backends, opts, base, items=batch, tokens=batch * seq,
@@ -95,7 +85,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     to 1, 8, 32 on a GPU and 1 on the CPU.
     """
     gpu = opts.on_gpu
-    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else ("trifuse", "reference", "hf-eager", "hf-sdpa"))
+    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else ENCODER_CPU_DEFAULT)
     models = models or ["vit-base-patch16-224"]
     unknown = [m for m in models if not is_model(m)]
     if unknown:

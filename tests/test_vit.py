@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 
 import engine
 from tests.helpers import assert_same_outputs, rel_err
-import kernels
 from engine.images import ImageProcessor, preprocess
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
