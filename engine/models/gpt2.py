@@ -33,6 +33,7 @@ import kernels
 
 from .. import generation as gen
 from ..layers import LayerNorm, PreLNBlock, check_activation
+from ..cache import KVCache
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import ModelOutput
 
@@ -101,79 +102,6 @@ class CausalLMOutput(ModelOutput):
     past_key_values: Optional["KVCache"] = None
     last_hidden_state: Optional[Tensor] = None
     hidden_states: Optional[Tuple[Tensor, ...]] = None
-
-
-# ----------------------------------------------------------------------------
-# The KV cache.
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated for ``max_len`` positions.
-
-    ``keys``/``values``: ``[layers, B, H, max_len, D]``; ``mask``: ``[B, max_len]``
-    bool (True = attend). ``length`` positions are filled. A forward writes its
-    ``n`` new positions in place at ``[length, length + n)`` and attends over the
-    ``[:length + n]`` views; nothing is concatenated. ``grow`` reallocates (rarely:
-    only when a forward would overflow a cache the model allocated itself).
-    """
-
-    def __init__(self, batch: int, layers: int, heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device=None):
-        shape = (layers, batch, heads, max_len, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self.mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self.length = 0
-        self.padded = False  # whether any filled slot is masked (then the kernel needs the mask)
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        return self.keys.shape[3]
-
-    def __len__(self) -> int:
-        return self.length
-
-    def get_seq_length(self) -> int:  # Hugging Face's name
-        return self.length
-
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-        """Write ``k``, ``v`` ``[B, H, n, D]`` at ``[start, start + n)``; the views up to there."""
-        end = start + k.shape[2]
-        self.keys[layer, :, :, start:end].copy_(k)
-        self.values[layer, :, :, start:end].copy_(v)
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def grow(self, max_len: int) -> None:
-        if max_len <= self.max_len:
-            return
-        n = self.length
-        keys, values, mask = self.keys, self.values, self.mask
-        layers, batch, heads, _, d = keys.shape
-        self.__init__(batch, layers, heads, max_len, d, keys.dtype, keys.device)
-        self.keys[:, :, :, :n] = keys[:, :, :, :n]
-        self.values[:, :, :, :n] = values[:, :, :, :n]
-        self.mask[:, :n] = mask[:, :n]
-        self.length, self.padded = n, bool(n and not mask[:, :n].all())
-
-    def crop(self, length: int) -> None:
-        """Forget everything after ``length`` positions (e.g. to re-run a step)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
-        self.mask[:, length:] = True
-        self.length = length
-        self.padded = bool(length and not self.mask[:, :length].all())
-
-    def reset(self) -> None:
-        self.crop(0)
-
-    def __repr__(self) -> str:
-        layers, b, h, t, d = self.keys.shape
-        return (f"KVCache(batch={b}, layers={layers}, heads={h}, max_len={t}, head_dim={d}, "
-                f"length={self.length}, dtype={self.keys.dtype}, device={self.keys.device})")
 
 
 # ----------------------------------------------------------------------------
@@ -316,8 +244,8 @@ class GPT2Model(nn.Module):
                  logits_to_keep: int = 0) -> CausalLMOutput:
         b, n = input_ids.shape
         start = 0 if cache is None else cache.length
-        if cache is not None and start + n > cache.max_len:
-            cache.grow(max(start + n, min(self.config.n_positions, 2 * cache.max_len)))
+        if cache is not None:
+            cache.ensure_capacity(start + n, limit=self.config.n_positions)
         pos, mask = self._positions_and_mask(input_ids, attention_mask, cache, start)
         if position_ids is not None:
             pos = position_ids

@@ -1,0 +1,221 @@
+"""``trifuse bench t5-small``: T5 encoder and per-token decode latency against Hugging Face.
+
+A model is a named size built from a config with random weights (no hub at run
+time) or a local T5 checkpoint directory (``T5ForConditionalGeneration``). For
+each batch size and source length every backend is checked before it is timed,
+in two phases:
+
+* ``encoder``: one encoder forward over a ``[B, seq]`` source, its
+  ``last_hidden_state`` checked against Hugging Face eager (fp32 for the fp32
+  run, the run's dtype otherwise) to the dtype's budget;
+* ``decode``: greedy generation of ``G`` tokens (no EOS stop) from the same
+  source; per-token latency ``(t(G) - t(1)) / (G - 1)``, i.e. the encoder and the
+  first step removed. Checked by teacher forcing: Hugging Face eager re-reads the
+  generated tokens, and each must be its argmax up to the dtype's budget.
+
+Backends: ``trifuse`` (our kernels: ``model.encode`` / ``model.generate``),
+``reference`` (our graph on the PyTorch reference ops), ``hf-eager``,
+``hf-sdpa`` (``T5ForConditionalGeneration``: its encoder, its ``generate``),
+``torch-compile`` (Hugging Face's SDPA model: the encoder under
+``torch.compile``; ``generate`` with ``cache_implementation="static"``, which
+compiles the decode step). Without a GPU the trifuse backend runs Triton's
+interpreter: checked, not timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional
+
+import torch
+
+import engine
+import kernels
+from kernels import _dispatch
+
+from .suite import build_hf as suite_build_hf
+from .suite import DTYPE_NAMES, MODEL_TOL, Options, SuiteResult, add_speedups, pick_backends, rel_error
+from .timing import measure
+
+T5_SMALL = dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="relu",
+                tie_word_embeddings=True, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+NAMED = {
+    "t5-small": T5_SMALL,
+    "t5-base": {**T5_SMALL, "d_model": 768, "d_ff": 3072, "num_layers": 12, "num_heads": 12},
+    "t5-large": {**T5_SMALL, "d_model": 1024, "d_ff": 4096, "num_layers": 24, "num_heads": 16},
+    "flan-t5-base": {**T5_SMALL, "d_model": 768, "d_ff": 2048, "num_layers": 12, "num_heads": 12,
+                     "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+    # For smoke runs and tests: the real vocabulary, a toy body.
+    "t5-tiny": {**T5_SMALL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
+}
+BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
+
+
+def is_model(name: str) -> bool:
+    return name in NAMED or (os.path.isdir(name) and _is_t5_dir(name))
+
+
+def _is_t5_dir(path: str) -> bool:
+    cfg = os.path.join(path, "config.json")
+    return os.path.isfile(cfg) and json.load(open(cfg)).get("model_type") == "t5"
+
+
+def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
+    model = suite_build_hf(name, NAMED, dtype, device, attn, auto_class="AutoModelForSeq2SeqLM")
+    # Greedy decoding for exactly the requested number of tokens: no EOS stop.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _argmax_gap(hf_eager, ids, mask, seq: torch.Tensor) -> float:
+    """Teacher forcing: the largest (max logit - logit of the chosen token) over the generated
+    tokens of ``seq`` (decoder start token first), relative to max|logit|, under Hugging Face eager."""
+    with torch.no_grad():
+        logits = hf_eager(input_ids=ids, attention_mask=mask, decoder_input_ids=seq[:, :-1]).logits.float()
+    chosen = logits.gather(-1, seq[:, 1:, None].to(logits.device)).squeeze(-1)
+    return ((logits.amax(-1) - chosen).max() / logits.abs().max().clamp(min=1e-30)).item()
+
+
+def _time(fn: Callable[[], object], opts: Options, *, slow: bool = False):
+    """Median and spread of ``fn``; ``slow``: a whole generate call, so fewer samples."""
+    warmup = 1 if (opts.quick or slow) else opts.warmup
+    return measure(fn, opts.device, warmup=warmup, min_time_s=0.05 if opts.quick else opts.min_time_s,
+                   min_iters=3 if slow else 5, max_iters=50 if slow else 1000, flush_l2=False)
+
+
+def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: int, new: int,
+               hf_eager, hf_sdpa, ours, compiled_encoder) -> list[dict]:
+    dev, dtype = opts.device, opts.dtype
+    vocab = hf_eager.config.vocab_size
+    g = torch.Generator().manual_seed(batch * 10007 + seq)
+    ids = torch.randint(2, vocab, (batch, seq), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = hf_eager.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def ours_encoder():
+        return ours.encode(ids, mask).last_hidden_state
+
+    def ours_generate(n):
+        return lambda: ours.generate(ids, mask, max_new_tokens=n, eos_token_id=[], pad_token_id=0)
+
+    def reference(fn):
+        def run():
+            with kernels.use_backend("reference"):
+                return fn()
+        return run
+
+    def hf_encoder(model):
+        return lambda: model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def hf_generate(model, n, **kw):
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, num_beams=1, **kw)
+
+    encoder = {"trifuse": ours_encoder, "reference": reference(ours_encoder), "hf-eager": hf_encoder(hf_eager)}
+    generate = {"trifuse": ours_generate, "reference": lambda n: reference(ours_generate(n)),
+                "hf-eager": lambda n: hf_generate(hf_eager, n)}
+    if hf_sdpa is not None:
+        encoder["hf-sdpa"] = hf_encoder(hf_sdpa)
+        generate["hf-sdpa"] = lambda n: hf_generate(hf_sdpa, n)
+    if compiled_encoder is not None:
+        encoder["torch-compile"] = lambda: compiled_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        generate["torch-compile"] = lambda n: hf_generate(hf_sdpa, n, cache_implementation="static")
+
+    interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
+    rows = []
+    for phase in ("encoder", "decode"):
+        for backend in backends:
+            row = {"suite": "t5", "op": f"{name} {phase}", "phase": phase, "shape": f"{batch}x{seq}",
+                   "batch": batch, "seq": seq, "dtype": DTYPE_NAMES[dtype], "backend": backend}
+            if phase == "decode":
+                row["new_tokens"] = new
+            try:
+                with torch.no_grad():
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    if phase == "encoder":
+                        fn = encoder[backend]
+                        row["rel_err"] = rel_error(fn(), ref)
+                    else:
+                        fn = generate[backend](new)
+                        out = fn()
+                        if out.shape != (batch, 1 + new):
+                            raise RuntimeError(f"generated shape {tuple(out.shape)}, expected {(batch, 1 + new)}")
+                        row["rel_err"] = _argmax_gap(hf_eager, ids, mask, out)
+                    if row["rel_err"] > MODEL_TOL[dtype]:
+                        rows.append({**row, "status": "mismatch"})
+                        continue
+                    if backend == "trifuse" and interpreted:
+                        # Interpreted Triton on the CPU: checked, but its time says nothing about a GPU.
+                        rows.append({**row, "status": "checked"})
+                        continue
+                    if phase == "encoder":
+                        s = _time(fn, opts).summary()
+                        row.update(s, tokens_per_s=batch * seq / (s["median_ms"] * 1e-3),
+                                   seq_per_s=batch / (s["median_ms"] * 1e-3))
+                    else:
+                        one = _time(generate[backend](1), opts, slow=True)
+                        full = _time(fn, opts, slow=True)
+                        if full.median <= one.median:  # timing noise swamped the steps (tiny models, CPU)
+                            rows.append({**row, "status": "noisy: t(G) <= t(1)", "generate_ms": full.median,
+                                         "first_token_ms": one.median})
+                            continue
+                        per_token = (full.median - one.median) / (new - 1)
+                        row.update(full.summary(), generate_ms=full.median, first_token_ms=one.median,
+                                   median_ms=per_token, tokens_per_s=batch / (per_token * 1e-3))
+                        for k in ("p10_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms"):
+                            row.pop(k)  # the spread is of the whole generate call, not of one step
+            except Exception as e:  # noqa: BLE001 - a failing backend is a result
+                rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+                continue
+            row["status"] = "ok"
+            if dev.type == "cuda":
+                row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            rows.append(row)
+    for phase in ("encoder", "decode"):
+        add_speedups([r for r in rows if r["phase"] == phase])
+    return rows
+
+
+def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
+    """The T5 suite: ``run(opts, ["t5-small", "flan-t5-base", ...])``; default ``["t5-small"]``."""
+    gpu = opts.on_gpu
+    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else ("trifuse", "reference", "hf-eager", "hf-sdpa"))
+    models = models or ["t5-small"]
+    unknown = [m for m in models if not is_model(m)]
+    if unknown:
+        raise SystemExit(f"unknown T5 model(s) {unknown}; choose from {list(NAMED)} or a t5 checkpoint directory")
+    batches = opts.batch or ([1, 8] if gpu else [1])
+    seqs = opts.seq or ([128, 512] if gpu else [32])
+    new = 4 if (opts.quick or not gpu) else 32
+    if opts.quick:
+        batches, seqs = batches[:1], [min(seqs[0], 32 if not gpu else 128)]
+    notes = ["encoder: one encoder forward over a [batch, seq] source; tok/s = batch * seq / latency.",
+             f"decode: greedy generate of {new} tokens (no EOS stop) from that source; per-token latency "
+             f"= (t({new}) - t(1)) / {new - 1}; tok/s = batch / per-token latency."]
+    if not gpu:
+        notes.append("No GPU: the trifuse backend's Triton kernels are checked under the interpreter, "
+                     "not timed; CPU latencies of the PyTorch paths are shown for reference only.")
+    rows = []
+    for name in models:
+        dtype, dev = opts.dtype, opts.device
+        hf_eager = build_hf(name, dtype, dev, "eager")
+        hf_sdpa = compiled_encoder = None
+        if "hf-sdpa" in backends or "torch-compile" in backends:
+            hf_sdpa = build_hf(name, dtype, dev, "sdpa")
+            hf_sdpa.load_state_dict(hf_eager.state_dict())
+            if "torch-compile" in backends:
+                compiled_encoder = torch.compile(hf_sdpa.get_encoder())
+        ours = engine.from_pretrained(hf_eager, task="text2text-generation", dtype=dtype, device=dev)
+        for b in batches:
+            for n in seqs:
+                rows += _bench_one(name, opts, backends, b, n, new, hf_eager, hf_sdpa, ours, compiled_encoder)
+        del hf_eager, hf_sdpa, ours, compiled_encoder
+        if opts.device.type == "cuda":
+            torch.cuda.empty_cache()
+    title = f"trifuse T5 on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"
+    return SuiteResult(title, rows, {}, notes)

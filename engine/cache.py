@@ -1,0 +1,99 @@
+"""The decoder KV cache: keys and values of every layer, preallocated, written in place.
+
+``keys``/``values``: ``[layers, B, H, max_len, D]``; ``mask``: ``[B, max_len]`` bool
+(True = attend). ``length`` positions are filled. A forward writes its ``n`` new
+positions at ``[length, length + n)`` and attends over the ``[:length + n]`` views
+(``kernels.attention`` takes any strides), so nothing is concatenated per step.
+A ``growable`` cache reallocates when a forward would overflow it (rarely: the
+models size their caches up front); a fixed one raises instead.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(self, batch: int, layers: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None, growable: bool = True):
+        shape = (layers, batch, heads, max_len, head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.padded = False  # whether a filled slot is masked (then the kernel reads the mask)
+        self.growable = growable
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def get_seq_length(self) -> int:  # Hugging Face's name
+        return self.length
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Write ``k``, ``v`` ``[B, H, n, D]`` at ``[start, start + n)``; return the views up to there."""
+        end = start + k.shape[2]
+        self.keys[layer, :, :, start:end].copy_(k)
+        self.values[layer, :, :, start:end].copy_(v)
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def ensure_capacity(self, end: int, limit: Optional[int] = None) -> None:
+        """Make room for ``end`` positions: grow (doubling, up to ``limit``) or raise if fixed."""
+        if end <= self.max_len:
+            return
+        if not self.growable:
+            raise ValueError(f"{end} positions ({self.length} cached + {end - self.length} new) exceed the cache's "
+                             f"capacity of {self.max_len}; allocate model.new_cache(batch, max_len) large enough")
+        self.grow(max(end, min(limit or 2 * self.max_len, 2 * self.max_len)))
+
+    def grow(self, max_len: int) -> None:
+        if max_len <= self.max_len:
+            return
+        n, keys, values, mask = self.length, self.keys, self.values, self.mask
+        layers, batch, heads, _, d = keys.shape
+        self.keys = keys.new_empty((layers, batch, heads, max_len, d))
+        self.values = values.new_empty((layers, batch, heads, max_len, d))
+        self.mask = mask.new_ones((batch, max_len))
+        self.keys[:, :, :, :n] = keys[:, :, :, :n]
+        self.values[:, :, :, :n] = values[:, :, :, :n]
+        self.mask[:, :n] = mask[:, :n]
+
+    def reorder(self, index: Tensor) -> None:
+        """Row ``i`` takes row ``index[i]``'s state (beam search): one ``index_select`` per buffer."""
+        n = self.length
+        idx = index.to(device=self.keys.device, dtype=torch.long)
+        if n:
+            self.keys[:, :, :, :n] = self.keys[:, :, :, :n].index_select(1, idx)
+            self.values[:, :, :, :n] = self.values[:, :, :, :n].index_select(1, idx)
+            if self.padded:
+                self.mask[:, :n] = self.mask[:, :n].index_select(0, idx)
+
+    def crop(self, length: int) -> None:
+        """Forget everything after ``length`` positions (e.g. to re-run a step)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
+        self.mask[:, length:] = True
+        self.length = length
+        self.padded = bool(length and not self.mask[:, :length].all())
+
+    def reset(self) -> None:
+        self.crop(0)
+
+    def _describe(self) -> str:
+        layers, b, h, t, d = self.keys.shape
+        return (f"batch={b}, layers={layers}, heads={h}, max_len={t}, head_dim={d}, length={self.length}, "
+                f"dtype={self.keys.dtype}, device={self.keys.device}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._describe()})"

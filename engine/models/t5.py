@@ -1,0 +1,772 @@
+"""T5 on trifuse's kernels: encoder-decoder with the relative position bias computed in-kernel.
+
+Covers ``T5ForConditionalGeneration`` (task ``text2text-generation``), ``T5Model``
+(``feature-extraction``: the decoder's last hidden state) and ``T5EncoderModel``
+(``encoder``), in both flavours:
+
+- original T5: ReLU feed-forward (``DenseReluDense.wi/wo``), LM head tied to the
+  shared embeddings and fed ``d_model**-0.5``-scaled decoder outputs;
+- T5 v1.1 / FLAN-T5 / mT5: gated GELU (``gelu_new(wi_0 x) * (wi_1 x)``, one fused
+  ``[2*d_ff, d_model]`` projection feeding ``kernels.gelu(..., gate=)``), untied
+  ``lm_head``, no output scaling.
+
+Layout of the graph:
+
+* pre-norm blocks whose residual adds all ride in the next RMSNorm
+  (``kernels.rms_norm(x, w, eps, residual=h)``); no biases; attention unscaled
+  (``scale=1.0``);
+* self-attention: one fused ``[3*inner, d_model]`` QKV projection, read by
+  ``kernels.attention`` through strided views;
+* the relative position bias: each stack's table (its first block's
+  ``relative_attention_bias``) goes to the kernel as a :class:`kernels.RelativeBias`
+  (bidirectional in the encoder; ``bidirectional=False`` plus ``causal=True`` in the
+  decoder, with ``query_offset`` = the number of cached positions), so no
+  ``[H, Lq, Lk]`` bias is ever built;
+* cross-attention: the keys/values of *every* decoder layer come from one GEMM over
+  the encoder output (all layers' ``k``/``v`` weights fused into one
+  ``[layers*2*inner, d_model]`` matrix), computed once per generation and kept in the
+  cache; no position bias, the encoder's padding mask. A decoder batch that is
+  ``g`` times the encoder batch (beams) reads each encoder row's keys once: the
+  ``g`` rows of a group are presented to the kernel as ``g*n`` query rows of one
+  batch item, so the cross keys/values are never expanded per beam;
+* :class:`T5Cache` preallocates the decoder's self-attention keys/values
+  (``[layers, B, H, max_len, D]``): each step writes in place, attends over a view,
+  and beam search reorders it with one ``index_select`` over the filled part.
+
+fp16: T5 is known to overflow in fp16 (the feed-forward output of the larger
+checkpoints passes 65504). Hugging Face keeps ``wo`` in fp32 and clamps hidden
+states; here an fp16 model keeps ``wo`` in fp32 *and* carries the residual stream
+in fp32 (matmuls and attention still run in fp16), which never overflows. bf16 has
+fp32's range: it is the dtype to pick for T5 on a GPU.
+
+Reference semantics: Hugging Face transformers' ``modeling_t5.py`` and
+``generation/utils.py``; the checkpoint names below are theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels
+
+from .. import generation as gen
+from ..layers import bias_act, check_activation
+from ..cache import KVCache
+from ..loading import assemble_state, load_into
+from ..outputs import EncoderOutput, ModelOutput
+
+TASKS = ("text2text-generation", "feature-extraction", "encoder")
+_ARCH_TASKS = {"T5ForConditionalGeneration": "text2text-generation", "T5Model": "feature-extraction",
+               "T5EncoderModel": "encoder"}
+# Heads of T5 classes we do not build (their backbone sits under "transformer.").
+_OTHER_HEADS = ("classification_head.", "qa_outputs.", "classifier.")
+_GELU_APPROX = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_layers: int
+    num_decoder_layers: int
+    num_heads: int
+    num_buckets: int = 32
+    max_distance: int = 128
+    eps: float = 1e-6
+    act: str = "relu"  # Hugging Face's dense_act_fn
+    gated: bool = False  # T5 v1.1: act(wi_0 x) * (wi_1 x)
+    scale_decoder_outputs: bool = True  # original T5: decoder output * d_model**-0.5 before the LM head
+    pad_token_id: Optional[int] = 0
+    eos_token_id: Tuple[int, ...] = (1,)
+    decoder_start_token_id: Optional[int] = 0
+
+    @property
+    def inner(self) -> int:
+        return self.num_heads * self.d_kv
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "T5Config":
+        if cfg.get("model_type") != "t5":
+            raise ValueError(f"model_type {cfg.get('model_type')!r} is not t5")
+        proj = cfg.get("feed_forward_proj", "relu")
+        parts = proj.split("-")
+        if (len(parts) > 1 and parts[0] != "gated") or len(parts) > 2:
+            raise ValueError(f"feed_forward_proj={proj!r} is not 'ACT' or 'gated-ACT' (e.g. 'relu', 'gated-gelu')")
+        act = "gelu_new" if proj == "gated-gelu" else parts[-1]  # Hugging Face's backward-compatible rule
+        check_activation(act)
+        # transformers 5.x saves scale_decoder_outputs (and always tie_word_embeddings=True);
+        # older configs say it with tie_word_embeddings. Whether the head is tied is decided
+        # from the tensors (see from_checkpoint), never from the flag.
+        scale = cfg.get("scale_decoder_outputs")
+        if scale is None:
+            scale = cfg.get("tie_word_embeddings", True) is not False
+        eos = cfg.get("eos_token_id")
+        start = cfg.get("decoder_start_token_id")
+        if start is None:
+            start = cfg.get("bos_token_id")
+        num_layers = cfg.get("num_layers", 6)
+        c = cls(vocab_size=cfg["vocab_size"], d_model=cfg["d_model"], d_kv=cfg["d_kv"], d_ff=cfg["d_ff"],
+                num_layers=num_layers, num_decoder_layers=cfg.get("num_decoder_layers") or num_layers,
+                num_heads=cfg["num_heads"], num_buckets=cfg.get("relative_attention_num_buckets", 32),
+                max_distance=cfg.get("relative_attention_max_distance", 128),
+                eps=cfg.get("layer_norm_epsilon", 1e-6), act=act, gated=parts[0] == "gated" and len(parts) == 2,
+                scale_decoder_outputs=bool(scale), pad_token_id=cfg.get("pad_token_id"),
+                eos_token_id=gen._eos_tuple(eos), decoder_start_token_id=start)
+        if not kernels.MIN_HEAD_DIM <= c.d_kv <= kernels.MAX_HEAD_DIM:
+            raise ValueError(f"d_kv={c.d_kv} is unsupported; the attention kernel takes head dims "
+                             f"{kernels.MIN_HEAD_DIM}..{kernels.MAX_HEAD_DIM}")
+        if c.num_buckets < 4 or c.max_distance <= c.num_buckets // 2:
+            raise ValueError(f"relative_attention_num_buckets={c.num_buckets} / relative_attention_max_distance="
+                             f"{c.max_distance} unsupported: need num_buckets >= 4 and max_distance > num_buckets // 2")
+        return c
+
+
+@dataclass
+class Seq2SeqOutput(ModelOutput):
+    """``T5ForConditionalGeneration`` / ``T5Model`` outputs, with Hugging Face's field names.
+
+    ``logits`` (text2text-generation only), ``last_hidden_state``: the decoder's final
+    normed output; ``encoder_last_hidden_state``; ``past_key_values``: the
+    :class:`T5Cache` (with ``use_cache`` or a cache passed in). Hidden states
+    (``output_hidden_states=True``): the embeddings, then each block's output, the last
+    one after the final norm, as in Hugging Face.
+    """
+
+    logits: Optional[Tensor] = None
+    past_key_values: Optional["T5Cache"] = None
+    last_hidden_state: Optional[Tensor] = None
+    encoder_last_hidden_state: Optional[Tensor] = None
+    decoder_hidden_states: Optional[Tuple[Tensor, ...]] = None
+    encoder_hidden_states: Optional[Tuple[Tensor, ...]] = None
+
+
+Seq2SeqLMOutput = Seq2SeqOutput  # Hugging Face's name for the generation head's output
+
+
+# ----------------------------------------------------------------------------
+# The cache.
+
+
+class T5Cache(KVCache):
+    """The decoder's state across calls.
+
+    * self-attention ``keys``/``values``: ``[layers, B, H, max_len, D]``, preallocated;
+      ``length`` positions are filled; each forward writes its ``n`` new positions in
+      place and attends over the ``[:length + n]`` views (no concatenation);
+    * ``mask`` ``[B, max_len]`` bool: the decoder attention mask seen so far;
+    * ``cross_kv`` ``[B_enc, L_enc, layers*2*inner]``: every decoder layer's
+      cross-attention keys/values, from one projection of ``encoder_hidden_state``,
+      computed once; ``encoder_mask`` ``[B_enc, L_enc]`` bool (None: no padding).
+      ``B`` may be a multiple ``g`` of ``B_enc``: rows ``[i*g, (i+1)*g)`` attend to encoder row ``i``.
+
+    A cache built by :meth:`T5Model.new_cache` has a fixed capacity (decoding past it
+    is a ``ValueError``); one the model starts itself (``use_cache=True``) grows.
+    Beam search's ``reorder`` keeps rows within their encoder row's group, so the
+    shared cross-attention keys/values are never reordered.
+    """
+
+    def __init__(self, batch: int, layers: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None, growable: bool = False):
+        super().__init__(batch, layers, heads, max_len, head_dim, dtype, device, growable)
+        self.cross_kv: Optional[Tensor] = None
+        self.encoder_mask: Optional[Tensor] = None
+        self.encoder_hidden_state: Optional[Tensor] = None
+
+    def reset(self) -> None:
+        """Empty the decoder positions and drop the encoder state."""
+        super().reset()
+        self.cross_kv = self.encoder_mask = self.encoder_hidden_state = None
+
+    def __repr__(self) -> str:
+        enc = None if self.cross_kv is None else tuple(self.cross_kv.shape[:2])
+        return f"T5Cache({self._describe()}, encoder={enc})"
+
+
+# ----------------------------------------------------------------------------
+# The model.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(width))
+        self.eps = eps
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        """``norm(x)``, or ``(norm(x + residual), x + residual)`` in one pass."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
+
+
+class SelfAttention(nn.Module):
+    """Unscaled multi-head self-attention, one fused ``[3*inner, d_model]`` QKV projection."""
+
+    def __init__(self, c: T5Config):
+        super().__init__()
+        self.heads, self.head_dim = c.num_heads, c.d_kv
+        self.qkv = nn.Linear(c.d_model, 3 * c.inner, bias=False)
+        self.o = nn.Linear(c.inner, c.d_model, bias=False)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor], rel: kernels.RelativeBias, causal: bool = False,
+                cache: Optional[T5Cache] = None, layer: int = 0, start: int = 0) -> Tensor:
+        b, n, _ = x.shape
+        qkv = F.linear(x, self.qkv.weight).view(b, n, 3, self.heads, self.head_dim)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, n, D] strided views
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # [B, H, start + n, D] views of the cache
+        ctx = kernels.attention(q, k, v, causal=causal, attention_mask=mask, relative_bias=rel, scale=1.0)
+        return F.linear(ctx.transpose(1, 2).reshape(b, n, -1), self.o.weight)
+
+
+class CrossAttention(nn.Module):
+    """Attention over the encoder output; keys/values come precomputed (see ``Decoder.cross_kv``)."""
+
+    def __init__(self, c: T5Config):
+        super().__init__()
+        self.heads, self.head_dim = c.num_heads, c.d_kv
+        self.q = nn.Linear(c.d_model, c.inner, bias=False)
+        self.o = nn.Linear(c.inner, c.d_model, bias=False)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, enc_mask: Optional[Tensor]) -> Tensor:
+        # k, v: [B_enc, H, L_enc, D]. The g = B / B_enc decoder rows of one encoder row (its
+        # beams) become g*n query rows of one batch item: no per-beam copy of k and v.
+        b, n, _ = x.shape
+        be = k.shape[0]
+        q = F.linear(x, self.q.weight).view(be, (b // be) * n, self.heads, self.head_dim).transpose(1, 2)
+        ctx = kernels.attention(q, k, v, attention_mask=enc_mask, scale=1.0)  # [B_enc, H, g*n, D]
+        return F.linear(ctx.transpose(1, 2).reshape(b, n, -1), self.o.weight)
+
+
+class FeedForward(nn.Module):
+    """``wo(act(wi x))`` or, gated, ``wo(act(wi_0 x) * (wi_1 x))`` with ``wi_0``/``wi_1`` fused."""
+
+    def __init__(self, c: T5Config):
+        super().__init__()
+        self.gated, self.act, self.d_ff = c.gated, c.act, c.d_ff
+        self.wi = nn.Linear(c.d_model, (2 if c.gated else 1) * c.d_ff, bias=False)
+        self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.linear(x, self.wi.weight)
+        if self.gated:
+            a, gate = h[..., : self.d_ff], h[..., self.d_ff:]  # views; the kernel reads them strided
+            if self.act in _GELU_APPROX:
+                h = kernels.gelu(a, approximate=_GELU_APPROX[self.act], gate=gate)
+            else:
+                h = bias_act(a, None, self.act) * gate
+        else:
+            h = bias_act(h, None, self.act)
+        w = self.wo.weight  # fp32 in an fp16 model (see the module docstring)
+        return F.linear(h.to(w.dtype), w)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, c: T5Config):
+        super().__init__()
+        self.norm1 = RMSNorm(c.d_model, c.eps)
+        self.attn = SelfAttention(c)
+        self.norm2 = RMSNorm(c.d_model, c.eps)
+        self.ffn = FeedForward(c)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, c: T5Config):
+        super().__init__()
+        self.norm1 = RMSNorm(c.d_model, c.eps)
+        self.attn = SelfAttention(c)
+        self.norm2 = RMSNorm(c.d_model, c.eps)
+        self.cross = CrossAttention(c)
+        self.norm3 = RMSNorm(c.d_model, c.eps)
+        self.ffn = FeedForward(c)
+
+
+def _norm_in(norm: RMSNorm, h: Tensor, pending: Optional[Tensor], compute: torch.dtype):
+    """``norm(h + pending)`` (the pending residual add fused in), in the compute dtype, and the new ``h``."""
+    if pending is None:
+        x = norm(h)
+    else:
+        x, h = norm(pending.to(h.dtype), residual=h)
+    return x.to(compute), h
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: T5Config):
+        super().__init__()
+        self.config = c
+        self.relative_bias = nn.Parameter(torch.empty(c.num_buckets, c.num_heads))  # [buckets, H]
+        self.layers = nn.ModuleList(EncoderBlock(c) for _ in range(c.num_layers))
+        self.final_norm = RMSNorm(c.d_model, c.eps)
+
+    def rel(self) -> kernels.RelativeBias:
+        c = self.config
+        return kernels.RelativeBias(self.relative_bias, True, c.num_buckets, c.max_distance, query_offset=0)
+
+    def forward(self, emb: Tensor, mask: Optional[Tensor], stream: torch.dtype,
+                hidden: Optional[list] = None) -> Tensor:
+        compute = emb.dtype
+        h, pending, rel = emb.to(stream), None, self.rel()
+        for block in self.layers:
+            x, h = _norm_in(block.norm1, h, pending, compute)
+            a = block.attn(x, mask, rel)
+            x, h = _norm_in(block.norm2, h, a, compute)
+            pending = block.ffn(x)
+            if hidden is not None:
+                hidden.append((h + pending.to(h.dtype)).to(compute))
+        x, _ = _norm_in(self.final_norm, h, pending, compute)
+        return x
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: T5Config):
+        super().__init__()
+        self.config = c
+        self.relative_bias = nn.Parameter(torch.empty(c.num_buckets, c.num_heads))
+        self.layers = nn.ModuleList(DecoderBlock(c) for _ in range(c.num_decoder_layers))
+        # Every layer's cross-attention k and v, stacked: one GEMM over the encoder output.
+        self.cross_kv = nn.Linear(c.d_model, c.num_decoder_layers * 2 * c.inner, bias=False)
+        self.final_norm = RMSNorm(c.d_model, c.eps)
+
+    def rel(self, start: int) -> kernels.RelativeBias:
+        c = self.config
+        return kernels.RelativeBias(self.relative_bias, False, c.num_buckets, c.max_distance, query_offset=start)
+
+    def project_encoder(self, enc: Tensor) -> Tensor:
+        """``[B_enc, L_enc, layers*2*inner]``: the cross-attention keys/values of every layer."""
+        return F.linear(enc, self.cross_kv.weight)
+
+    def cross_views(self, kv: Tensor, layer: int) -> Tuple[Tensor, Tensor]:
+        c = self.config
+        be, le, _ = kv.shape
+        kv = kv.view(be, le, c.num_decoder_layers, 2, c.num_heads, c.d_kv)[:, :, layer]
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B_enc, H, L_enc, D] views
+
+    def forward(self, emb: Tensor, self_mask: Optional[Tensor], cross_kv: Tensor, enc_mask: Optional[Tensor],
+                cache: Optional[T5Cache], start: int, stream: torch.dtype, hidden: Optional[list] = None) -> Tensor:
+        compute = emb.dtype
+        h, pending, rel = emb.to(stream), None, self.rel(start)
+        for i, block in enumerate(self.layers):
+            x, h = _norm_in(block.norm1, h, pending, compute)
+            a = block.attn(x, self_mask, rel, causal=True, cache=cache, layer=i, start=start)
+            x, h = _norm_in(block.norm2, h, a, compute)
+            k, v = self.cross_views(cross_kv, i)
+            a = block.cross(x, k, v, enc_mask)
+            x, h = _norm_in(block.norm3, h, a, compute)
+            pending = block.ffn(x)
+            if hidden is not None:
+                hidden.append((h + pending.to(h.dtype)).to(compute))
+        x, _ = _norm_in(self.final_norm, h, pending, compute)
+        return x
+
+
+EncoderOutputs = Union[Tensor, EncoderOutput, Seq2SeqOutput, Sequence[Tensor]]
+
+
+class T5Model(nn.Module):
+    """T5 (``T5ForConditionalGeneration`` / ``T5Model`` / ``T5EncoderModel``); call it like Hugging Face's."""
+
+    def __init__(self, c: T5Config, task: str = "text2text-generation", untied_head: bool = False):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} for t5; choose from {', '.join(TASKS)}")
+        self.config, self.task = c, task
+        self.shared = nn.Embedding(c.vocab_size, c.d_model)
+        self.encoder = Encoder(c)
+        self.decoder = Decoder(c) if task != "encoder" else None
+        self.lm_head = (nn.Linear(c.d_model, c.vocab_size, bias=False)
+                        if task == "text2text-generation" and untied_head else None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.shared.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.weight.device
+
+    @property
+    def stream_dtype(self) -> torch.dtype:
+        """The residual stream's dtype: fp32 for an fp16 model (T5 overflows fp16), else the model's."""
+        return torch.float32 if self.dtype == torch.float16 else self.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> T5Cache:
+        """An empty decoder cache for ``batch`` rows and up to ``max_len`` decoder positions."""
+        if self.decoder is None:
+            raise ValueError("a T5 encoder (task='encoder') has no decoder cache")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        c = self.config
+        return T5Cache(batch, c.num_decoder_layers, c.num_heads, max_len, c.d_kv, self.dtype, self.device)
+
+    # -- checks ---------------------------------------------------------------
+
+    def _check_ids(self, name: str, ids) -> None:
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor of shape [batch, seq]")
+        if ids.shape[1] == 0:
+            raise ValueError(f"{name} must hold at least one token")
+        if torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return  # the value check would synchronize or break the graph
+        v = self.config.vocab_size
+        if ids.min() < 0 or ids.max() >= v:
+            raise ValueError(f"{name}: token ids must lie in [0, {v}); got [{int(ids.min())}, {int(ids.max())}]")
+
+    @staticmethod
+    def _check_mask(name: str, mask, shapes: Sequence[tuple]) -> None:
+        if mask is None:
+            return
+        if not isinstance(mask, Tensor) or mask.is_floating_point():
+            raise ValueError(f"{name} must be an integer or bool tensor (1 = attend)")
+        if tuple(mask.shape) not in shapes:
+            raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {' or '.join(map(str, shapes))}")
+
+    # -- the encoder ----------------------------------------------------------
+
+    @staticmethod
+    def _kernel_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+        """The kernel's bool mask, or None when nothing is masked (the kernel then reads no mask)."""
+        if mask is None:
+            return None
+        mask = mask.ne(0)
+        return None if bool(mask.all()) else mask
+
+    def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+               output_hidden_states: bool = False) -> EncoderOutput:
+        """The encoder alone: ``last_hidden_state`` ``[B, L, d_model]`` (and ``hidden_states``)."""
+        self._check_ids("input_ids", input_ids)
+        self._check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
+        emb = self.shared(input_ids)
+        hidden = [emb] if output_hidden_states else None
+        x = self.encoder(emb, self._kernel_mask(attention_mask), self.stream_dtype, hidden)
+        if hidden is not None:
+            hidden[-1] = x  # Hugging Face's last hidden state is after the final norm
+        return EncoderOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
+
+    # -- forward --------------------------------------------------------------
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                decoder_input_ids: Optional[Tensor] = None, decoder_attention_mask: Optional[Tensor] = None,
+                encoder_outputs: Optional[EncoderOutputs] = None, past_key_values: Optional[T5Cache] = None,
+                use_cache: bool = False, output_hidden_states: bool = False):
+        """Hugging Face's call.
+
+        ``encoder`` task: ``model(input_ids, attention_mask)`` -> ``last_hidden_state``.
+        Otherwise the encoder runs on ``input_ids`` unless ``encoder_outputs`` (its
+        ``last_hidden_state``, a tuple whose first item is it, or the tensor) is given or
+        ``past_key_values`` already holds its keys/values; then the decoder runs on
+        ``decoder_input_ids`` ``[B, n]`` (``decoder_attention_mask`` ``[B, n]`` or
+        ``[B, cached + n]``). ``past_key_values``: a :class:`T5Cache` to continue (updated
+        in place and returned); ``use_cache=True`` without one starts a cache.
+        ``attention_mask`` is the encoder's padding mask; with a cache it may be left out.
+        """
+        if self.decoder is None:
+            if input_ids is None:
+                raise ValueError("input_ids is required")
+            if decoder_input_ids is not None or past_key_values is not None or use_cache:
+                raise ValueError("this T5 was loaded as an encoder (task='encoder'): it takes no decoder inputs "
+                                 "and keeps no cache")
+            return self.encode(input_ids, attention_mask, output_hidden_states)
+        if decoder_input_ids is None:
+            raise ValueError("decoder_input_ids is required (T5 starts decoding from decoder_start_token_id="
+                             f"{self.config.decoder_start_token_id}); use generate() to decode from scratch")
+        self._check_ids("decoder_input_ids", decoder_input_ids)
+        b, n = decoder_input_ids.shape
+        cache = past_key_values
+        start = 0
+        if cache is not None:
+            if not isinstance(cache, T5Cache):
+                raise TypeError(f"past_key_values must be a trifuse T5Cache (model.new_cache(...) or a previous "
+                                f"output's past_key_values), got {type(cache).__name__}")
+            if cache.batch_size != b:
+                raise ValueError(f"past_key_values holds {cache.batch_size} rows but decoder_input_ids has {b}")
+            start = cache.length
+            cache.ensure_capacity(start + n)
+        elif use_cache:
+            cache = self.new_cache(b, max(n, 64))
+            cache.growable = True
+        self._check_mask("decoder_attention_mask", decoder_attention_mask,
+                         [(b, n), (b, start + n)] if start else [(b, n)])
+
+        # The encoder side: hidden state, cross keys/values, padding mask.
+        enc_hidden, enc_states = None, None
+        if encoder_outputs is not None:
+            enc_hidden = _first(encoder_outputs)
+            if isinstance(encoder_outputs, EncoderOutput):
+                enc_states = encoder_outputs.hidden_states
+        if cache is not None and cache.cross_kv is not None and enc_hidden is None:
+            enc_hidden, cross_kv = cache.encoder_hidden_state, cache.cross_kv
+            enc_mask = cache.encoder_mask
+            if attention_mask is not None:
+                self._check_mask("attention_mask", attention_mask, [tuple(enc_hidden.shape[:2])])
+                enc_mask = self._kernel_mask(attention_mask)
+        else:
+            if enc_hidden is None:
+                if input_ids is None:
+                    raise ValueError("pass input_ids, encoder_outputs, or a past_key_values that holds the encoder")
+                enc = self.encode(input_ids, attention_mask, output_hidden_states)
+                enc_hidden, enc_states = enc.last_hidden_state, enc.hidden_states
+            d = self.config.d_model
+            if not isinstance(enc_hidden, Tensor) or enc_hidden.dim() != 3 or enc_hidden.shape[-1] != d:
+                raise ValueError(f"encoder_outputs must hold a [batch, seq, {self.config.d_model}] hidden state")
+            enc_hidden = enc_hidden.to(self.dtype)
+            self._check_mask("attention_mask", attention_mask, [tuple(enc_hidden.shape[:2])])
+            enc_mask = self._kernel_mask(attention_mask)
+            if cache is not None and cache.cross_kv is not None and cache.encoder_hidden_state is enc_hidden:
+                cross_kv = cache.cross_kv  # the same encoder output as before: reuse its keys/values
+            else:
+                cross_kv = self.decoder.project_encoder(enc_hidden)
+            if cache is not None:
+                cache.cross_kv, cache.encoder_mask, cache.encoder_hidden_state = cross_kv, enc_mask, enc_hidden
+        if b % enc_hidden.shape[0]:
+            raise ValueError(f"the decoder batch ({b}) must be a multiple of the encoder batch ({enc_hidden.shape[0]})")
+
+        x, hidden = self._decode(decoder_input_ids, decoder_attention_mask, cross_kv, enc_mask, cache, start,
+                                 output_hidden_states)
+        return Seq2SeqOutput(logits=self._logits(x) if self.task == "text2text-generation" else None,
+                             past_key_values=cache, last_hidden_state=x, encoder_last_hidden_state=enc_hidden,
+                             decoder_hidden_states=hidden, encoder_hidden_states=enc_states)
+
+    def _self_mask(self, decoder_attention_mask: Optional[Tensor], cache: Optional[T5Cache], start: int,
+                   n: int) -> Optional[Tensor]:
+        if cache is None:
+            return self._kernel_mask(decoder_attention_mask)
+        end = start + n
+        if decoder_attention_mask is not None:
+            lo = end - decoder_attention_mask.shape[1]  # 0 (whole history) or start (new tokens only)
+            cache.mask[:, lo:end] = decoder_attention_mask.ne(0)
+            cache.padded = cache.padded or not bool(cache.mask[:, lo:end].all())
+        else:
+            cache.mask[:, start:end] = True
+        return cache.mask[:, :end] if cache.padded else None
+
+    def _decode(self, ids: Tensor, decoder_attention_mask: Optional[Tensor], cross_kv: Tensor,
+                enc_mask: Optional[Tensor], cache: Optional[T5Cache], start: int,
+                output_hidden_states: bool = False) -> Tuple[Tensor, Optional[tuple]]:
+        n = ids.shape[1]
+        mask = self._self_mask(decoder_attention_mask, cache, start, n)
+        emb = self.shared(ids)
+        hidden = [emb] if output_hidden_states else None
+        x = self.decoder(emb, mask, cross_kv, enc_mask, cache, start, self.stream_dtype, hidden)
+        if cache is not None:
+            cache.length = start + n
+        if hidden is not None:
+            hidden[-1] = x
+        return x, tuple(hidden) if hidden is not None else None
+
+    def _logits(self, x: Tensor) -> Tensor:
+        if self.config.scale_decoder_outputs:
+            x = x * (self.config.d_model ** -0.5)
+        head = self.shared.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head)
+
+    # -- generation -----------------------------------------------------------
+
+    def _start_token(self, decoder_start_token_id: Optional[int]) -> int:
+        start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+        if start is None:
+            raise ValueError("decoder_start_token_id is not set: pass decoder_start_token_id= (T5 uses the pad "
+                             "token, 0) or use a checkpoint whose config sets it")
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < self.config.vocab_size:
+            raise ValueError(f"decoder_start_token_id must be a token id in [0, {self.config.vocab_size}), "
+                             f"got {start!r}")
+        return start
+
+    def _prepare_generation(self, input_ids, attention_mask, max_new_tokens, num_beams, cfg, start_token):
+        """Run the encoder once and set up the cache: ``(cache, start ids, first logits)``."""
+        self._check_ids("input_ids", input_ids)
+        self._check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
+        if attention_mask is None:
+            attention_mask = gen.default_attention_mask(input_ids, cfg)
+        b = input_ids.shape[0]
+        enc = self.encode(input_ids, attention_mask).last_hidden_state
+        cache = self.new_cache(b * num_beams, 1 + max_new_tokens)
+        cache.cross_kv = self.decoder.project_encoder(enc)  # once; beams share it (see CrossAttention)
+        cache.encoder_mask = self._kernel_mask(attention_mask)
+        cache.encoder_hidden_state = enc
+        start = torch.full((b * num_beams, 1), start_token, dtype=torch.long, device=input_ids.device)
+        return cache, start, self._step_logits(start, cache)
+
+    def _step_logits(self, ids: Tensor, cache: T5Cache) -> Tensor:
+        """Feed ``ids`` ``[B, n]`` through the cache; the last position's logits ``[B, V]``."""
+        x, _ = self._decode(ids, None, cache.cross_kv, cache.encoder_mask, cache, cache.length)
+        return self._logits(x[:, -1])
+
+    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
+               do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               eos_token_id: gen.TokenIds = None, pad_token_id: Optional[int] = None,
+               decoder_start_token_id: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> Iterator[Tensor]:
+        """Greedy or sampled decoding as an iterator over each step's tokens ``[B]``
+        (the decoder start token not included). Arguments are checked and the encoder
+        run before the iterator is returned."""
+        cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                                      pad_token_id)
+        start_token = self._start_token(decoder_start_token_id)
+        with torch.no_grad():
+            cache, start, first = self._prepare_generation(input_ids, attention_mask, max_new_tokens, 1, cfg,
+                                                           start_token)
+
+        def step(tokens: Tensor) -> Tensor:
+            with torch.no_grad():
+                return self._step_logits(tokens[:, None], cache)
+
+        return gen.decode_stream(first, step, start, cfg, generator=generator)
+
+    def _generation_config(self, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                           pad_token_id) -> gen.GenerationConfig:
+        if self.task != "text2text-generation":
+            raise ValueError(f"this T5 was loaded for {self.task!r}; load T5ForConditionalGeneration "
+                             f"(task='text2text-generation') to generate")
+        c = self.config
+        return gen.GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
+            pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id)
+
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
+                 num_beams: int = 1, length_penalty: float = 1.0, early_stopping: Union[bool, str] = False,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: gen.TokenIds = None, pad_token_id: Optional[int] = None,
+                 decoder_start_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """``[B, 1 + n]`` decoder token ids, starting with the decoder start token, as Hugging Face returns.
+
+        ``num_beams == 1``: greedy (or, ``do_sample``, sampling with temperature /
+        top-k / top-p); rows stop at ``eos_token_id`` and are padded with
+        ``pad_token_id``. ``num_beams > 1``: beam search (beam sampling with
+        ``do_sample``) with Hugging Face's scoring, ``length_penalty`` and
+        ``early_stopping`` (``True``, ``False`` or ``"never"``); see
+        :mod:`engine.beam_search`. The encoder runs once; ``eos_token_id`` /
+        ``pad_token_id`` / ``decoder_start_token_id`` default to the config's.
+        """
+        from .. import beam_search as bs
+
+        cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                                      pad_token_id)
+        bcfg = bs.BeamConfig(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+        start_token = self._start_token(decoder_start_token_id)
+        if bcfg.num_beams == 1:
+            tokens = list(self.stream(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+                                      top_p, eos_token_id, pad_token_id, start_token, generator))
+            start = torch.full((input_ids.shape[0], 1), start_token, dtype=torch.long, device=input_ids.device)
+            return torch.cat([start, torch.stack(tokens, dim=1).to(start.dtype)], dim=1)
+        with torch.no_grad():
+            cache, start, first = self._prepare_generation(input_ids, attention_mask, max_new_tokens,
+                                                           bcfg.num_beams, cfg, start_token)
+
+            def step(tokens: Tensor, beam_idx: Tensor) -> Tensor:
+                cache.reorder(beam_idx)
+                return self._step_logits(tokens[:, None], cache)
+
+            return bs.beam_search(first, step, start, cfg, bcfg, generator=generator)
+
+
+def _first(encoder_outputs) -> Tensor:
+    if isinstance(encoder_outputs, Tensor):
+        return encoder_outputs
+    if isinstance(encoder_outputs, EncoderOutput):
+        return encoder_outputs.last_hidden_state
+    if isinstance(encoder_outputs, Seq2SeqOutput):
+        return encoder_outputs.encoder_last_hidden_state
+    if isinstance(encoder_outputs, (tuple, list)) and encoder_outputs:
+        return encoder_outputs[0]
+    if hasattr(encoder_outputs, "last_hidden_state"):  # a transformers BaseModelOutput
+        return encoder_outputs.last_hidden_state
+    raise ValueError("encoder_outputs must be the encoder's last hidden state, a tuple starting with it, "
+                     "or an output with last_hidden_state")
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint names.
+
+_SELF = "layer.0.SelfAttention"
+_FF = {False: ["DenseReluDense.wi"], True: ["DenseReluDense.wi_0", "DenseReluDense.wi_1"]}
+
+
+def key_map(model: T5Model, prefix: str) -> dict:
+    """Our parameter name -> the checkpoint's (lists are concatenated along dim 0)."""
+    c, p = model.config, prefix
+    spec = {"shared.weight": [(f"{p}shared.weight", f"{p}encoder.embed_tokens.weight",
+                               f"{p}decoder.embed_tokens.weight")]}
+    stacks = [("encoder", model.encoder, 1)]
+    if model.decoder is not None:
+        stacks.append(("decoder", model.decoder, 2))
+    for name, stack, ff in stacks:
+        spec[f"{name}.relative_bias"] = [f"{p}{name}.block.0.{_SELF}.relative_attention_bias.weight"]
+        spec[f"{name}.final_norm.weight"] = [f"{p}{name}.final_layer_norm.weight"]
+        for i in range(len(stack.layers)):
+            b, ours = f"{p}{name}.block.{i}.", f"{name}.layers.{i}."
+            spec[ours + "norm1.weight"] = [b + "layer.0.layer_norm.weight"]
+            spec[ours + "attn.qkv.weight"] = [f"{b}{_SELF}.{w}.weight" for w in "qkv"]
+            spec[ours + "attn.o.weight"] = [f"{b}{_SELF}.o.weight"]
+            spec[ours + "norm2.weight"] = [b + "layer.1.layer_norm.weight"]
+            if name == "decoder":
+                spec[ours + "cross.q.weight"] = [b + "layer.1.EncDecAttention.q.weight"]
+                spec[ours + "cross.o.weight"] = [b + "layer.1.EncDecAttention.o.weight"]
+                spec[ours + "norm3.weight"] = [b + "layer.2.layer_norm.weight"]
+            spec[ours + "ffn.wi.weight"] = [f"{b}layer.{ff}.{w}.weight" for w in _FF[c.gated]]
+            spec[ours + "ffn.wo.weight"] = [f"{b}layer.{ff}.DenseReluDense.wo.weight"]
+    if model.decoder is not None:
+        spec["decoder.cross_kv.weight"] = [f"{p}decoder.block.{i}.layer.1.EncDecAttention.{w}.weight"
+                                           for i in range(c.num_decoder_layers) for w in "kv"]
+    if model.lm_head is not None:
+        spec["lm_head.weight"] = ["lm_head.weight"]
+    return spec
+
+
+def _task_from_architectures(cfg: dict) -> str:
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        if arch in _ARCH_TASKS:
+            return _ARCH_TASKS[arch]
+    if archs:
+        raise ValueError(f"T5 head {archs[0]} is not supported; pass task='feature-extraction' or task='encoder' "
+                         f"to load its backbone")
+    return "text2text-generation"
+
+
+def _separate_head(state: dict, prefix: str) -> bool:
+    """Whether the checkpoint stores its own LM head: an ``lm_head.weight`` that is not a copy of the
+    embeddings. transformers 5.x forces ``tie_word_embeddings=True`` into every T5 config, so the
+    tensors decide, not the flag (as Hugging Face's loader does: both present and different = untied)."""
+    head = state.get("lm_head.weight")
+    if head is None:
+        return False
+    shared = next((state[k] for k in (f"{prefix}shared.weight", f"{prefix}decoder.embed_tokens.weight",
+                                      f"{prefix}encoder.embed_tokens.weight") if k in state), None)
+    if shared is None or shared.shape != head.shape:
+        return True
+    return not (shared.data_ptr() == head.data_ptr() or torch.equal(shared, head))
+
+
+def from_checkpoint(cfg: dict, state: dict, *, task: Optional[str] = None, dtype=None, device=None) -> T5Model:
+    c = T5Config.from_hf(cfg)
+    task = task or _task_from_architectures(cfg)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} for t5; choose from {', '.join(TASKS)}")
+    prefix = "transformer." if any(k.startswith("transformer.") for k in state) else ""
+    untied = task == "text2text-generation" and _separate_head(state, prefix)
+    with torch.device("meta"):
+        model = T5Model(c, task, untied_head=untied)
+
+    def skip(name: str) -> bool:
+        bare = name[len(prefix):] if name.startswith(prefix) else name
+        return (bare in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")  # copies of shared
+                or name == "lm_head.weight"  # tied (a copy), or a head this task does not use
+                or bare.endswith("EncDecAttention.relative_attention_bias.weight")  # unused by Hugging Face too
+                or (task == "encoder" and bare.startswith("decoder."))
+                or name.startswith(_OTHER_HEADS))
+
+    weights = assemble_state(model, state, key_map(model, prefix), skip=skip, dtype=dtype, device=device,
+                             what=f"t5 checkpoint for {task}")
+    if weights["shared.weight"].dtype == torch.float16:
+        # Hugging Face's _keep_in_fp32_modules: T5's feed-forward output overflows fp16.
+        for k in weights:
+            if k.endswith("ffn.wo.weight"):
+                weights[k] = weights[k].float()
+    return load_into(model, weights)
