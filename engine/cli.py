@@ -23,6 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_arguments(sub.add_parser(
         "compare", help="diff two benchmark result files and flag regressions beyond the noise",
         description=compare.__doc__.split("\n\n")[0]))
+    from export import cli as export_cli
+
+    export_cli.add_export_arguments(sub.add_parser(
+        "export", help="export a checkpoint to ONNX", description="Export a checkpoint to ONNX (opset 20 by default)."))
+    export_cli.add_verify_arguments(sub.add_parser(
+        "verify", help="check an ONNX file against PyTorch in ONNX Runtime",
+        description="Run ONNX Runtime and PyTorch on the same inputs and compare every output."))
     from . import check
 
     check.add_arguments(sub.add_parser(
