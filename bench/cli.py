@@ -13,14 +13,13 @@ SUITES = {
     "kernels": "bench.kernels",
     "attention": "bench.attention",
 }
-DEFAULT_SUITES = ["kernels"]
 
 
 def _model_suites() -> list:
     """Model suites, most specific first: each has ``NAMED`` sizes and ``is_model(name)``."""
-    from . import gpt2, models, vit
+    from . import gpt2, models, t5, vit
 
-    return [vit, gpt2, models]
+    return [vit, gpt2, t5, models]
 
 
 def _model_suite(name: str, suites: list):
@@ -30,8 +29,8 @@ def _model_suite(name: str, suites: list):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suites", nargs="*", metavar="SUITE|MODEL",
                    help=f"what to benchmark: a suite ({', '.join(SUITES)}), a named model size "
-                        f"(bert-base, roberta-base, ..., gpt2, gpt2-medium, ..., vit-base-patch16-224, ...) "
-                        f"or a local checkpoint directory (default: {' '.join(DEFAULT_SUITES)})")
+                        f"(bert-base, roberta-base, ..., gpt2, gpt2-medium, ..., t5-small, t5-base, ..., vit-base-patch16-224, ...) "
+                        f"or a local checkpoint directory (default: the main job, every suite and family, see bench/default.py)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                    help="activation dtype (default: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -82,8 +81,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     env = environment(str(device))
     report.console.print(f"[bold]trifuse bench[/] on {env['device']} ({device.type}), "
                          f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}")
+    if not suites:  # the main job
+        from .default import run_main_job
+
+        folder, failed = run_main_job(opts, args.out)
+        report.console.print(f"[bold]report:[/] {folder / 'report.md'} (rows, tables and plots in {folder})")
+        return 1 if failed else 0
     failed = False
-    for name in suites or DEFAULT_SUITES:
+    for name in suites:
         if not isinstance(name, str):  # a model family's suite module
             suite, models = name, by_suite[name]
             name = suite.__name__.rsplit(".", 1)[-1]

@@ -37,6 +37,16 @@ NAMED = {
                     "hidden_act": "gelu_new"},
     "electra-base": {**BERT_BASE, "model_type": "electra", "embedding_size": 768},
 }
+# Small sizes (4 layers, width 512), as in the compact BERTs (Turc et al. 2019), and ELECTRA-small.
+_SMALL = {"num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048}
+NAMED.update({
+    "bert-small": {**BERT_BASE, **_SMALL},
+    "roberta-small": {**NAMED["roberta-base"], **_SMALL},
+    "distilbert-small": {**NAMED["distilbert-base"], "dim": 512, "n_layers": 4, "n_heads": 8, "hidden_dim": 2048},
+    "albert-small": {**NAMED["albert-base"], **_SMALL},
+    "electra-small": {**NAMED["electra-base"], "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024,
+                      "embedding_size": 128},
+})
 BACKENDS = ENCODER_BACKENDS
 
 

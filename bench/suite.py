@@ -10,6 +10,7 @@ shows up as a speed-up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -189,8 +190,40 @@ def add_speedups(rows: list[dict], baseline: str = "hf-eager") -> list[dict]:
 
 # Encoders (BERT family, ViT): the backends side by side.
 ENCODER_BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile",
-                    "torch-compile-max-autotune")
-ENCODER_CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa")
+                    "torch-compile-max-autotune", "onnxruntime-cpu", "onnxruntime-cuda")
+ENCODER_CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
+
+
+def _ort_backend(hf_eager, inputs: dict, provider: str) -> Callable:
+    """Our model exported to ONNX (fp32 from the CPU, once) and run by ONNX Runtime.
+
+    The timed call is what a user pays: torch inputs in, ONNX Runtime's run, torch
+    outputs back on the inputs' device.
+    """
+    state = {}
+
+    def run():
+        if not state:
+            import tempfile
+
+            import onnxruntime
+
+            import engine
+            from export import OrtRunner, to_onnx
+
+            name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
+            if name not in onnxruntime.get_available_providers():
+                raise RuntimeError(f"this onnxruntime build has no {name}")
+            model = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=torch.float32, device="cpu")
+            state["dir"] = tempfile.TemporaryDirectory(prefix="trifuse-ort-")
+            path = to_onnx(model, Path(state["dir"].name) / "model.onnx")
+            state["runner"] = runner = OrtRunner(path, providers=[name])
+            state["feed"] = dict(inputs)
+            if "token_type_ids" in runner.input_names and "token_type_ids" not in inputs:
+                state["feed"]["token_type_ids"] = torch.zeros_like(inputs["input_ids"])  # what PyTorch assumes
+        return state["runner"](**state["feed"])["last_hidden_state"]
+
+    return run
 
 
 def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs: dict, backends: Sequence[str],
@@ -225,6 +258,9 @@ def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs
             return graphed[0](**inputs).last_hidden_state
 
         fns["trifuse-graphs"] = run_graphed
+    for provider in ("cpu", "cuda"):
+        if f"onnxruntime-{provider}" in backends:
+            fns[f"onnxruntime-{provider}"] = _ort_backend(hf_eager, inputs, provider)
     if {"hf-sdpa", "torch-compile", "torch-compile-max-autotune"} & set(backends):
         hf_sdpa = build_sdpa()
         fns["hf-sdpa"] = lambda: hf_sdpa(**inputs).last_hidden_state

@@ -31,6 +31,7 @@ VIT_BASE = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_att
                 intermediate_size=3072, image_size=224, patch_size=16, num_channels=3, hidden_act="gelu",
                 layer_norm_eps=1e-12)
 NAMED = {
+    "vit-small-patch16-224": {**VIT_BASE, "hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1536},
     "vit-base-patch16-224": VIT_BASE,
     "vit-large-patch16-224": {**VIT_BASE, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                               "intermediate_size": 4096},

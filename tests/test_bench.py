@@ -91,12 +91,13 @@ def test_cli_bench_model_checkpoint_dir(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     hf_model("roberta", "Model").save_pretrained(ckpt)
     rc = trifuse_main(["bench", str(ckpt), "--quick", "--batch", "2", "--seq", "16",
-                       "--backends", "trifuse", "reference", "hf-eager", "hf-sdpa", "--out", str(tmp_path)])
+                       "--backends", "trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu",
+                       "--out", str(tmp_path)])
     assert rc == 0
     (result,) = list(tmp_path.glob("models-*.json"))
     rows = {r["backend"]: r for r in json.loads(result.read_text())["rows"]}
     assert rows["trifuse"]["status"] in ("ok", "checked")  # interpreted Triton is checked, not timed
-    for b in ("reference", "hf-eager", "hf-sdpa"):
+    for b in ("reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu"):
         assert rows[b]["status"] == "ok" and rows[b]["rel_err"] < 1e-4 and rows[b]["tokens_per_s"] > 0
     assert rows["hf-eager"]["speedup_vs_hf_eager"] == 1.0
     assert (tmp_path / result.name.replace(".json", ".png")).exists()
@@ -159,3 +160,36 @@ def test_compare_flags_only_changes_beyond_noise(tmp_path, capsys):
     bad.write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a trifuse bench result"):
         trifuse_main(["compare", str(a), str(bad)])
+
+
+def test_main_job_smoke(tmp_path, monkeypatch, capsys):
+    """`trifuse bench` with no suite: kernels, families, export; one folder with an index."""
+    from bench import default
+    from tests.test_bert import hf_model
+
+    ckpt = tmp_path / "tiny-bert"
+    hf_model("bert", "Model").save_pretrained(ckpt)
+    monkeypatch.setattr(default, "PLAN", [("bert", "models", (str(ckpt), str(ckpt))),
+                                          ("gpt2", "gpt2", ("gpt2-tiny", "gpt2-tiny")),
+                                          ("nope", "no_such_suite", ("x", "y"))])
+    rc = trifuse_main(["bench", "--quick", "--batch", "1", "--seq", "16", "--rows", "4", "--widths", "32",
+                       "--head-dims", "16", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    (folder,) = list((tmp_path / "out").iterdir())
+    index = (folder / "report.md").read_text()
+    assert "report:" in out and str(folder) in out.replace("\n", "")
+    assert "Not in this build: nope." in index and "No GPU here" in index
+    for name in ("kernels", "attention", "models", "gpt2", "onnx"):
+        assert list(folder.glob(f"{name}-*.json")), name
+    rows = json.loads(next(folder.glob("models-*.json")).read_text())["rows"]
+    assert {r["status"] for r in rows} <= {"ok", "checked"}
+    assert rc == 0, index
+
+
+def test_cli_bench_t5_smoke(tmp_path):
+    rc = trifuse_main(["bench", "t5-tiny", "--quick", "--backends", "trifuse", "reference", "hf-eager",
+                       "--out", str(tmp_path)])
+    assert rc == 0
+    (result,) = list(tmp_path.glob("t5-*.json"))
+    rows = json.loads(result.read_text())["rows"]
+    assert rows and all(r["status"] in ("ok", "checked", "noisy") for r in rows), rows
