@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -497,6 +498,25 @@ def relative_position_bucket(relative_position: Tensor, bidirectional: bool = Tr
     return buckets + torch.where(is_small, distance, if_large)
 
 
+# Lookup tables already built, by id(table): (weakref to the table, its _version, settings, table).
+# A decoder calls attention with the same table every layer and step; the lookup table
+# depends only on the weights and the bucket settings, so it is built once.
+_LUT_CACHE: dict = {}
+
+
+def _cached_relative_lut(table: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+    key = (bidirectional, num_buckets, max_distance)
+    hit = _LUT_CACHE.get(id(table))
+    if hit is not None and hit[0]() is table and hit[1] == table._version and hit[2] == key:
+        return hit[3]
+    lut = _relative_lut(table, bidirectional, num_buckets, max_distance)
+    if len(_LUT_CACHE) > 64:  # tables of models long gone: drop the dead entries
+        for k in [k for k, v in _LUT_CACHE.items() if v[0]() is None]:
+            del _LUT_CACHE[k]
+    _LUT_CACHE[id(table)] = (weakref.ref(table), table._version, key, lut)
+    return lut
+
+
 def _relative_lut(table: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
     """``[H, 2*c+1]`` fp32 bias by signed distance ``-c..c`` (``c = max_distance + _REL_PAD``), times log2(e).
 
@@ -655,7 +675,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tens
     if _kernel_takes(q):
         lut = None
         if rel_table is not None:
-            lut = _relative_lut(rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance)
+            lut = _cached_relative_lut(rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance)
         return _launch(q, k, v, attention_mask, bias, lut, rel_query_offset, rel_max_distance,
                        causal, scale, num_splits)
     return _reference(q, k, v, attention_mask, bias, rel_table, rel_bidirectional, rel_num_buckets,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 import warnings
 
 import pytest
@@ -562,3 +563,27 @@ def test_bench_attention_smoke(device):
     assert all(r["max_abs_err"] < 1e-4 for r in result.rows)
     assert any(r["backend"] == "sdpa-dense-bias" for r in result.rows)
     assert "copy_gbps" in result.ceilings
+
+
+def test_relative_lookup_table_is_cached_per_table(monkeypatch, device):
+    """Built once per table and settings; rebuilt when the weights change in place."""
+    attn_mod = sys.modules["kernels.attention"]  # kernels.attention is the function
+    if not kernels._dispatch.triton_runnable(torch.device(device)):
+        pytest.skip("Triton cannot run here")
+    builds = []
+    real = attn_mod._relative_lut
+    monkeypatch.setattr(attn_mod, "_relative_lut", lambda *a: builds.append(a[1:]) or real(*a))
+    q, k, v = (torch.randn(1, 2, 5, 16, device=device) for _ in range(3))
+    table = torch.randn(8, 2, device=device)
+    rb = kernels.RelativeBias(table, bidirectional=True, num_buckets=8, max_distance=20)
+    first = kernels.attention(q, k, v, relative_bias=rb, scale=1.0)
+    torch.testing.assert_close(kernels.attention(q, k, v, relative_bias=rb, scale=1.0), first)
+    assert len(builds) == 1
+    kernels.attention(q, k, v, relative_bias=kernels.RelativeBias(table, False, 8, 20), scale=1.0)
+    assert len(builds) == 2  # other settings, another table
+    table.mul_(2)  # in-place change of the weights: stale entry must not be used
+    out = kernels.attention(q, k, v, relative_bias=rb, scale=1.0)
+    assert len(builds) == 3
+    ref = kernels.attention_reference(q.double(), k.double(), v.double(), scale=1.0,
+                                      relative_bias=kernels.RelativeBias(table.double(), True, 8, 20))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
