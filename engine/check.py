@@ -1,6 +1,7 @@
 """``trifuse check SOURCE``: trifuse against Hugging Face transformers on one checkpoint.
 
-Both load the checkpoint and run the same batch (mixed lengths, padded). For
+Both load the checkpoint and run the same batch (mixed lengths, padded; images
+for ViT; decoder ids for T5). For
 every output the report gives the max absolute error and the error relative to
 the largest reference value (``max|ours - ref| / max|ref|``; element-wise
 relative error is meaningless next to zeros), first in fp32, then in the
@@ -20,17 +21,23 @@ from typing import Optional
 
 import torch
 
-from . import from_pretrained, resolve_dtype
+from . import from_pretrained, read_checkpoint, resolve_dtype
 
 FP32_BUDGET = 1e-4
 LOWP_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-FIELDS = ("last_hidden_state", "pooler_output", "logits", "start_logits", "end_logits")
+FIELDS = ("last_hidden_state", "pooler_output", "logits", "start_logits", "end_logits", "encoder_last_hidden_state",
+          "cls_logits", "distillation_logits")
+# trifuse task -> the transformers class that holds the same head.
 _AUTO = {
     "feature-extraction": "AutoModel", "masked-lm": "AutoModelForMaskedLM",
     "sequence-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
     "question-answering": "AutoModelForQuestionAnswering",
+    "causal-lm": "AutoModelForCausalLM", "text2text-generation": "AutoModelForSeq2SeqLM",
+    "encoder": "T5EncoderModel", "image-classification": "AutoModelForImageClassification",
 }
+# Hidden states walked layer by layer, per family (T5: the encoder's, then the decoder's).
+_HIDDEN = {"t5": ("encoder_hidden_states", "decoder_hidden_states")}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -51,7 +58,7 @@ class Row:
 @dataclass
 class Report:
     rows: list
-    first_bad_layer: dict  # dtype name -> (layer index, relative error) or None
+    first_bad_layer: dict  # dtype name -> (hidden-state index, relative error, label) or None
 
     @property
     def ok(self) -> bool:
@@ -72,11 +79,40 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return d, d / max(b.double().abs().max().item(), 1e-30)
 
 
-def _run(model, ids, mask, hf: bool):
+def make_inputs(model_type: str, hf_config, max_length: int, batch: int, seq: int, device, seed: int = 0) -> dict:
+    """Keyword inputs both implementations take, shaped for the family."""
+    g = torch.Generator().manual_seed(seed)
+    if model_type in ("vit", "deit"):
+        size = hf_config.image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return {"pixel_values": torch.randn(batch, hf_config.num_channels, h, w, generator=g).to(device)}
+    seq = min(seq, max_length)
+    pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
+    ids, mask = make_batch(hf_config.vocab_size, pad, batch, seq, device, seed)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if model_type == "gpt2":  # explicit positions: Hugging Face's forward does not derive them from the mask
+        inputs["position_ids"] = torch.arange(seq, device=device).expand(batch, seq)
+    if model_type == "t5":
+        dec = torch.randint(3, hf_config.vocab_size, (batch, max(2, seq // 2)), generator=g).to(device)
+        dec[:, 0] = hf_config.decoder_start_token_id or 0
+        inputs["decoder_input_ids"] = dec
+    return inputs
+
+
+def _run(model, inputs: dict):
     with torch.no_grad():
-        if hf:
-            return model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        return model(ids, attention_mask=mask, output_hidden_states=True)
+        return model(**inputs, output_hidden_states=True)
+
+
+def _hidden(out, model_type: str) -> list:
+    """``(label, tensor)`` per hidden state: the embeddings, then each layer's output."""
+    names = _HIDDEN.get(model_type, ("hidden_states",))
+    found = []
+    for name in names:
+        stack = "" if len(names) == 1 else name.split("_")[0] + " "
+        found += [(f"{stack}embeddings" if i == 0 else f"{stack}layer {i}", h)
+                  for i, h in enumerate(getattr(out, name, None) or ())]
+    return found
 
 
 def check(source, *, dtype="fp32", device=None, batch: int = 3, seq: int = 32, task: Optional[str] = None,
@@ -89,40 +125,44 @@ def check(source, *, dtype="fp32", device=None, batch: int = 3, seq: int = 32, t
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     ours32 = from_pretrained(source, task=task, device=device, dtype=torch.float32)
+    model_type = read_checkpoint(source)[0]["model_type"] if not hasattr(source, "config") else source.config.model_type
+    if ours32.task not in _AUTO:
+        raise SystemExit(f"trifuse check does not know the transformers class for task {ours32.task!r}")
     auto = getattr(transformers, _AUTO[ours32.task])
     hf32 = auto.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").to(device).eval()
-    c = ours32.config
-    ids, mask = make_batch(c.vocab_size, c.pad_token_id, batch, min(seq, c.max_length), device, seed)
+    max_length = getattr(ours32.config, "max_length", None) or getattr(hf32.config, "n_positions", None) or seq
+    inputs = make_inputs(model_type, hf32.config, max_length, batch, seq, device, seed)
 
-    ref = _run(hf32, ids, mask, hf=True)
-    runs = [(torch.float32, _run(ours32, ids, mask, hf=False), None)]
+    ref = _run(hf32, inputs)
+    runs = [(torch.float32, _run(ours32, inputs), None)]
     if lowp != torch.float32:
         ours_lp = from_pretrained(source, task=task, device=device, dtype=lowp)
         hf_lp = auto.from_pretrained(source, dtype=lowp, attn_implementation="eager").to(device).eval()
-        runs.append((lowp, _run(ours_lp, ids, mask, hf=False), _run(hf_lp, ids, mask, hf=True)))
+        lp_inputs = {k: v.to(lowp) if v.is_floating_point() else v for k, v in inputs.items()}
+        runs.append((lowp, _run(ours_lp, lp_inputs), _run(hf_lp, lp_inputs)))
 
     rows, first_bad = [], {}
     for dt, ours, theirs in runs:
         name = _DTYPE_NAMES[dt]
 
-        def budget(key, i=None):
+        def budget(a_theirs, b_ref):
             if theirs is None:
                 return FP32_BUDGET, None
-            a = theirs[key] if i is None else theirs[key][i]
-            b = ref[key] if i is None else ref[key][i]
-            hf_rel = _rel(a, b)[1]
+            hf_rel = _rel(a_theirs, b_ref)[1]
             return 2 * hf_rel + LOWP_FLOOR[dt], hf_rel
 
         for key in FIELDS:
-            if key in ours.keys():
+            if key in ours.keys() and getattr(ref, key, None) is not None:
                 max_abs, rel = _rel(ours[key], ref[key])
-                bud, hf_rel = budget(key)
+                bud, hf_rel = budget(theirs[key] if theirs is not None else None, ref[key])
                 rows.append(Row(name, key, max_abs, rel, bud, hf_rel))
         first_bad[name] = None
-        for i, (h, r) in enumerate(zip(ours.hidden_states, ref.hidden_states)):
+        ref_hidden = _hidden(ref, model_type)
+        theirs_hidden = _hidden(theirs, model_type) if theirs is not None else [(None, None)] * len(ref_hidden)
+        for i, ((label, h), (_, r), (_, t)) in enumerate(zip(_hidden(ours, model_type), ref_hidden, theirs_hidden)):
             rel = _rel(h, r)[1]
-            if rel > budget("hidden_states", i)[0]:
-                first_bad[name] = (i, rel)
+            if rel > budget(t, r)[0]:
+                first_bad[name] = (i, rel, label)
                 break
     return Report(rows, first_bad)
 
@@ -142,14 +182,13 @@ def print_report(report: Report, source) -> None:
     console.print(table)
     for dt, bad in report.first_bad_layer.items():
         where = ("every hidden state within budget" if bad is None else
-                 f"first hidden state over budget: {'embeddings' if bad[0] == 0 else f'layer {bad[0]}'} "
-                 f"(rel err {bad[1]:.2e})")
+                 f"first hidden state over budget: {bad[2]} (rel err {bad[1]:.2e})")
         console.print(f"{dt}: {where}")
     console.print("[green]PASS[/]" if report.ok else "[red]FAIL: out of budget[/]")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("source", help="a Hugging Face checkpoint directory")
+    p.add_argument("source", help="a Hugging Face checkpoint directory (any family trifuse runs)")
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"],
                    help="low-precision dtype checked after fp32 (default fp16)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")

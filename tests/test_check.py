@@ -48,3 +48,21 @@ def test_check_cli_passes(tmp_path, capsys):
     rc = trifuse_main(["check", str(_saved(tmp_path, "albert", "ForMaskedLM")), "--dtype", "bf16",
                        "--device", "cpu", "--seq", "9"])
     assert rc == 0 and "PASS" in capsys.readouterr().out
+
+
+def test_check_gpt2_t5_vit(tmp_path, capsys):
+    from tests.test_gpt2 import hf_model as gpt2_model
+    from tests.test_t5 import hf_model as t5_model
+    from tests.test_vit import CONFIGS as VIT_CONFIGS
+    from tests.test_vit import hf_model as vit_model
+
+    makers = {"gpt2": lambda: gpt2_model(), "t5": lambda: t5_model("gated-gelu"),
+              "vit": lambda: vit_model(next(iter(VIT_CONFIGS)), "ForImageClassification")}
+    for name, make in makers.items():
+        make().save_pretrained(tmp_path / name)
+        report = check_mod.check(tmp_path / name, dtype="bf16", device="cpu", seq=12)
+        assert report.ok, (name, report)
+        assert {r.dtype for r in report.rows} == {"fp32", "bf16"}
+        assert all(r.rel < 1e-5 for r in report.rows if r.dtype == "fp32"), (name, report.rows)
+    assert trifuse_main(["check", str(tmp_path / "t5"), "--dtype", "fp32", "--device", "cpu", "--seq", "8"]) == 0
+    assert "PASS" in capsys.readouterr().out
