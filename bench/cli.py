@@ -28,9 +28,9 @@ def _model_suite(name: str, suites: list):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suites", nargs="*", metavar="SUITE|MODEL",
-                   help=f"what to benchmark: a suite ({', '.join(SUITES)}), a named model size "
-                        f"(bert-base, roberta-base, ..., gpt2, gpt2-medium, ..., t5-small, t5-base, ..., vit-base-patch16-224, ...) "
-                        f"or a local checkpoint directory (default: the main job, every suite and family, see bench/default.py)")
+                   help=f"what to benchmark: a suite ({', '.join(SUITES)}), a named model size (bert-base, "
+                        "roberta-base, ..., gpt2, ..., t5-small, ..., vit-base-patch16-224, ...) or a local checkpoint "
+                        "directory (default: the main job, every suite and family, see bench/default.py)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                    help="activation dtype (default: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -49,14 +49,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_from_args)
 
 
+def use_interpreter_without_gpu(argv) -> None:
+    """Without a GPU, let ``trifuse bench`` check the Triton kernels through Triton's interpreter.
+
+    Triton reads ``TRITON_INTERPRET`` when trifuse's kernels are decorated, i.e. when
+    ``kernels`` is first imported: this must run before anything imports it. A user's
+    own ``TRITON_INTERPRET`` (e.g. ``=0``) wins.
+    """
+    import torch
+
+    on_cpu = "--device" in argv and argv[argv.index("--device") + 1:][:1] == ["cpu"]
+    if (on_cpu or not torch.cuda.is_available()) and "kernels" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and "triton" not in sys.modules:
-        # Without a GPU, check the Triton kernels themselves through Triton's interpreter.
-        # Triton reads the flag when trifuse's kernels are decorated, i.e. on first import.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
     from . import report
     from .env import device_slug, environment
@@ -125,6 +135,7 @@ def main(argv=None) -> int:
         compare.add_arguments(p)
         argv = argv[1:]
     else:
+        use_interpreter_without_gpu(argv)
         p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
         add_arguments(p)
     args = p.parse_args(argv)

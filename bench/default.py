@@ -64,8 +64,7 @@ def _export_rows(opts: Options, folder: Path, names: list[tuple[str, str]]) -> t
                "backend": "onnxruntime"}
         try:
             cpu = torch.device("cpu")  # exported in fp32 from the CPU; verified on ONNX Runtime's CPU provider
-            hf = (suite.build_hf(name, torch.float32, cpu, "eager") if module == "gpt2" else
-                  suite.build_hf(name, suite.NAMED, torch.float32, cpu, "eager"))
+            hf = suite.build_hf(name, torch.float32, cpu, "eager")
             model = engine.from_pretrained(hf, dtype=torch.float32, device="cpu")
             t0 = time.perf_counter()
             paths = to_onnx(model, onnx_dir / f"{name}.onnx")
@@ -143,6 +142,7 @@ def run_main_job(opts: Options, out_root: Path) -> tuple[Path, bool]:
         index += [f"- note: {n}" for n in res.notes]
         index += ["", report.markdown_table(res.rows) if res.rows else "(nothing ran)", ""]
         index += [f"![{res.title}]({p.name})" for p in paths if p.suffix == ".png"]
-        index += ["", "Rows: " + ", ".join(f"[{p.suffix[1:]}]({p.name})" for p in paths if p.suffix in (".json", ".csv"))]
+        links = [f"[{p.suffix[1:]}]({p.name})" for p in paths if p.suffix in (".json", ".csv")]
+        index += ["", "Rows: " + ", ".join(links)]
     (folder / "report.md").write_text("\n".join(index) + "\n")
     return folder, failed

@@ -34,8 +34,8 @@ import engine
 import kernels
 from kernels import _dispatch
 
-from .suite import build_hf as suite_build_hf
-from .suite import DTYPE_NAMES, MODEL_TOL, Options, SuiteResult, add_speedups, pick_backends, rel_error
+from .suite import DTYPE_NAMES, MODEL_TOL, Options, SuiteResult, add_speedups, cpu_note, pick_backends, rel_error
+from .suite import build_hf_named as suite_build_hf
 from .timing import measure
 
 GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
@@ -198,8 +198,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
              f"= (t({new}) - t(1)) / {new - 1}; tok/s = batch / per-token latency.",
              "prefill: one forward over the whole context into a KV cache, last-position logits."]
     if not gpu:
-        notes.append("No GPU: the trifuse backend's Triton kernels are checked under the interpreter, "
-                     "not timed; CPU latencies of the PyTorch paths are shown for reference only.")
+        notes.append(cpu_note(opts.device))
     rows = []
     for name in models:
         dtype, dev = opts.dtype, opts.device

@@ -20,8 +20,18 @@ import torch
 
 import engine
 
-from .suite import (DTYPE_NAMES, ENCODER_BACKENDS, ENCODER_CPU_DEFAULT, Options, SuiteResult, build_hf,
-                    encoder_backend_fns, pick_backends, time_model_backends)
+from .suite import (
+    DTYPE_NAMES,
+    ENCODER_BACKENDS,
+    ENCODER_CPU_DEFAULT,
+    Options,
+    SuiteResult,
+    build_hf_named,
+    cpu_note,
+    encoder_backend_fns,
+    pick_backends,
+    time_model_backends,
+)
 
 BERT_BASE = dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu")
@@ -50,13 +60,18 @@ NAMED.update({
 BACKENDS = ENCODER_BACKENDS
 
 
+def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
+    """Hugging Face's model for a named size (seeded random weights) or a checkpoint directory."""
+    return build_hf_named(name, NAMED, dtype, device, attn)
+
+
 def is_model(name: str) -> bool:
     return name in NAMED or os.path.isdir(name)
 
 
 def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: int) -> list[dict]:
     dev, dtype = opts.device, opts.dtype
-    hf_eager = build_hf(name, NAMED, dtype, dev, "eager")
+    hf_eager = build_hf(name, dtype, dev, "eager")
     cfg = hf_eager.config
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, cfg.vocab_size, (batch, seq), generator=g).to(dev)
@@ -66,7 +81,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
     ours = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=dtype, device=dev)
 
     def build_sdpa():
-        model = build_hf(name, NAMED, dtype, dev, "sdpa")
+        model = build_hf(name, dtype, dev, "sdpa")
         model.load_state_dict(hf_eager.state_dict())
         return model
 
@@ -87,8 +102,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
         batches, seqs = batches[:1], [min(seqs[0], 32)]
     notes = []
     if not gpu:
-        notes.append("No GPU: the trifuse backend's Triton kernels are checked under the interpreter, "
-                     "not timed; CPU latencies of the PyTorch paths are shown for reference only.")
+        notes.append(cpu_note(opts.device))
     rows = []
     for name in models:
         for b in batches:

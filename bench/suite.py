@@ -111,7 +111,7 @@ def pick_backends(opts: Options, available: Sequence[str], default: Sequence[str
 MODEL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
-def build_hf(name: str, named: dict, dtype: torch.dtype, device: torch.device, attn: str,
+def build_hf_named(name: str, named: dict, dtype: torch.dtype, device: torch.device, attn: str,
              auto_class: str = "AutoModel"):
     """A Hugging Face model: a checkpoint directory, or a named size from ``named``
     (a config dict with ``model_type``) with seeded random weights."""
@@ -192,6 +192,17 @@ def add_speedups(rows: list[dict], baseline: str = "hf-eager") -> list[dict]:
 ENCODER_BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile",
                     "torch-compile-max-autotune", "onnxruntime-cpu", "onnxruntime-cuda")
 ENCODER_CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
+
+
+def cpu_note(device: torch.device) -> str:
+    """What a CPU run's ``trifuse`` rows mean, which depends on whether Triton can run here."""
+    from kernels import _dispatch
+
+    if _dispatch.triton_runnable(device):
+        return ("No GPU: the trifuse backend's Triton kernels are checked under Triton's interpreter, not timed; "
+                "CPU latencies of the PyTorch paths are shown for reference only.")
+    return ("No GPU and no Triton interpreter (TRITON_INTERPRET=1 was not set before trifuse was imported): "
+            "the trifuse backend ran the PyTorch reference ops; its timings are not the kernels'.")
 
 
 def _ort_backend(hf_eager, inputs: dict, provider: str) -> Callable:

@@ -24,8 +24,18 @@ import torch
 
 import engine
 
-from .suite import (DTYPE_NAMES, ENCODER_BACKENDS, ENCODER_CPU_DEFAULT, Options, SuiteResult, build_hf,
-                    encoder_backend_fns, pick_backends, time_model_backends)
+from .suite import (
+    DTYPE_NAMES,
+    ENCODER_BACKENDS,
+    ENCODER_CPU_DEFAULT,
+    Options,
+    SuiteResult,
+    build_hf_named,
+    cpu_note,
+    encoder_backend_fns,
+    pick_backends,
+    time_model_backends,
+)
 
 VIT_BASE = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                 intermediate_size=3072, image_size=224, patch_size=16, num_channels=3, hidden_act="gelu",
@@ -37,6 +47,11 @@ NAMED = {
                               "intermediate_size": 4096},
 }
 BACKENDS = ENCODER_BACKENDS
+
+
+def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
+    """Hugging Face's model for a named size (seeded random weights) or a checkpoint directory."""
+    return build_hf_named(name, NAMED, dtype, device, attn)
 
 
 def is_model(name: str) -> bool:
@@ -58,7 +73,7 @@ def _image_shape(cfg) -> tuple[int, int, int]:
 
 def _bench_one(name: str, opts: Options, backends: list[str], batch: int) -> list[dict]:
     dev, dtype = opts.device, opts.dtype
-    hf_eager = build_hf(name, NAMED, dtype, dev, "eager")
+    hf_eager = build_hf(name, dtype, dev, "eager")
     c, h, w = _image_shape(hf_eager.config)
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, c, h, w, generator=g).to(device=dev, dtype=dtype)
@@ -68,7 +83,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int) -> lis
     ours = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=dtype, device=dev)
 
     def build_sdpa():
-        model = build_hf(name, NAMED, dtype, dev, "sdpa")
+        model = build_hf(name, dtype, dev, "sdpa")
         model.load_state_dict(hf_eager.state_dict())
         return model
 
@@ -97,8 +112,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
         batches = batches[:1]
     notes = ["Images at the checkpoint's size; seq = patches + special tokens; seq/s = images/s."]
     if not gpu:
-        notes.append("No GPU: the trifuse backend's Triton kernels are checked under the interpreter, "
-                     "not timed; CPU latencies of the PyTorch paths are shown for reference only.")
+        notes.append(cpu_note(opts.device))
     rows = []
     for name in models:
         for b in batches:

@@ -12,7 +12,7 @@ import torch
 
 __version__ = "0.1.0"
 
-from .layers import mean_pool  # noqa: E402
+from .pooling import mean_pool  # noqa: E402  (no kernels imported: see engine/cli.py)
 from .loading import read_checkpoint  # noqa: E402
 from .outputs import EncoderOutput, LogitsOutput, ModelOutput, QuestionAnsweringOutput  # noqa: E402
 

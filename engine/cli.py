@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # before the parser's imports load the kernels
+        from bench.cli import use_interpreter_without_gpu
+
+        use_interpreter_without_gpu(argv)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -193,3 +193,21 @@ def test_cli_bench_t5_smoke(tmp_path):
     (result,) = list(tmp_path.glob("t5-*.json"))
     rows = json.loads(result.read_text())["rows"]
     assert rows and all(r["status"] in ("ok", "checked", "noisy") for r in rows), rows
+
+
+def test_trifuse_bench_without_gpu_checks_kernels_under_the_interpreter(tmp_path):
+    """Through the real entry point, in a fresh process without TRITON_INTERPRET set: the
+    trifuse rows must be interpreted Triton ("checked"), not the reference path timed."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=repo, CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-c", "import sys; from engine.cli import main; sys.exit(main())", "bench", "kernels",
+           "--quick", "--rows", "4", "--widths", "32", "--backends", "trifuse", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(next(tmp_path.glob("kernels-*.json")).read_text())["rows"]
+    assert rows and {r["status"] for r in rows} == {"checked"}, rows
