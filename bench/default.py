@@ -24,7 +24,7 @@ import torch
 
 from . import report
 from .env import device_slug, environment
-from .suite import DTYPE_NAMES, Options, SuiteResult
+from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note
 
 # (family, suite module, (small size, base size)): the named sizes live in the suites.
 PLAN = [
@@ -127,8 +127,7 @@ def run_main_job(opts: Options, out_root: Path) -> tuple[Path, bool]:
     index = [f"# trifuse main job on {env['device']} ({DTYPE_NAMES[opts.dtype]})", "",
              "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if v is not None]
     if not gpu:
-        index += ["", "**No GPU here.** Triton kernels are checked (under Triton's interpreter) but not timed; "
-                  "the CPU timings of the PyTorch paths are for reference only. Every speed goal needs a GPU."]
+        index += ["", f"**No GPU here.** {cpu_note(opts.device)} Every speed goal needs a GPU."]
     if missing:
         index += ["", f"Not in this build: {', '.join(missing)}."]
     for name, res in results.items():
