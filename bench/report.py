@@ -100,6 +100,9 @@ def write_results(rows: Sequence[dict], env: dict, ceilings: dict, out_dir: Path
     plot = out_dir / f"{stem}.png"
     if plot_bandwidth(rows, ceilings, plot, title) or plot_latency(rows, plot, title):
         paths.append(plot)
+    speedup = out_dir / f"{stem}-speedup.png"
+    if plot_speedup(rows, speedup, title):
+        paths.append(speedup)
 
     md = [f"# {title}", "", "## Environment", ""]
     md += [f"- {k}: {v}" for k, v in env.items() if v is not None]
@@ -152,6 +155,39 @@ def plot_latency(rows: Sequence[dict], path: Path, title: str) -> bool:
         ax.grid(alpha=0.3, which="both")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_speedup(rows: Sequence[dict], path: Path, title: str) -> bool:
+    """Speedup over Hugging Face eager per backend, grouped by model and shape (log scale)."""
+    timed = [r for r in rows if r.get("speedup_vs_hf_eager") and r["backend"] != "hf-eager"]
+    plt = _pyplot() if timed else None
+    if plt is None:
+        return False
+    groups = list(dict.fromkeys(f"{r['op']} {r['shape']}" for r in timed))
+    backends = list(dict.fromkeys(r["backend"] for r in timed))
+    width = 0.8 / len(backends)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(backends)) ** 0.5), 3.8))
+    for j, backend in enumerate(backends):
+        vals = {f"{r['op']} {r['shape']}": r["speedup_vs_hf_eager"] for r in timed if r["backend"] == backend}
+        xs = [i + (j - (len(backends) - 1) / 2) * width for i, g in enumerate(groups) if g in vals]
+        ax.bar(xs, [vals[g] for g in groups if g in vals], width, label=backend)
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ticks = FuncFormatter(lambda v, _: f"{v:.2g}x")
+    ax.yaxis.set_major_formatter(ticks)
+    ax.yaxis.set_minor_formatter(ticks)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("speedup over hf-eager")
+    ax.grid(alpha=0.3, axis="y", which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
