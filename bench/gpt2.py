@@ -26,17 +26,15 @@ not timed.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 import engine
 import kernels
-from kernels import _dispatch
 
-from .suite import DTYPE_NAMES, MODEL_TOL, Options, SuiteResult, add_speedups, cpu_note, pick_backends, rel_error
+from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note, pick_backends, time_decoder_backends
 from .suite import build_hf_named as suite_build_hf
-from .timing import measure
 
 GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
             bos_token_id=50256, eos_token_id=50256)
@@ -77,13 +75,6 @@ def _argmax_gap(hf_eager, seq: torch.Tensor, new: int) -> float:
         logits = hf_eager(input_ids=seq[:, :-1], logits_to_keep=new).logits.float()  # predicts the last `new`
     chosen = logits.gather(-1, seq[:, -new:, None].to(logits.device)).squeeze(-1)
     return ((logits.amax(-1) - chosen).max() / logits.abs().max().clamp(min=1e-30)).item()
-
-
-def _time(fn: Callable[[], object], opts: Options, *, slow: bool = False):
-    """Median and spread of ``fn``; ``slow``: a whole generate call, so fewer samples."""
-    warmup = 1 if (opts.quick or slow) else opts.warmup
-    return measure(fn, opts.device, warmup=warmup, min_time_s=0.05 if opts.quick else opts.min_time_s,
-                   min_iters=3 if slow else 5, max_iters=50 if slow else 1000, flush_l2=False)
 
 
 def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: int, new: int,
@@ -129,56 +120,15 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
                                                     logits_to_keep=1).logits[:, -1]
         generate["torch-compile"] = lambda n: hf_generate(hf_sdpa, n, cache_implementation="static")
 
-    interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
-    rows = []
-    for phase in ("prefill", "decode"):
-        for backend in backends:
-            row = {"suite": "gpt2", "op": f"{name} {phase}", "phase": phase, "shape": f"{batch}x{ctx}",
-                   "batch": batch, "seq": ctx, "dtype": DTYPE_NAMES[dtype], "backend": backend}
-            if phase == "decode":
-                row["new_tokens"] = new
-            try:
-                with torch.no_grad():
-                    if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(dev)
-                    if phase == "prefill":
-                        fn = prefill[backend]
-                        row["rel_err"] = rel_error(fn(), ref)
-                    else:
-                        fn = generate[backend](new)
-                        seq = fn()
-                        if seq.shape != (batch, ctx):
-                            raise RuntimeError(f"generated shape {tuple(seq.shape)}, expected {(batch, ctx)}")
-                        row["rel_err"] = _argmax_gap(hf_eager, seq, new)
-                    if row["rel_err"] > MODEL_TOL[dtype]:
-                        rows.append({**row, "status": "mismatch"})
-                        continue
-                    if backend == "trifuse" and interpreted:
-                        # Interpreted Triton on the CPU: checked, but its time says nothing about a GPU.
-                        rows.append({**row, "status": "checked"})
-                        continue
-                    if phase == "prefill":
-                        s = _time(fn, opts).summary()
-                        row.update(s, tokens_per_s=batch * ctx / (s["median_ms"] * 1e-3),
-                                   seq_per_s=batch / (s["median_ms"] * 1e-3))
-                    else:
-                        one = _time(generate[backend](1), opts, slow=True)
-                        full = _time(fn, opts, slow=True)
-                        per_token = max(full.median - one.median, 1e-9) / (new - 1)
-                        row.update(full.summary(), generate_ms=full.median, first_token_ms=one.median,
-                                   median_ms=per_token, tokens_per_s=batch / (per_token * 1e-3))
-                        for k in ("p10_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms"):
-                            row.pop(k)  # the spread is of the whole generate call, not of one step
-            except Exception as e:  # noqa: BLE001 - a failing backend is a result
-                rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
-                continue
-            row["status"] = "ok"
-            if dev.type == "cuda":
-                row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
-            rows.append(row)
-    for phase in ("prefill", "decode"):
-        add_speedups([r for r in rows if r["phase"] == phase])
-    return rows
+    def check_generated(out):
+        if out.shape != (batch, ctx):
+            raise RuntimeError(f"generated shape {tuple(out.shape)}, expected {(batch, ctx)}")
+        return _argmax_gap(hf_eager, out, new)
+
+    base = {"suite": "gpt2", "op": name, "shape": f"{batch}x{ctx}", "batch": batch, "seq": ctx,
+            "dtype": DTYPE_NAMES[dtype]}
+    return time_decoder_backends(prefill, generate, ref, check_generated, backends, opts, base,
+                                 first_phase="prefill", new=new, batch=batch, tokens=batch * ctx)
 
 
 def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:

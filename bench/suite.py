@@ -280,3 +280,76 @@ def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs
                 compiled = torch.compile(hf_sdpa, mode=mode)
                 fns[name] = lambda compiled=compiled: compiled(**inputs).last_hidden_state
     return fns
+
+
+# ----------------------------------------------------------------------------
+# Decoders (GPT-2, T5): a first pass, then per-token decoding.
+
+
+def _time_decoder(fn: Callable[[], object], opts: Options, *, slow: bool = False):
+    """Median and spread of ``fn``; ``slow``: a whole generate call, so fewer samples."""
+    warmup = 1 if (opts.quick or slow) else opts.warmup
+    return measure(fn, opts.device, warmup=warmup, min_time_s=0.05 if opts.quick else opts.min_time_s,
+                   min_iters=3 if slow else 5, max_iters=50 if slow else 1000, flush_l2=False)
+
+
+def time_decoder_backends(first: dict, generate: dict, ref_first: torch.Tensor, check_generated: Callable,
+                          backends: Sequence[str], opts: Options, base_row: dict, *, first_phase: str,
+                          new: int, batch: int, tokens: int) -> list[dict]:
+    """Each backend in two phases, each checked before it is timed.
+
+    ``first[b]()``: the pass over the prompt (GPT-2's prefill, T5's encoder), compared
+    with ``ref_first``. ``generate[b](n)``: a callable generating ``n`` tokens greedily;
+    ``check_generated(out)`` returns its relative gap to Hugging Face eager (and raises
+    on a wrong shape). Per-token latency is ``(t(new) - t(1)) / (new - 1)``, so the
+    first pass cancels out; when noise swamps the steps the row says so.
+    """
+    from kernels import _dispatch
+
+    dev = opts.device
+    interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
+    rows = []
+    for phase in (first_phase, "decode"):
+        for backend in backends:
+            row = {**base_row, "op": f"{base_row['op']} {phase}", "phase": phase, "backend": backend}
+            if phase == "decode":
+                row["new_tokens"] = new
+            try:
+                with torch.no_grad():
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    fn = first[backend] if phase == first_phase else generate[backend](new)
+                    row["rel_err"] = rel_error(fn(), ref_first) if phase == first_phase else check_generated(fn())
+                    if row["rel_err"] > MODEL_TOL[opts.dtype]:
+                        rows.append({**row, "status": "mismatch"})
+                        continue
+                    if backend == "trifuse" and interpreted:
+                        # Interpreted Triton on the CPU: checked, but its time says nothing about a GPU.
+                        rows.append({**row, "status": "checked"})
+                        continue
+                    if phase == first_phase:
+                        s = _time_decoder(fn, opts).summary()
+                        row.update(s, tokens_per_s=tokens / (s["median_ms"] * 1e-3),
+                                   seq_per_s=batch / (s["median_ms"] * 1e-3))
+                    else:
+                        one = _time_decoder(generate[backend](1), opts, slow=True)
+                        full = _time_decoder(fn, opts, slow=True)
+                        if full.median <= one.median:  # timing noise swamped the steps (tiny models, CPU)
+                            rows.append({**row, "status": "noisy: t(G) <= t(1)", "generate_ms": full.median,
+                                         "first_token_ms": one.median})
+                            continue
+                        per_token = (full.median - one.median) / (new - 1)
+                        row.update(full.summary(), generate_ms=full.median, first_token_ms=one.median,
+                                   median_ms=per_token, tokens_per_s=batch / (per_token * 1e-3))
+                        for k in ("p10_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms"):
+                            row.pop(k)  # the spread is of the whole generate call, not of one step
+            except Exception as e:  # noqa: BLE001 - a failing backend is a result
+                rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+                continue
+            row["status"] = "ok"
+            if dev.type == "cuda":
+                row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            rows.append(row)
+    for phase in (first_phase, "decode"):
+        add_speedups([r for r in rows if r["phase"] == phase])
+    return rows

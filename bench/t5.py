@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 import engine
 import kernels
-from kernels import _dispatch
 
-from .suite import DTYPE_NAMES, MODEL_TOL, Options, SuiteResult, add_speedups, cpu_note, pick_backends, rel_error
+from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note, pick_backends, time_decoder_backends
 from .suite import build_hf_named as suite_build_hf
-from .timing import measure
 
 T5_SMALL = dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="relu",
@@ -79,13 +77,6 @@ def _argmax_gap(hf_eager, ids, mask, seq: torch.Tensor) -> float:
     return ((logits.amax(-1) - chosen).max() / logits.abs().max().clamp(min=1e-30)).item()
 
 
-def _time(fn: Callable[[], object], opts: Options, *, slow: bool = False):
-    """Median and spread of ``fn``; ``slow``: a whole generate call, so fewer samples."""
-    warmup = 1 if (opts.quick or slow) else opts.warmup
-    return measure(fn, opts.device, warmup=warmup, min_time_s=0.05 if opts.quick else opts.min_time_s,
-                   min_iters=3 if slow else 5, max_iters=50 if slow else 1000, flush_l2=False)
-
-
 def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: int, new: int,
                hf_eager, hf_sdpa, ours, compiled_encoder) -> list[dict]:
     dev, dtype = opts.device, opts.dtype
@@ -125,60 +116,15 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
         encoder["torch-compile"] = lambda: compiled_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         generate["torch-compile"] = lambda n: hf_generate(hf_sdpa, n, cache_implementation="static")
 
-    interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
-    rows = []
-    for phase in ("encoder", "decode"):
-        for backend in backends:
-            row = {"suite": "t5", "op": f"{name} {phase}", "phase": phase, "shape": f"{batch}x{seq}",
-                   "batch": batch, "seq": seq, "dtype": DTYPE_NAMES[dtype], "backend": backend}
-            if phase == "decode":
-                row["new_tokens"] = new
-            try:
-                with torch.no_grad():
-                    if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(dev)
-                    if phase == "encoder":
-                        fn = encoder[backend]
-                        row["rel_err"] = rel_error(fn(), ref)
-                    else:
-                        fn = generate[backend](new)
-                        out = fn()
-                        if out.shape != (batch, 1 + new):
-                            raise RuntimeError(f"generated shape {tuple(out.shape)}, expected {(batch, 1 + new)}")
-                        row["rel_err"] = _argmax_gap(hf_eager, ids, mask, out)
-                    if row["rel_err"] > MODEL_TOL[dtype]:
-                        rows.append({**row, "status": "mismatch"})
-                        continue
-                    if backend == "trifuse" and interpreted:
-                        # Interpreted Triton on the CPU: checked, but its time says nothing about a GPU.
-                        rows.append({**row, "status": "checked"})
-                        continue
-                    if phase == "encoder":
-                        s = _time(fn, opts).summary()
-                        row.update(s, tokens_per_s=batch * seq / (s["median_ms"] * 1e-3),
-                                   seq_per_s=batch / (s["median_ms"] * 1e-3))
-                    else:
-                        one = _time(generate[backend](1), opts, slow=True)
-                        full = _time(fn, opts, slow=True)
-                        if full.median <= one.median:  # timing noise swamped the steps (tiny models, CPU)
-                            rows.append({**row, "status": "noisy: t(G) <= t(1)", "generate_ms": full.median,
-                                         "first_token_ms": one.median})
-                            continue
-                        per_token = (full.median - one.median) / (new - 1)
-                        row.update(full.summary(), generate_ms=full.median, first_token_ms=one.median,
-                                   median_ms=per_token, tokens_per_s=batch / (per_token * 1e-3))
-                        for k in ("p10_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms"):
-                            row.pop(k)  # the spread is of the whole generate call, not of one step
-            except Exception as e:  # noqa: BLE001 - a failing backend is a result
-                rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
-                continue
-            row["status"] = "ok"
-            if dev.type == "cuda":
-                row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
-            rows.append(row)
-    for phase in ("encoder", "decode"):
-        add_speedups([r for r in rows if r["phase"] == phase])
-    return rows
+    def check_generated(out):
+        if out.shape != (batch, 1 + new):
+            raise RuntimeError(f"generated shape {tuple(out.shape)}, expected {(batch, 1 + new)}")
+        return _argmax_gap(hf_eager, ids, mask, out)
+
+    base = {"suite": "t5", "op": name, "shape": f"{batch}x{seq}", "batch": batch, "seq": seq,
+            "dtype": DTYPE_NAMES[dtype]}
+    return time_decoder_backends(encoder, generate, ref, check_generated, backends, opts, base,
+                                 first_phase="encoder", new=new, batch=batch, tokens=batch * seq)
 
 
 def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
