@@ -25,7 +25,6 @@ not timed.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -33,7 +32,7 @@ import torch
 import engine
 import kernels
 
-from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note, pick_backends, time_decoder_backends
+from .suite import DTYPE_NAMES, Options, SuiteResult, checkpoint_model_type, cpu_note, pick_backends, time_decoder_backends
 from .suite import build_hf_named as suite_build_hf
 
 GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
@@ -50,14 +49,7 @@ BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
 
 
 def is_model(name: str) -> bool:
-    return name in NAMED or (os.path.isdir(name) and _is_gpt2_dir(name))
-
-
-def _is_gpt2_dir(path: str) -> bool:
-    import json
-
-    cfg = os.path.join(path, "config.json")
-    return os.path.isfile(cfg) and json.load(open(cfg)).get("model_type") == "gpt2"
+    return name in NAMED or checkpoint_model_type(name) in ("gpt2",)
 
 
 def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):

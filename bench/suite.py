@@ -111,6 +111,17 @@ def pick_backends(opts: Options, available: Sequence[str], default: Sequence[str
 MODEL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
+def checkpoint_model_type(path: str) -> Optional[str]:
+    """``model_type`` of a checkpoint directory's config.json, or None if it is not one."""
+    import json
+
+    cfg = Path(path) / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def build_hf_named(name: str, named: dict, dtype: torch.dtype, device: torch.device, attn: str,
              auto_class: str = "AutoModel"):
     """A Hugging Face model: a checkpoint directory, or a named size from ``named``

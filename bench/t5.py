@@ -24,8 +24,6 @@ interpreter: checked, not timed.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional
 
 import torch
@@ -33,7 +31,7 @@ import torch
 import engine
 import kernels
 
-from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note, pick_backends, time_decoder_backends
+from .suite import DTYPE_NAMES, Options, SuiteResult, checkpoint_model_type, cpu_note, pick_backends, time_decoder_backends
 from .suite import build_hf_named as suite_build_hf
 
 T5_SMALL = dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
@@ -52,12 +50,7 @@ BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
 
 
 def is_model(name: str) -> bool:
-    return name in NAMED or (os.path.isdir(name) and _is_t5_dir(name))
-
-
-def _is_t5_dir(path: str) -> bool:
-    cfg = os.path.join(path, "config.json")
-    return os.path.isfile(cfg) and json.load(open(cfg)).get("model_type") == "t5"
+    return name in NAMED or checkpoint_model_type(name) in ("t5",)
 
 
 def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):

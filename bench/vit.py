@@ -16,8 +16,6 @@ reference ops), ``hf-eager``, ``hf-sdpa``, ``torch-compile`` and
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -31,6 +29,7 @@ from .suite import (
     Options,
     SuiteResult,
     build_hf_named,
+    checkpoint_model_type,
     cpu_note,
     encoder_backend_fns,
     pick_backends,
@@ -56,13 +55,7 @@ def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
 
 def is_model(name: str) -> bool:
     """A named ViT size, or a checkpoint directory whose config says ``vit`` or ``deit``."""
-    if name in NAMED:
-        return True
-    cfg = Path(name) / "config.json"
-    try:
-        return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in ("vit", "deit")
-    except (OSError, ValueError):
-        return False
+    return name in NAMED or checkpoint_model_type(name) in ("vit", "deit")
 
 
 def _image_shape(cfg) -> tuple[int, int, int]:
