@@ -43,6 +43,11 @@ def test_bucketed_hidden_states_and_overflow(reference_backend):
                               model(ids.repeat(2, 1), attention_mask=mask.repeat(2, 1)))  # beyond: unpadded
     with pytest.raises(ValueError, match="token ids must lie in"):
         bucketed(ids + 1000, attention_mask=mask)
+    # validate=False only skips the wrapper's check; an eager run still meets the model's own
+    # (a graph replay would not: that is the sync validate=False saves).
+    unchecked = BucketedModel(model, batch_sizes=(2,), seq_lengths=(16,), validate=False)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        unchecked(ids + 1000, attention_mask=mask)
     with pytest.raises(ValueError, match="bucketed runs take only"):
         bucketed(ids, position_ids=ids)
     assert out.last_hidden_state.shape == (2, 11, 64)
