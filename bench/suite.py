@@ -147,6 +147,16 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
 
 
+def _untimed_status(row: dict, backend: str, opts: Options, interpreted: bool) -> Optional[str]:
+    """Why a checked backend is not timed: a wrong answer, or interpreted Triton on the CPU
+    (checked, but its time says nothing about a GPU). None: time it."""
+    if row["rel_err"] > MODEL_TOL[opts.dtype]:
+        return "mismatch"
+    if backend == "trifuse" and interpreted:
+        return "checked"
+    return None
+
+
 def time_model_backends(fns: dict, ref: torch.Tensor, backends: Sequence[str], opts: Options, base_row: dict,
                         *, items: int, tokens: int, item_name: str = "seq") -> list[dict]:
     """Check each backend's output against ``ref``, then time the ones that match.
@@ -169,12 +179,9 @@ def time_model_backends(fns: dict, ref: torch.Tensor, backends: Sequence[str], o
                 out = fns[backend]()
                 row["max_abs_err"] = (out.float() - ref.float()).abs().max().item()
                 row["rel_err"] = rel_error(out, ref)
-                if row["rel_err"] > MODEL_TOL[opts.dtype]:
-                    rows.append({**row, "status": "mismatch"})
-                    continue
-                if backend == "trifuse" and interpreted:
-                    # Interpreted Triton on the CPU: checked, but its time says nothing about a GPU.
-                    rows.append({**row, "status": "checked"})
+                untimed = _untimed_status(row, backend, opts, interpreted)
+                if untimed:
+                    rows.append({**row, "status": untimed})
                     continue
                 t = measure(fns[backend], dev, warmup=2 if opts.quick else opts.warmup,
                             min_time_s=0.05 if opts.quick else opts.min_time_s, min_iters=5, flush_l2=False)
@@ -332,12 +339,9 @@ def time_decoder_backends(first: dict, generate: dict, ref_first: torch.Tensor, 
                         torch.cuda.reset_peak_memory_stats(dev)
                     fn = first[backend] if phase == first_phase else generate[backend](new)
                     row["rel_err"] = rel_error(fn(), ref_first) if phase == first_phase else check_generated(fn())
-                    if row["rel_err"] > MODEL_TOL[opts.dtype]:
-                        rows.append({**row, "status": "mismatch"})
-                        continue
-                    if backend == "trifuse" and interpreted:
-                        # Interpreted Triton on the CPU: checked, but its time says nothing about a GPU.
-                        rows.append({**row, "status": "checked"})
+                    untimed = _untimed_status(row, backend, opts, interpreted)
+                    if untimed:
+                        rows.append({**row, "status": untimed})
                         continue
                     if phase == first_phase:
                         s = _time_decoder(fn, opts).summary()
