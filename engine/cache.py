@@ -48,6 +48,17 @@ class KVCache:
         self.values[layer, :, :, start:end].copy_(v)
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def update_at(self, layer: int, slot: Tensor, k: Tensor, v: Tensor, end: int) -> Tuple[Tensor, Tensor]:
+        """Static decoding: write one position ``k``, ``v`` ``[B, H, 1, D]`` at ``slot`` (a one-element
+        long tensor on the cache's device) and return the views up to ``end``.
+
+        Nothing is read back to the host, so a CUDA graph can capture it; the caller
+        keeps ``length`` and masks the slots past it.
+        """
+        self.keys[layer].index_copy_(2, slot, k)
+        self.values[layer].index_copy_(2, slot, v)
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
     def ensure_capacity(self, end: int, limit: Optional[int] = None) -> None:
         """Make room for ``end`` positions: grow (doubling, up to ``limit``) or raise if fixed."""
         if end <= self.max_len:

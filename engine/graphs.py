@@ -1,4 +1,4 @@
-"""Encoders under CUDA graphs: capture once per shape bucket, pad inputs up to it.
+"""CUDA graphs: encoders captured per shape bucket, decoders per cache-length bucket.
 
 At small batch a transformer forward is dominated by kernel launch overhead, not
 by the kernels. A CUDA graph replays the whole forward as one launch. Graphs fix
@@ -13,16 +13,28 @@ what the CPU tests exercise); ``CUDAGraphModel`` adds capture and replay.
 
     graphed = engine.graphs.CUDAGraphModel(model, batch_sizes=(1, 8, 32), seq_lengths=(128, 384))
     out = graphed(input_ids, attention_mask=mask)    # same fields as model(...)
+
+Decoding (GPT-2, T5) is where launch overhead hurts most: one token per row per
+step. ``StaticDecoder`` / ``CUDAGraphDecoder`` run each step on static buffers
+(the cache slot lives in a device tensor, attention covers a bucket of cache
+slots with the unwritten ones masked), so one graph per (batch, bucket) serves
+every step; ``generate`` takes the model's own arguments and returns the same.
+
+    dec = engine.graphs.CUDAGraphDecoder(gpt2)
+    out = dec.generate(input_ids, attention_mask=mask, max_new_tokens=64)   # == gpt2.generate(...)
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import inspect
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .cache import KVCache
 
 # Output fields that carry a sequence axis (dim 1) for text models.
 _SEQ_FIELDS = ("last_hidden_state", "start_logits", "end_logits")
@@ -166,3 +178,226 @@ def _clone(t):
     if t is None:
         return None
     return tuple(x.clone() for x in t) if isinstance(t, tuple) else t.clone()
+
+
+# ----------------------------------------------------------------------------
+# Decoders (GPT-2, T5): the decoding step under CUDA graphs.
+
+
+def _powers_of_two_up_to(limit: int, lowest: int = 32) -> Tuple[int, ...]:
+    sizes, n = [], lowest
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + (limit,)
+
+
+@dataclasses.dataclass
+class _DecodeState:
+    """The static buffers of one batch shape: what a captured step reads and writes."""
+
+    cache: object  # KVCache / T5Cache, fixed capacity
+    tokens: Tensor  # [rows, 1] the token fed at the next step
+    slot: Tensor  # [1] the cache slot it is written to
+    positions: Optional[Tensor] = None  # GPT-2: [rows, 1] its position id
+    cross_kv: Optional[Tensor] = None  # T5: [B_enc, enc_len, ...] the encoder's keys/values, padded
+    encoder_mask: Optional[Tensor] = None  # T5: [B_enc, enc_len] bool, False on the padding
+    graphs: dict = dataclasses.field(default_factory=dict)  # kv bucket -> (graph, logits)
+
+
+class StaticDecoder:
+    """GPT-2 / T5 ``generate`` whose per-token step runs on static buffers, bucketed by cache length.
+
+    The prompt (GPT-2's prefill, T5's encoder and its first decoder step) runs
+    eagerly; every later step is ``model.decode_step``: the new token is written at
+    a cache slot held in a device tensor, and attention reads the first ``kv``
+    cache slots, ``kv`` being the smallest of ``kv_buckets`` that holds the
+    sequence so far, with the slots not yet written masked. Shapes then depend only
+    on (rows, bucket), so each pair is one graph in :class:`CUDAGraphDecoder`;
+    this class runs the same steps eagerly (any device; what the CPU tests check
+    against ``model.generate``).
+
+    ``generate`` / ``stream`` take the model's own arguments (GPT-2: greedy and
+    sampling; T5: beams too) and return what the model's return. Buffers are kept
+    per batch shape (T5: also per ``encoder_lengths`` bucket the prompt is padded
+    to), sized for ``max_len`` positions (GPT-2: prompt + new tokens, default the
+    position table; T5: decoder positions, start token included, default 512).
+    """
+
+    def __init__(self, model: nn.Module, max_len: Optional[int] = None, kv_buckets: Optional[Sequence[int]] = None,
+                 encoder_lengths: Sequence[int] = (16, 32, 64, 128, 256, 512)):
+        from .models.gpt2 import GPT2Model
+        from .models.t5 import T5Model
+
+        if isinstance(model, GPT2Model):
+            self.seq2seq = False
+            limit = model.config.n_positions
+        elif isinstance(model, T5Model):
+            self.seq2seq = True
+            limit = None
+        else:
+            raise TypeError(f"static decoding supports GPT-2 and T5 models, not {type(model).__name__}")
+        self.model = model
+        self.max_len = (limit or 512) if max_len is None else max_len
+        if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 2 or (
+                limit is not None and self.max_len > limit):
+            raise ValueError(f"max_len must be an int in [2, {limit or 'inf'}], got {self.max_len!r}")
+        buckets = _powers_of_two_up_to(self.max_len) if kv_buckets is None else kv_buckets
+        self.kv_buckets = sorted({int(n) for n in buckets if 0 < n < self.max_len} | {self.max_len})
+        self.encoder_lengths = sorted(set(encoder_lengths))
+        self.states: Dict[tuple, _DecodeState] = {}
+
+    # -- the step -------------------------------------------------------------
+
+    def _step(self, state: _DecodeState, kv: int) -> Tensor:
+        """Run one step for the bucket ``kv``; the next-token logits ``[rows, V]``."""
+        return self._decode_step(state, kv)
+
+    def _decode_step(self, state: _DecodeState, kv: int) -> Tensor:
+        with torch.no_grad():
+            if self.seq2seq:
+                return self.model.decode_step(state.tokens, state.slot, state.cache, kv)
+            return self.model.decode_step(state.tokens, state.positions, state.slot, state.cache, kv)
+
+    def _stepper(self, state: _DecodeState, length: int):
+        """``step(tokens, beam_idx=None) -> logits`` continuing a cache that holds ``length`` positions."""
+        cache = state.cache
+        cache.mask[:, length:] = False  # the slots not yet written
+        cache.length = length
+        state.slot.fill_(length)
+
+        def step(tokens: Tensor, beam_idx: Optional[Tensor] = None) -> Tensor:
+            if cache.length >= self.max_len:
+                raise ValueError(f"decoding past max_len={self.max_len}; build the decoder with a larger max_len")
+            if beam_idx is not None:
+                cache.reorder(beam_idx)
+            state.tokens.copy_(tokens.view(-1, 1))
+            kv = self.kv_buckets[bisect.bisect_left(self.kv_buckets, cache.length + 1)]
+            logits = self._step(state, kv)
+            cache.length += 1
+            return logits.clone()  # the graph overwrites its output at the next step
+
+        return step
+
+    # -- buffers --------------------------------------------------------------
+
+    def _state(self, key: tuple, rows: int) -> _DecodeState:
+        state = self.states.get(key)
+        if state is None:
+            m, dev = self.model, self.model.device
+            if self.seq2seq:
+                cache = m.new_cache(rows, self.max_len)
+            else:
+                c = m.config
+                cache = KVCache(rows, c.n_layer, c.n_head, self.max_len, c.head_dim, m.dtype, dev, growable=False)
+            # Masked slots still meet the kernel's dot products (0 * NaN = NaN): no uninitialized memory.
+            cache.keys.zero_()
+            cache.values.zero_()
+            zeros = lambda n: torch.zeros(n, 1, dtype=torch.long, device=dev)  # noqa: E731
+            state = _DecodeState(cache, zeros(rows), torch.zeros(1, dtype=torch.long, device=dev),
+                                 None if self.seq2seq else zeros(rows))
+            self.states[key] = state
+        return state
+
+    # -- GPT-2 ----------------------------------------------------------------
+
+    def _gpt2_session(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int):
+        b, n = input_ids.shape
+        if n + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt length {n} + max_new_tokens {max_new_tokens} exceeds this decoder's "
+                             f"max_len={self.max_len}")
+        state = self._state((b,), b)
+        cache = state.cache
+        cache.reset()
+        first = self.model._forward(input_ids, mask, None, cache, logits_to_keep=1).logits[:, -1]
+        state.positions.copy_(cache.mask[:, :n].sum(dim=1, keepdim=True))  # the next position of each row
+        step = self._stepper(state, n)
+        return first, lambda tokens: step(tokens)
+
+    # -- T5 -------------------------------------------------------------------
+
+    def _t5_session(self, input_ids, attention_mask, max_new_tokens, num_beams, cfg, start_token):
+        m = self.model
+        if 1 + max_new_tokens > self.max_len:
+            raise ValueError(f"1 + max_new_tokens {max_new_tokens} decoder positions exceed this decoder's "
+                             f"max_len={self.max_len}")
+        enc, attention_mask = m._encode_for_generation(input_ids, attention_mask, cfg)
+        b, n = input_ids.shape
+        i = bisect.bisect_left(self.encoder_lengths, n)
+        enc_len = self.encoder_lengths[i] if i < len(self.encoder_lengths) else n  # longer: its own buffers
+        state = self._state((b * num_beams, b, enc_len), b * num_beams)
+        cache = state.cache
+        cache.reset()
+        kv = m.decoder.project_encoder(enc)
+        if state.cross_kv is None:
+            state.cross_kv = kv.new_zeros(b, enc_len, kv.shape[2])
+            state.encoder_mask = torch.zeros(b, enc_len, dtype=torch.bool, device=kv.device)
+        state.cross_kv[:, :n] = kv
+        state.cross_kv[:, n:] = 0
+        state.encoder_mask[:, :n] = attention_mask.ne(0)
+        state.encoder_mask[:, n:] = False  # the padding up to enc_len
+        cache.cross_kv, cache.encoder_mask, cache.encoder_hidden_state = state.cross_kv, state.encoder_mask, enc
+        start, first = m._start_decoding(cache, start_token)
+        return start, first, self._stepper(state, 1)
+
+    # -- the public calls ----------------------------------------------------
+
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """``model.generate`` with the same arguments and result, decoded on static buffers."""
+        session = self._t5_session if self.seq2seq else self._gpt2_session
+        return self.model._generate(session, input_ids, attention_mask, **kwargs)
+
+    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+        """``model.stream`` (greedy or sampling): an iterator over each step's tokens ``[B]``."""
+        session = self._t5_session if self.seq2seq else self._gpt2_session
+        args = inspect.signature(self.model.stream).bind(input_ids, attention_mask, **kwargs)
+        args.apply_defaults()
+        return self.model._stream(session, *args.args)
+
+
+class CUDAGraphDecoder(StaticDecoder):
+    """:class:`StaticDecoder` whose steps are CUDA graphs: one per (batch shape, cache bucket).
+
+    A bucket's graph is captured the first time a step needs it: a few eager warm-up
+    steps on a side stream (Triton compiles and autotunes there; the slot and
+    positions are restored afterwards, and what they wrote is rewritten by the real
+    step), then one captured ``decode_step`` sharing a memory pool with the other
+    graphs. Each later step copies the new tokens in and replays.
+
+        dec = engine.graphs.CUDAGraphDecoder(model)           # GPT-2 or T5, on a GPU
+        out = dec.generate(input_ids, attention_mask=mask, max_new_tokens=64)   # == model.generate(...)
+    """
+
+    def __init__(self, model: nn.Module, max_len: Optional[int] = None, kv_buckets: Optional[Sequence[int]] = None,
+                 encoder_lengths: Sequence[int] = (16, 32, 64, 128, 256, 512), *, warmup: int = 2):
+        super().__init__(model, max_len, kv_buckets, encoder_lengths)
+        if model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {model.device}")
+        self.warmup = warmup
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def _capture(self, state: _DecodeState, kv: int):
+        saved = [t.clone() for t in (state.slot, state.positions) if t is not None]
+
+        def restore():
+            for t, s in zip([t for t in (state.slot, state.positions) if t is not None], saved):
+                t.copy_(s)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._decode_step(state, kv)
+                restore()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._decode_step(state, kv)
+        return graph, logits
+
+    def _step(self, state: _DecodeState, kv: int) -> Tensor:
+        if kv not in state.graphs:
+            state.graphs[kv] = self._capture(state, kv)
+        graph, logits = state.graphs[kv]
+        graph.replay()
+        return logits

@@ -23,7 +23,7 @@ Reference semantics: Hugging Face transformers' ``modeling_gpt2.py`` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +117,13 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor, cache: Optional[KVCache], start: int, mask: Optional[Tensor]):
+    def forward(self, x: Tensor, cache: Optional[KVCache], start: Union[int, Tensor], mask: Optional[Tensor]):
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, n, D] strided views
-        if cache is not None:
+        if isinstance(start, Tensor):  # static decoding: slot on the device, keys up to the mask's length
+            k, v = cache.update_at(self.layer, start, k, v, mask.shape[1])
+        elif cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # [B, H, start + n, D] views of the cache
         # Bottom-right aligned: new query i sees keys <= start + i. One query runs split-K decoding.
         ctx = kernels.attention(q, k, v, causal=True, attention_mask=mask, scale=self.scale)
@@ -263,10 +265,35 @@ class GPT2Model(nn.Module):
             hidden[-1] = x  # Hugging Face's last hidden state is after the final LayerNorm
         logits = None
         if self.has_lm_head:
-            head = self.wte.weight if self.lm_head is None else self.lm_head.weight
-            logits = F.linear(x[:, -logits_to_keep:] if logits_to_keep else x, head)
+            logits = self._lm_logits(x[:, -logits_to_keep:] if logits_to_keep else x)
         return CausalLMOutput(logits=logits, past_key_values=cache, last_hidden_state=x,
                               hidden_states=tuple(hidden) if hidden is not None else None)
+
+    def decode_step(self, tokens: Tensor, positions: Tensor, slot: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+        """One decoding step with no host reads, for CUDA graphs: the next-token logits ``[B, V]``.
+
+        ``tokens``, ``positions``: ``[B, 1]`` long, the new token of each row and its
+        position id; ``slot``: one-element long tensor, the cache position it is
+        written to. Attention covers the first ``kv_len`` cache slots through
+        ``cache.mask``, whose slots from ``slot`` on must be False (masked) on entry.
+        The step sets the mask at ``slot`` and advances ``slot`` and ``positions`` by
+        one in place, so a captured graph replays step after step with nothing but
+        the new tokens copied in. ``cache.length`` is the caller's to keep.
+        :class:`engine.graphs.CUDAGraphDecoder` drives it.
+        """
+        mask = cache.mask[:, :kv_len]
+        mask.index_fill_(1, slot, True)
+        h, pending = self.wte(tokens), self.wpe(positions)
+        for block in self.layers:
+            h, pending, _ = block(h, pending, cache, slot, mask)
+        x, _ = self.ln_f(pending, residual=h)
+        slot.add_(1)
+        positions.add_(1)
+        return self._lm_logits(x[:, -1])
+
+    def _lm_logits(self, x: Tensor) -> Tensor:
+        head = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head)
 
     # -- generation -----------------------------------------------------------
 
@@ -278,6 +305,34 @@ class GPT2Model(nn.Module):
 
         The arguments are checked (and the prompt run) before the iterator is returned.
         """
+        return self._stream(self._session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                            top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator)
+
+    def _stream(self, session, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                repetition_penalty, eos_token_id, pad_token_id, generator) -> Iterator[Tensor]:
+        """The decoding loop over any ``session(input_ids, mask, max_new_tokens) -> (first logits, step)``:
+        :meth:`_session` here, CUDA graphs in :class:`engine.graphs.CUDAGraphDecoder`."""
+        cfg, mask, ignore = self._generation_setup(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                                                   top_k, top_p, repetition_penalty, eos_token_id, pad_token_id)
+        with torch.no_grad():
+            first, step = session(input_ids, mask, max_new_tokens)
+        return gen.decode_stream(first, step, input_ids, cfg, generator=generator, prompt_ignore_length=ignore)
+
+    def _session(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int):
+        """Eager decoding: run the prompt into a new cache; ``(first logits [B, V], step(tokens [B]) -> logits)``."""
+        b, n = input_ids.shape
+        cache = self.new_cache(b, n + max_new_tokens)
+        first = self._forward(input_ids, mask, None, cache, logits_to_keep=1).logits[:, -1]
+
+        def step(tokens: Tensor) -> Tensor:
+            with torch.no_grad():
+                return self._forward(tokens[:, None], None, None, cache, logits_to_keep=1).logits[:, -1]
+
+        return first, step
+
+    def _generation_setup(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                          repetition_penalty, eos_token_id, pad_token_id):
+        """Check a generation request: ``(config, prompt mask (bool), repetition-penalty skip lengths or None)``."""
         if not self.has_lm_head:
             raise ValueError("this GPT-2 was loaded for feature-extraction; load it with task='causal-lm' to generate")
         c = self.config
@@ -287,7 +342,7 @@ class GPT2Model(nn.Module):
             eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
             pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id)
         self._check(input_ids, attention_mask, None, None)
-        b, n = input_ids.shape
+        n = input_ids.shape[1]
         if n + max_new_tokens > c.n_positions:
             raise ValueError(f"prompt length {n} + max_new_tokens {max_new_tokens} exceeds the position table "
                              f"({c.n_positions} positions)")
@@ -296,15 +351,7 @@ class GPT2Model(nn.Module):
         mask = attention_mask.ne(0)
         # Hugging Face's repetition penalty skips the left padding of the prompt.
         ignore = mask.int().argmax(dim=1) if cfg.repetition_penalty != 1.0 else None
-        with torch.no_grad():
-            cache = self.new_cache(b, n + max_new_tokens)
-            first = self._forward(input_ids, mask, None, cache, logits_to_keep=1).logits[:, -1]
-
-        def step(tokens: Tensor) -> Tensor:
-            with torch.no_grad():
-                return self._forward(tokens[:, None], None, None, cache, logits_to_keep=1).logits[:, -1]
-
-        return gen.decode_stream(first, step, input_ids, cfg, generator=generator, prompt_ignore_length=ignore)
+        return cfg, mask, ignore
 
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -319,8 +366,15 @@ class GPT2Model(nn.Module):
         generation ends early once every row has stopped. The prompt may be
         left-padded (pass its ``attention_mask``). ``generator`` seeds sampling.
         """
-        tokens = list(self.stream(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                  repetition_penalty, eos_token_id, pad_token_id, generator))
+        return self._generate(self._session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                              top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator)
+
+    def _generate(self, session, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: gen.TokenIds = None,
+                  pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+        tokens = list(self._stream(session, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+                                   top_p, repetition_penalty, eos_token_id, pad_token_id, generator))
         return torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
 
 

@@ -213,14 +213,20 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(c.d_model, 3 * c.inner, bias=False)
         self.o = nn.Linear(c.inner, c.d_model, bias=False)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor], rel: kernels.RelativeBias, causal: bool = False,
-                cache: Optional[T5Cache] = None, layer: int = 0, start: int = 0) -> Tensor:
+    def forward(self, x: Tensor, mask: Optional[Tensor], rel: Union[kernels.RelativeBias, Tensor],
+                causal: bool = False, cache: Optional[T5Cache] = None, layer: int = 0,
+                start: Union[int, Tensor] = 0) -> Tensor:
+        """``rel``: the in-kernel relative bias, or (static decoding) a dense ``[1, H, 1, Lk]`` one."""
         b, n, _ = x.shape
         qkv = F.linear(x, self.qkv.weight).view(b, n, 3, self.heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, n, D] strided views
-        if cache is not None:
+        if isinstance(start, Tensor):  # static decoding: slot on the device, keys up to the mask's length
+            k, v = cache.update_at(layer, start, k, v, mask.shape[1])
+        elif cache is not None:
             k, v = cache.update(layer, start, k, v)  # [B, H, start + n, D] views of the cache
-        ctx = kernels.attention(q, k, v, causal=causal, attention_mask=mask, relative_bias=rel, scale=1.0)
+        dense = isinstance(rel, Tensor)
+        ctx = kernels.attention(q, k, v, causal=causal, attention_mask=mask, scale=1.0,
+                                bias=rel if dense else None, relative_bias=None if dense else rel)
         return F.linear(ctx.transpose(1, 2).reshape(b, n, -1), self.o.weight)
 
 
@@ -332,9 +338,16 @@ class Decoder(nn.Module):
         self.cross_kv = nn.Linear(c.d_model, c.num_decoder_layers * 2 * c.inner, bias=False)
         self.final_norm = RMSNorm(c.d_model, c.eps)
 
-    def rel(self, start: int) -> kernels.RelativeBias:
+    def rel(self, start: Union[int, Tensor], kv_len: int = 0) -> Union[kernels.RelativeBias, Tensor]:
+        """The self-attention bias for queries from ``start`` on: in-kernel, or dense ``[1, H, 1, kv_len]``
+        when ``start`` is a device tensor (static decoding of one token; no host read)."""
         c = self.config
-        return kernels.RelativeBias(self.relative_bias, False, c.num_buckets, c.max_distance, query_offset=start)
+        if not isinstance(start, Tensor):
+            return kernels.RelativeBias(self.relative_bias, False, c.num_buckets, c.max_distance,
+                                        query_offset=start)
+        rp = torch.arange(kv_len, device=start.device) - start
+        buckets = kernels.relative_position_bucket(rp, False, c.num_buckets, c.max_distance)
+        return self.relative_bias.float()[buckets].t()[None, :, None, :]
 
     def project_encoder(self, enc: Tensor) -> Tensor:
         """``[B_enc, L_enc, layers*2*inner]``: the cross-attention keys/values of every layer."""
@@ -347,9 +360,11 @@ class Decoder(nn.Module):
         return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B_enc, H, L_enc, D] views
 
     def forward(self, emb: Tensor, self_mask: Optional[Tensor], cross_kv: Tensor, enc_mask: Optional[Tensor],
-                cache: Optional[T5Cache], start: int, stream: torch.dtype, hidden: Optional[list] = None) -> Tensor:
+                cache: Optional[T5Cache], start: Union[int, Tensor], stream: torch.dtype,
+                hidden: Optional[list] = None) -> Tensor:
         compute = emb.dtype
-        h, pending, rel = emb.to(stream), None, self.rel(start)
+        kv_len = 0 if self_mask is None else self_mask.shape[1]
+        h, pending, rel = emb.to(stream), None, self.rel(start, kv_len)
         for i, block in enumerate(self.layers):
             x, h = _norm_in(block.norm1, h, pending, compute)
             a = block.attn(x, self_mask, rel, causal=True, cache=cache, layer=i, start=start)
@@ -576,20 +591,46 @@ class T5Model(nn.Module):
                              f"got {start!r}")
         return start
 
-    def _prepare_generation(self, input_ids, attention_mask, max_new_tokens, num_beams, cfg, start_token):
-        """Run the encoder once and set up the cache: ``(cache, start ids, first logits)``."""
+    def _encode_for_generation(self, input_ids, attention_mask, cfg) -> Tuple[Tensor, Tensor]:
+        """Check the prompt and run the encoder: ``(encoder output, the prompt's mask)``."""
         self._check_ids("input_ids", input_ids)
         self._check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
         if attention_mask is None:
             attention_mask = gen.default_attention_mask(input_ids, cfg)
-        b = input_ids.shape[0]
-        enc = self.encode(input_ids, attention_mask).last_hidden_state
-        cache = self.new_cache(b * num_beams, 1 + max_new_tokens)
+        return self.encode(input_ids, attention_mask).last_hidden_state, attention_mask
+
+    def _prepare_generation(self, input_ids, attention_mask, max_new_tokens, num_beams, cfg, start_token):
+        """Run the encoder once and set up the cache: ``(cache, start ids, first logits)``."""
+        enc, attention_mask = self._encode_for_generation(input_ids, attention_mask, cfg)
+        cache = self.new_cache(input_ids.shape[0] * num_beams, 1 + max_new_tokens)
         cache.cross_kv = self.decoder.project_encoder(enc)  # once; beams share it (see CrossAttention)
         cache.encoder_mask = self._kernel_mask(attention_mask)
         cache.encoder_hidden_state = enc
-        start = torch.full((b * num_beams, 1), start_token, dtype=torch.long, device=input_ids.device)
-        return cache, start, self._step_logits(start, cache)
+        return (cache, *self._start_decoding(cache, start_token))
+
+    def _start_decoding(self, cache: T5Cache, start_token: int) -> Tuple[Tensor, Tensor]:
+        """Feed the decoder start token into an empty cache: ``(start ids [B, 1], first logits)``."""
+        start = torch.full((cache.batch_size, 1), start_token, dtype=torch.long, device=cache.keys.device)
+        return start, self._step_logits(start, cache)
+
+    def decode_step(self, tokens: Tensor, slot: Tensor, cache: T5Cache, kv_len: int) -> Tensor:
+        """One decoding step with no host reads, for CUDA graphs: the next-token logits ``[B, V]``.
+
+        ``tokens``: ``[B, 1]`` long; ``slot``: one-element long tensor, the cache
+        position written (also the query's position for the relative bias).
+        Self-attention covers the first ``kv_len`` slots through ``cache.mask``
+        (slots from ``slot`` on must be False on entry); cross-attention reads
+        ``cache.cross_kv`` / ``cache.encoder_mask`` (a mask tensor here, padding
+        included). Sets the mask at ``slot`` and advances ``slot`` in place;
+        ``cache.length`` is the caller's to keep. Driven by
+        :class:`engine.graphs.CUDAGraphDecoder`.
+        """
+        mask = cache.mask[:, :kv_len]
+        mask.index_fill_(1, slot, True)
+        x = self.decoder(self.shared(tokens), mask, cache.cross_kv, cache.encoder_mask, cache, slot,
+                         self.stream_dtype)
+        slot.add_(1)
+        return self._logits(x[:, -1])
 
     def _step_logits(self, ids: Tensor, cache: T5Cache) -> Tensor:
         """Feed ``ids`` ``[B, n]`` through the cache; the last position's logits ``[B, V]``."""
@@ -604,18 +645,31 @@ class T5Model(nn.Module):
         """Greedy or sampled decoding as an iterator over each step's tokens ``[B]``
         (the decoder start token not included). Arguments are checked and the encoder
         run before the iterator is returned."""
+        return self._stream(self._session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                            top_k, top_p, eos_token_id, pad_token_id, decoder_start_token_id, generator)
+
+    def _stream(self, session, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                eos_token_id, pad_token_id, decoder_start_token_id, generator) -> Iterator[Tensor]:
         cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
                                       pad_token_id)
         start_token = self._start_token(decoder_start_token_id)
         with torch.no_grad():
-            cache, start, first = self._prepare_generation(input_ids, attention_mask, max_new_tokens, 1, cfg,
-                                                           start_token)
+            start, first, step = session(input_ids, attention_mask, max_new_tokens, 1, cfg, start_token)
+        return gen.decode_stream(first, lambda tokens: step(tokens, None), start, cfg, generator=generator)
 
-        def step(tokens: Tensor) -> Tensor:
+    def _session(self, input_ids, attention_mask, max_new_tokens, num_beams, cfg, start_token):
+        """Eager decoding: the encoder run and a new cache; ``(start ids, first logits,
+        step(tokens [B], beam_idx [B] or None) -> logits)``. ``CUDAGraphDecoder`` has its own."""
+        cache, start, first = self._prepare_generation(input_ids, attention_mask, max_new_tokens, num_beams, cfg,
+                                                       start_token)
+
+        def step(tokens: Tensor, beam_idx: Optional[Tensor]) -> Tensor:
             with torch.no_grad():
+                if beam_idx is not None:
+                    cache.reorder(beam_idx)
                 return self._step_logits(tokens[:, None], cache)
 
-        return gen.decode_stream(first, step, start, cfg, generator=generator)
+        return start, first, step
 
     def _generation_config(self, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
                            pad_token_id) -> gen.GenerationConfig:
@@ -644,6 +698,16 @@ class T5Model(nn.Module):
         :mod:`engine.beam_search`. The encoder runs once; ``eos_token_id`` /
         ``pad_token_id`` / ``decoder_start_token_id`` default to the config's.
         """
+        return self._generate(self._session, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty,
+                              early_stopping, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id,
+                              decoder_start_token_id, generator)
+
+    def _generate(self, session, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                  max_new_tokens: int = 20, num_beams: int = 1, length_penalty: float = 1.0,
+                  early_stopping: Union[bool, str] = False, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, eos_token_id: gen.TokenIds = None,
+                  pad_token_id: Optional[int] = None, decoder_start_token_id: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
         from .. import beam_search as bs
 
         cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
@@ -651,18 +715,12 @@ class T5Model(nn.Module):
         bcfg = bs.BeamConfig(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
         start_token = self._start_token(decoder_start_token_id)
         if bcfg.num_beams == 1:
-            tokens = list(self.stream(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                                      top_p, eos_token_id, pad_token_id, start_token, generator))
+            tokens = list(self._stream(session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                                       top_k, top_p, eos_token_id, pad_token_id, start_token, generator))
             start = torch.full((input_ids.shape[0], 1), start_token, dtype=torch.long, device=input_ids.device)
             return torch.cat([start, torch.stack(tokens, dim=1).to(start.dtype)], dim=1)
         with torch.no_grad():
-            cache, start, first = self._prepare_generation(input_ids, attention_mask, max_new_tokens,
-                                                           bcfg.num_beams, cfg, start_token)
-
-            def step(tokens: Tensor, beam_idx: Tensor) -> Tensor:
-                cache.reorder(beam_idx)
-                return self._step_logits(tokens[:, None], cache)
-
+            start, first, step = session(input_ids, attention_mask, max_new_tokens, bcfg.num_beams, cfg, start_token)
             return bs.beam_search(first, step, start, cfg, bcfg, generator=generator)
 
 
