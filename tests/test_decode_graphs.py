@@ -4,9 +4,10 @@
 on the CPU (the Triton kernels under the interpreter) it is checked against the
 models' own ``generate``: tokens equal, per-step logits close, across cache-bucket
 boundaries and prompt paddings; token-for-token runs use the PyTorch reference
-ops (fast), the per-step logits the Triton kernels (masked cache slots included). That the step is capturable (no value read back
-to the host) is checked under ``FakeTensorMode``, where any such read raises. The
-graphs themselves run in the ``gpu``-marked tests.
+ops (fast), the per-step logits the Triton kernels (masked cache slots
+included). That the step is capturable (no value read back to the host) is
+checked under ``FakeTensorMode``, where any such read raises. The graphs
+themselves run in the ``gpu``-marked tests.
 """
 
 import pytest
