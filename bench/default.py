@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 
 from . import report
 from .env import device_slug, environment
-from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note
+from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note, onnx_export
 
 # (family, suite module, (small size, base size)): the named sizes live in the suites.
 PLAN = [
@@ -47,10 +49,14 @@ def _suite(module: str):
 
 
 def _export_rows(opts: Options, folder: Path, names: list[tuple[str, str]]) -> tuple[list[dict], list[str]]:
-    """Export each (suite, model name) to ONNX and verify it in ONNX Runtime."""
+    """Export each (suite, model name) to ONNX and verify it in ONNX Runtime.
+
+    A model a suite's onnxruntime backend has exported already is not exported again:
+    its files are linked into ``folder/onnx/<name>/`` and ``export_s`` is that export's time.
+    """
     try:
         import export
-        to_onnx, verify = export.to_onnx, export.verify
+        verify = export.verify
     except (ImportError, AttributeError):
         return [], ["ONNX export is not available in this build: export and verification skipped."]
     import engine
@@ -66,9 +72,8 @@ def _export_rows(opts: Options, folder: Path, names: list[tuple[str, str]]) -> t
             cpu = torch.device("cpu")  # exported in fp32 from the CPU; verified on ONNX Runtime's CPU provider
             hf = suite.build_hf(name, torch.float32, cpu, "eager")
             model = engine.from_pretrained(hf, dtype=torch.float32, device="cpu")
-            t0 = time.perf_counter()
-            paths = to_onnx(model, onnx_dir / f"{name}.onnx")
-            row["export_s"] = time.perf_counter() - t0
+            paths, row["export_s"] = onnx_export(hf, model.task, model=model)
+            paths = _link_files(paths, onnx_dir / Path(name).name)  # name may be a checkpoint path
             t0 = time.perf_counter()
             result = verify(paths, model)  # T5: the (encoder, decoder) pair to_onnx wrote
             row["verify_s"] = time.perf_counter() - t0
@@ -77,6 +82,19 @@ def _export_rows(opts: Options, folder: Path, names: list[tuple[str, str]]) -> t
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
         rows.append(row)
     return rows, []
+
+
+def _link_files(paths: tuple[Path, ...], folder: Path) -> tuple[Path, ...]:
+    """Hard-link (or copy) every file of one export, weights files included, into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for src in paths[0].parent.iterdir():
+        dest = folder / src.name
+        dest.unlink(missing_ok=True)
+        try:
+            os.link(src, dest)
+        except OSError:  # another file system
+            shutil.copy2(src, dest)
+    return tuple(folder / p.name for p in paths)
 
 
 def _verification_fields(report) -> dict:

@@ -206,6 +206,110 @@ def add_speedups(rows: list[dict], baseline: str = "hf-eager") -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------
+# ONNX Runtime backends: our model exported to ONNX (fp32, from the CPU) and run by
+# ONNX Runtime; the timed call is what a user pays: torch inputs in, ONNX Runtime's
+# run, torch outputs back on the inputs' device.
+
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+# Exporting a base-size decoder takes 20-40 s on the CPU (2 cores: GPT-2 base 19 s, t5-base
+# 39 s), so without a GPU the decoder suites' default set runs onnxruntime-cpu only on models
+# under this size: the small sizes, which the main job exports anyway (t5-small: 21 s), once.
+ORT_CPU_DEFAULT_MAX_PARAMS = 100_000_000
+
+# One export per model per process, shared by every shape, backend and suite (and the main
+# job's export step): fingerprint -> (temporary folder, paths, export seconds), or the
+# exception the export raised, so a failing export fails each row without running again.
+_EXPORTS: dict = {}
+
+
+def _fingerprint(hf_model, task: str) -> tuple:
+    """What an export depends on: the class, the task, the config and every weight (a checksum)."""
+    sums = tuple(t.sum(dtype=torch.float64).item() for t in hf_model.state_dict().values())
+    return type(hf_model).__name__, task, hf_model.config.to_json_string(), sums
+
+
+def onnx_export(hf_model, task: str, model=None) -> tuple[tuple[Path, ...], float]:
+    """Our model of ``hf_model`` for ``task``, exported to ONNX in fp32 from the CPU once per
+    process: ``(paths, export seconds)``; T5's paths are its encoder and decoder files.
+    ``model``: that trifuse model already built (fp32, CPU), used when no export exists yet."""
+    key = _fingerprint(hf_model, task)
+    if key not in _EXPORTS:
+        import tempfile
+        import time
+
+        try:
+            import engine
+            from export import to_onnx
+
+            if model is None:
+                model = engine.from_pretrained(hf_model, task=task, dtype=torch.float32, device="cpu")
+            folder = tempfile.TemporaryDirectory(prefix="trifuse-ort-")
+            t0 = time.perf_counter()
+            paths = to_onnx(model, Path(folder.name) / "model.onnx")
+            _EXPORTS[key] = (folder, paths if isinstance(paths, tuple) else (paths,), time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - remembered, raised to every caller
+            _EXPORTS[key] = e
+    entry = _EXPORTS[key]
+    if isinstance(entry, Exception):
+        raise entry
+    return entry[1], entry[2]
+
+
+class OrtModel:
+    """Our export of a Hugging Face model (:func:`onnx_export`) in ONNX Runtime on one provider
+    (``"cpu"`` or ``"cuda"``). Exported and loaded on first use, so that a failure is the
+    row's error, not a crash; the sessions are then reused by every shape."""
+
+    def __init__(self, hf_model, task: str, provider: str):
+        self.hf_model, self.task, self.provider = hf_model, task, ORT_PROVIDERS[provider]
+        self._paths: tuple[Path, ...] | None = None
+        self._runners: tuple | None = None
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        if self._paths is None:  # the export's key sums every weight: once, not in a timed call
+            self._paths = onnx_export(self.hf_model, self.task)[0]
+        return self._paths
+
+    def runners(self) -> tuple:
+        """One ``export.OrtRunner`` per file (T5: encoder, decoder)."""
+        if self._runners is None:
+            import onnxruntime
+
+            from export import OrtRunner
+
+            if self.provider not in onnxruntime.get_available_providers():
+                raise RuntimeError(f"this onnxruntime build has no {self.provider}")
+            runners = tuple(OrtRunner(p, providers=[self.provider]) for p in self.paths)
+            loaded = runners[0].session.get_providers()
+            if self.provider not in loaded:  # ONNX Runtime falls back to the CPU with only a log line
+                raise RuntimeError(f"{self.provider} did not load; the session runs on {loaded}")
+            self._runners = runners
+        return self._runners
+
+
+def ort_models(hf_model, task: str, backends: Sequence[str]) -> dict[str, OrtModel]:
+    """An :class:`OrtModel` for each ``onnxruntime-<provider>`` backend in ``backends``."""
+    return {b: OrtModel(hf_model, task, b.removeprefix("onnxruntime-"))
+            for b in backends if b.startswith("onnxruntime-")}
+
+
+def model_backends(opts: Options, backends: Sequence[str], hf_model) -> list[str]:
+    """``backends`` for one model: without a GPU the default set runs onnxruntime-cpu only on
+    models under ``ORT_CPU_DEFAULT_MAX_PARAMS`` parameters; ``--backends`` overrides."""
+    if opts.backends is None and not opts.on_gpu and (
+            sum(p.numel() for p in hf_model.parameters()) >= ORT_CPU_DEFAULT_MAX_PARAMS):
+        return [b for b in backends if b != "onnxruntime-cpu"]
+    return list(backends)
+
+
+ORT_CPU_DEFAULT_NOTE = (f"onnxruntime-cpu: without a GPU, in the default backends only for models under "
+                        f"{ORT_CPU_DEFAULT_MAX_PARAMS // 10**6}M parameters (exporting a larger one takes 20 s "
+                        "and more on the CPU); name it in --backends to run it on any size.")
+
+
 # Encoders (BERT family, ViT): the backends side by side.
 ENCODER_BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile",
                     "torch-compile-max-autotune", "onnxruntime-cpu", "onnxruntime-cuda")
@@ -223,34 +327,15 @@ def cpu_note(device: torch.device) -> str:
             "the trifuse backend ran the PyTorch reference ops; its timings are not the kernels'.")
 
 
-def _ort_backend(hf_eager, inputs: dict, provider: str) -> Callable:
-    """Our model exported to ONNX (fp32 from the CPU, once) and run by ONNX Runtime.
-
-    The timed call is what a user pays: torch inputs in, ONNX Runtime's run, torch
-    outputs back on the inputs' device.
-    """
-    state = {}
+def _ort_backend(ort: OrtModel, inputs: dict) -> Callable:
+    """An encoder's ``last_hidden_state`` from ONNX Runtime."""
+    feed = dict(inputs)
 
     def run():
-        if not state:
-            import tempfile
-
-            import onnxruntime
-
-            import engine
-            from export import OrtRunner, to_onnx
-
-            name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
-            if name not in onnxruntime.get_available_providers():
-                raise RuntimeError(f"this onnxruntime build has no {name}")
-            model = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=torch.float32, device="cpu")
-            state["dir"] = tempfile.TemporaryDirectory(prefix="trifuse-ort-")
-            path = to_onnx(model, Path(state["dir"].name) / "model.onnx")
-            state["runner"] = runner = OrtRunner(path, providers=[name])
-            state["feed"] = dict(inputs)
-            if "token_type_ids" in runner.input_names and "token_type_ids" not in inputs:
-                state["feed"]["token_type_ids"] = torch.zeros_like(inputs["input_ids"])  # what PyTorch assumes
-        return state["runner"](**state["feed"])["last_hidden_state"]
+        (runner,) = ort.runners()
+        if "token_type_ids" in runner.input_names and "token_type_ids" not in feed:
+            feed["token_type_ids"] = torch.zeros_like(inputs["input_ids"])  # what PyTorch assumes
+        return runner(**feed)["last_hidden_state"]
 
     return run
 
@@ -288,9 +373,8 @@ def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs
             return graphed[0](**inputs).last_hidden_state
 
         fns["trifuse-graphs"] = run_graphed
-    for provider in ("cpu", "cuda"):
-        if f"onnxruntime-{provider}" in backends:
-            fns[f"onnxruntime-{provider}"] = _ort_backend(hf_eager, inputs, provider)
+    for backend, ort in ort_models(hf_eager, "feature-extraction", backends).items():
+        fns[backend] = _ort_backend(ort, inputs)
     if {"hf-sdpa", "torch-compile", "torch-compile-max-autotune"} & set(backends):
         hf_sdpa = build_sdpa()
         fns["hf-sdpa"] = lambda: hf_sdpa(**inputs).last_hidden_state
