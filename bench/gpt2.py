@@ -19,8 +19,14 @@ Backends: ``trifuse`` (our kernels: ``model.generate`` and the forward it runs),
 ``hf-sdpa`` (``GPT2LMHeadModel.generate``), ``torch-compile`` (Hugging Face's
 SDPA model: its forward under ``torch.compile`` for prefill, and ``generate``
 with ``cache_implementation="static"``, which compiles the decode step, for
-decode). Without a GPU the trifuse backend runs Triton's interpreter: checked,
-not timed.
+decode), ``onnxruntime-cpu`` and ``onnxruntime-cuda`` (our model exported to ONNX
+in fp32 once per process, with past key/values in and presents out: prefill is one
+run with an empty past, whose graph computes every position's logits; decode is
+``export.ort_generate_greedy``, every step in ONNX Runtime; torch tensors in and out
+of each timed call, as a user's). Without a GPU the trifuse backend runs Triton's
+interpreter: checked, not timed; and the default backends run onnxruntime-cpu only
+on models under 100M parameters (``suite.ORT_CPU_DEFAULT_MAX_PARAMS``; GPT-2 base
+takes about 20 s to export on 2 cores), so ``gpt2-tiny`` but not ``gpt2``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,18 @@ import torch
 import engine
 import kernels
 
-from .suite import DTYPE_NAMES, Options, SuiteResult, checkpoint_model_type, cpu_note, pick_backends, time_decoder_backends
+from .suite import (
+    DTYPE_NAMES,
+    ORT_CPU_DEFAULT_NOTE,
+    Options,
+    SuiteResult,
+    checkpoint_model_type,
+    cpu_note,
+    model_backends,
+    ort_models,
+    pick_backends,
+    time_decoder_backends,
+)
 from .suite import build_hf_named as suite_build_hf
 
 GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
@@ -45,7 +62,8 @@ NAMED = {
     # For smoke runs and tests: the real vocabulary, a toy body.
     "gpt2-tiny": {**GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
 }
-BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
+BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile", "onnxruntime-cpu", "onnxruntime-cuda")
+CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
 
 
 def is_model(name: str) -> bool:
@@ -70,7 +88,7 @@ def _argmax_gap(hf_eager, seq: torch.Tensor, new: int) -> float:
 
 
 def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: int, new: int,
-               hf_eager, hf_sdpa, ours, compiled) -> list[dict]:
+               hf_eager, hf_sdpa, ours, compiled, ort: dict | None = None) -> list[dict]:
     dev, dtype = opts.device, opts.dtype
     vocab = hf_eager.config.vocab_size
     g = torch.Generator().manual_seed(batch * 10007 + ctx)
@@ -111,6 +129,26 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
         prefill["torch-compile"] = lambda: compiled(input_ids=ids, attention_mask=mask, use_cache=False,
                                                     logits_to_keep=1).logits[:, -1]
         generate["torch-compile"] = lambda n: hf_generate(hf_sdpa, n, cache_implementation="static")
+    heads = hf_eager.config.n_head
+    head_dim = hf_eager.config.n_embd // heads
+
+    def ort_prefill(m):
+        def run():
+            (runner,) = m.runners()
+            past = {n: torch.zeros(batch, heads, 0, head_dim) for n in runner.input_names
+                    if n.startswith("past_key_values.")}  # the first call's empty past
+            return runner(input_ids=ids, attention_mask=mask, **past)["logits"][:, -1]
+        return run
+
+    def ort_generate(m, n):
+        from export import ort_generate_greedy
+
+        return lambda: ort_generate_greedy(m.runners()[0], prompt, pmask, max_new_tokens=n, eos_token_id=[],
+                                           pad_token_id=0)
+
+    for backend, m in (ort or {}).items():
+        prefill[backend] = ort_prefill(m)
+        generate[backend] = lambda n, m=m: ort_generate(m, n)
 
     def check_generated(out):
         if out.shape != (batch, ctx):
@@ -126,7 +164,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
 def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     """The GPT-2 suite: ``run(opts, ["gpt2", "gpt2-medium", ...])``; default ``["gpt2"]``."""
     gpu = opts.on_gpu
-    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else ("trifuse", "reference", "hf-eager", "hf-sdpa"))
+    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else CPU_DEFAULT)
     models = models or ["gpt2"]
     unknown = [m for m in models if not is_model(m)]
     if unknown:
@@ -141,18 +179,22 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
              "prefill: one forward over the whole context into a KV cache, last-position logits."]
     if not gpu:
         notes.append(cpu_note(opts.device))
+        if opts.backends is None:
+            notes.append(ORT_CPU_DEFAULT_NOTE)
     rows = []
     for name in models:
         dtype, dev = opts.dtype, opts.device
         hf_eager = build_hf(name, dtype, dev, "eager")
+        mine = model_backends(opts, backends, hf_eager)
         n_pos = hf_eager.config.n_positions
         hf_sdpa = compiled = None
-        if "hf-sdpa" in backends or "torch-compile" in backends:
+        if "hf-sdpa" in mine or "torch-compile" in mine:
             hf_sdpa = build_hf(name, dtype, dev, "sdpa")
             hf_sdpa.load_state_dict(hf_eager.state_dict())
-            if "torch-compile" in backends:
+            if "torch-compile" in mine:
                 compiled = torch.compile(hf_sdpa)
         ours = engine.from_pretrained(hf_eager, task="causal-lm", dtype=dtype, device=dev)
+        ort = ort_models(hf_eager, "causal-lm", mine)
         for b in batches:
             for ctx in contexts:
                 if ctx > n_pos or ctx <= new:
@@ -160,8 +202,8 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
                                  "dtype": DTYPE_NAMES[dtype], "backend": "-",
                                  "status": f"skipped: context must lie in ({new}, {n_pos}]"})
                     continue
-                rows += _bench_one(name, opts, backends, b, ctx, new, hf_eager, hf_sdpa, ours, compiled)
-        del hf_eager, hf_sdpa, ours, compiled
+                rows += _bench_one(name, opts, mine, b, ctx, new, hf_eager, hf_sdpa, ours, compiled, ort)
+        del hf_eager, hf_sdpa, ours, compiled, ort
         if opts.device.type == "cuda":
             torch.cuda.empty_cache()
     title = f"trifuse GPT-2 on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"

@@ -18,8 +18,18 @@ Backends: ``trifuse`` (our kernels: ``model.encode`` / ``model.generate``),
 ``hf-sdpa`` (``T5ForConditionalGeneration``: its encoder, its ``generate``),
 ``torch-compile`` (Hugging Face's SDPA model: the encoder under
 ``torch.compile``; ``generate`` with ``cache_implementation="static"``, which
-compiles the decode step). Without a GPU the trifuse backend runs Triton's
-interpreter: checked, not timed.
+compiles the decode step), ``onnxruntime-cpu`` and ``onnxruntime-cuda`` (our model
+exported to ONNX in fp32 once per process, as an encoder file, whose run also
+projects every decoder layer's cross-attention keys/values, and a decoder file
+with past: the encoder phase runs the encoder file; decode is
+``export.ort_generate_greedy``, every step in ONNX Runtime; torch tensors in and
+out of each timed call, as a user's). ``ort_generate_greedy`` takes T5's files by
+path and opens its two sessions on every call: that cancels out of the per-token
+latency (t(G) and t(1) both pay it) but is in ``generate_ms`` and
+``first_token_ms``. Without a GPU the trifuse backend runs Triton's interpreter:
+checked, not timed; and the default backends run onnxruntime-cpu only on models
+under 100M parameters (``suite.ORT_CPU_DEFAULT_MAX_PARAMS``; t5-base takes about
+40 s to export on 2 cores), so ``t5-small`` but not ``t5-base``.
 """
 
 from __future__ import annotations
@@ -31,7 +41,18 @@ import torch
 import engine
 import kernels
 
-from .suite import DTYPE_NAMES, Options, SuiteResult, checkpoint_model_type, cpu_note, pick_backends, time_decoder_backends
+from .suite import (
+    DTYPE_NAMES,
+    ORT_CPU_DEFAULT_NOTE,
+    Options,
+    SuiteResult,
+    checkpoint_model_type,
+    cpu_note,
+    model_backends,
+    ort_models,
+    pick_backends,
+    time_decoder_backends,
+)
 from .suite import build_hf_named as suite_build_hf
 
 T5_SMALL = dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
@@ -46,7 +67,8 @@ NAMED = {
     # For smoke runs and tests: the real vocabulary, a toy body.
     "t5-tiny": {**T5_SMALL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
 }
-BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile")
+BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile", "onnxruntime-cpu", "onnxruntime-cuda")
+CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
 
 
 def is_model(name: str) -> bool:
@@ -71,7 +93,7 @@ def _argmax_gap(hf_eager, ids, mask, seq: torch.Tensor) -> float:
 
 
 def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: int, new: int,
-               hf_eager, hf_sdpa, ours, compiled_encoder) -> list[dict]:
+               hf_eager, hf_sdpa, ours, compiled_encoder, ort: dict | None = None) -> list[dict]:
     dev, dtype = opts.device, opts.dtype
     vocab = hf_eager.config.vocab_size
     g = torch.Generator().manual_seed(batch * 10007 + seq)
@@ -109,6 +131,22 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
         encoder["torch-compile"] = lambda: compiled_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         generate["torch-compile"] = lambda n: hf_generate(hf_sdpa, n, cache_implementation="static")
 
+    def ort_encoder(m):
+        return lambda: m.runners()[0](input_ids=ids, attention_mask=mask)["last_hidden_state"]
+
+    def ort_generate(m, n):
+        from export import ort_generate_greedy
+
+        def run():
+            m.runners()  # the provider must load: ONNX Runtime would fall back to the CPU silently
+            return ort_generate_greedy(m.paths, ids, mask, max_new_tokens=n, eos_token_id=[], pad_token_id=0,
+                                       providers=[m.provider])
+        return run
+
+    for backend, m in (ort or {}).items():
+        encoder[backend] = ort_encoder(m)
+        generate[backend] = lambda n, m=m: ort_generate(m, n)
+
     def check_generated(out):
         if out.shape != (batch, 1 + new):
             raise RuntimeError(f"generated shape {tuple(out.shape)}, expected {(batch, 1 + new)}")
@@ -123,7 +161,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
 def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     """The T5 suite: ``run(opts, ["t5-small", "flan-t5-base", ...])``; default ``["t5-small"]``."""
     gpu = opts.on_gpu
-    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else ("trifuse", "reference", "hf-eager", "hf-sdpa"))
+    backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else CPU_DEFAULT)
     models = models or ["t5-small"]
     unknown = [m for m in models if not is_model(m)]
     if unknown:
@@ -138,21 +176,28 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
              f"= (t({new}) - t(1)) / {new - 1}; tok/s = batch / per-token latency."]
     if not gpu:
         notes.append(cpu_note(opts.device))
+        if opts.backends is None:
+            notes.append(ORT_CPU_DEFAULT_NOTE)
+    if any(b.startswith("onnxruntime-") for b in backends):
+        notes.append("onnxruntime decode: export.ort_generate_greedy opens T5's two sessions on every call; that "
+                     "cancels out of the per-token latency but not out of generate_ms and first_token_ms.")
     rows = []
     for name in models:
         dtype, dev = opts.dtype, opts.device
         hf_eager = build_hf(name, dtype, dev, "eager")
+        mine = model_backends(opts, backends, hf_eager)
         hf_sdpa = compiled_encoder = None
-        if "hf-sdpa" in backends or "torch-compile" in backends:
+        if "hf-sdpa" in mine or "torch-compile" in mine:
             hf_sdpa = build_hf(name, dtype, dev, "sdpa")
             hf_sdpa.load_state_dict(hf_eager.state_dict())
-            if "torch-compile" in backends:
+            if "torch-compile" in mine:
                 compiled_encoder = torch.compile(hf_sdpa.get_encoder())
         ours = engine.from_pretrained(hf_eager, task="text2text-generation", dtype=dtype, device=dev)
+        ort = ort_models(hf_eager, "text2text-generation", mine)
         for b in batches:
             for n in seqs:
-                rows += _bench_one(name, opts, backends, b, n, new, hf_eager, hf_sdpa, ours, compiled_encoder)
-        del hf_eager, hf_sdpa, ours, compiled_encoder
+                rows += _bench_one(name, opts, mine, b, n, new, hf_eager, hf_sdpa, ours, compiled_encoder, ort)
+        del hf_eager, hf_sdpa, ours, compiled_encoder, ort
         if opts.device.type == "cuda":
             torch.cuda.empty_cache()
     title = f"trifuse T5 on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"

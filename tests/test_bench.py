@@ -164,9 +164,13 @@ def test_compare_flags_only_changes_beyond_noise(tmp_path, capsys):
 
 def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     """`trifuse bench` with no suite: kernels, families, export; one folder with an index."""
+    import export
     from bench import default
     from tests.test_bert import hf_model
 
+    exported, to_onnx = [], export.to_onnx
+    monkeypatch.setattr(export, "to_onnx", lambda model, path, **kw: exported.append(model.task) or
+                        to_onnx(model, path, **kw))
     ckpt = tmp_path / "tiny-bert"
     hf_model("bert", "Model").save_pretrained(ckpt)
     monkeypatch.setattr(default, "PLAN", [("bert", "models", (str(ckpt), str(ckpt))),
@@ -183,6 +187,11 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
         assert list(folder.glob(f"{name}-*.json")), name
     rows = json.loads(next(folder.glob("models-*.json")).read_text())["rows"]
     assert {r["status"] for r in rows} <= {"ok", "checked"}
+    rows = json.loads(next(folder.glob("gpt2-*.json")).read_text())["rows"]
+    assert {r["phase"] for r in rows if r["backend"] == "onnxruntime-cpu"} == {"prefill", "decode"}
+    # One export per model: the suites' onnxruntime backends and the export step share it.
+    assert len(exported) == len(set(exported)), exported
+    assert list((folder / "onnx" / "gpt2-tiny").glob("*.onnx"))
     assert rc == 0, index
 
 
@@ -211,3 +220,53 @@ def test_trifuse_bench_without_gpu_checks_kernels_under_the_interpreter(tmp_path
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(next(tmp_path.glob("kernels-*.json")).read_text())["rows"]
     assert rows and {r["status"] for r in rows} == {"checked"}, rows
+
+
+def _ort_rows(suite, name: str) -> dict:
+    """``{phase: row}`` of the onnxruntime-cpu backend on one tiny model, one quick shape."""
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, backends=["onnxruntime-cpu"], quick=True)
+    rows = suite.run(opts, [name]).rows
+    assert {r["backend"] for r in rows} == {"onnxruntime-cpu"}
+    return {r["phase"]: r for r in rows}
+
+
+def test_decoder_suites_onnxruntime_backends():
+    """GPT-2 prefill/decode and T5 encoder/decode run in ONNX Runtime, checked against Hugging Face."""
+    from bench import gpt2, t5
+
+    for suite, name, first in ((gpt2, "gpt2-tiny", "prefill"), (t5, "t5-tiny", "encoder")):
+        rows = _ort_rows(suite, name)
+        assert set(rows) == {first, "decode"}, rows
+        for row in rows.values():
+            assert row["status"] == "ok" or row["status"].startswith("noisy"), row
+            assert row["rel_err"] < 1e-4, row
+        assert rows[first]["median_ms"] > 0
+
+
+def test_onnxruntime_backend_wrong_output_is_a_mismatch(monkeypatch):
+    """A runner whose logits are negated: both GPT-2 phases are flagged, neither is timed."""
+    import export
+    from bench import gpt2
+
+    class Negated(export.OrtRunner):
+        def __call__(self, *args, **inputs):
+            return {k: -v if k == "logits" else v for k, v in super().__call__(*args, **inputs).items()}
+
+    monkeypatch.setattr(export, "OrtRunner", Negated)
+    rows = _ort_rows(gpt2, "gpt2-tiny")  # the export from the test above is reused: only sessions are built
+    assert {p: r["status"] for p, r in rows.items()} == {"prefill": "mismatch", "decode": "mismatch"}
+    assert all(r["rel_err"] > 0.1 and "median_ms" not in r for r in rows.values())
+
+
+def test_onnxruntime_cpu_default_leaves_out_large_models():
+    from bench.suite import ORT_CPU_DEFAULT_MAX_PARAMS, model_backends
+
+    large = torch.nn.Linear(ORT_CPU_DEFAULT_MAX_PARAMS, 1, bias=False, device="meta")
+    small = torch.nn.Linear(4, 4)
+    cpu = Options(device=torch.device("cpu"), dtype=torch.float32)
+    backends = ["trifuse", "onnxruntime-cpu"]
+    assert model_backends(cpu, backends, large) == ["trifuse"]
+    assert model_backends(cpu, backends, small) == backends
+    assert model_backends(Options(device=torch.device("cpu"), dtype=torch.float32, backends=backends),
+                          backends, large) == backends  # asked for by name: runs on any size
+    assert model_backends(Options(device=torch.device("cuda"), dtype=torch.float32), backends, large) == backends
