@@ -23,7 +23,9 @@ decode), ``onnxruntime-cpu`` and ``onnxruntime-cuda`` (our model exported to ONN
 in fp32 once per process, with past key/values in and presents out: prefill is one
 run with an empty past, whose graph computes every position's logits; decode is
 ``export.ort_generate_greedy``, every step in ONNX Runtime; torch tensors in and out
-of each timed call, as a user's). Without a GPU the trifuse backend runs Triton's
+of each timed call, as a user's), and, on a GPU, ``trifuse-graphs`` (decode only:
+``engine.graphs.CUDAGraphDecoder``, each step one CUDA graph replay; its prefill is
+``trifuse``'s). Without a GPU the trifuse backend runs Triton's
 interpreter: checked, not timed; and the default backends run onnxruntime-cpu only
 on models under 100M parameters (``suite.ORT_CPU_DEFAULT_MAX_PARAMS``; GPT-2 base
 takes about 20 s to export on 2 cores), so ``gpt2-tiny`` but not ``gpt2``.
@@ -31,7 +33,7 @@ takes about 20 s to export on 2 cores), so ``gpt2-tiny`` but not ``gpt2``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -45,6 +47,7 @@ from .suite import (
     SuiteResult,
     checkpoint_model_type,
     cpu_note,
+    graph_decoder,
     model_backends,
     ort_models,
     pick_backends,
@@ -62,7 +65,8 @@ NAMED = {
     # For smoke runs and tests: the real vocabulary, a toy body.
     "gpt2-tiny": {**GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
 }
-BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile", "onnxruntime-cpu", "onnxruntime-cuda")
+BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile", "onnxruntime-cpu",
+            "onnxruntime-cuda")
 CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
 
 
@@ -88,7 +92,8 @@ def _argmax_gap(hf_eager, seq: torch.Tensor, new: int) -> float:
 
 
 def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: int, new: int,
-               hf_eager, hf_sdpa, ours, compiled, ort: dict | None = None) -> list[dict]:
+               hf_eager, hf_sdpa, ours, compiled, ort: dict | None = None,
+               graphed: Callable | None = None) -> list[dict]:
     dev, dtype = opts.device, opts.dtype
     vocab = hf_eager.config.vocab_size
     g = torch.Generator().manual_seed(batch * 10007 + ctx)
@@ -125,6 +130,9 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
     if hf_sdpa is not None:
         prefill["hf-sdpa"] = hf_prefill(hf_sdpa)
         generate["hf-sdpa"] = lambda n: hf_generate(hf_sdpa, n)
+    if graphed is not None:
+        generate["trifuse-graphs"] = lambda n: lambda: graphed(prompt, pmask, max_new_tokens=n, eos_token_id=[],
+                                                               pad_token_id=0)
     if compiled is not None:
         prefill["torch-compile"] = lambda: compiled(input_ids=ids, attention_mask=mask, use_cache=False,
                                                     logits_to_keep=1).logits[:, -1]
@@ -195,6 +203,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
                 compiled = torch.compile(hf_sdpa)
         ours = engine.from_pretrained(hf_eager, task="causal-lm", dtype=dtype, device=dev)
         ort = ort_models(hf_eager, "causal-lm", mine)
+        graphed = graph_decoder(ours, max_len=min(n_pos, max(contexts))) if "trifuse-graphs" in mine else None
         for b in batches:
             for ctx in contexts:
                 if ctx > n_pos or ctx <= new:
@@ -202,8 +211,8 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
                                  "dtype": DTYPE_NAMES[dtype], "backend": "-",
                                  "status": f"skipped: context must lie in ({new}, {n_pos}]"})
                     continue
-                rows += _bench_one(name, opts, mine, b, ctx, new, hf_eager, hf_sdpa, ours, compiled, ort)
-        del hf_eager, hf_sdpa, ours, compiled, ort
+                rows += _bench_one(name, opts, mine, b, ctx, new, hf_eager, hf_sdpa, ours, compiled, ort, graphed)
+        del hf_eager, hf_sdpa, ours, compiled, ort, graphed
         if opts.device.type == "cuda":
             torch.cuda.empty_cache()
     title = f"trifuse GPT-2 on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"

@@ -152,7 +152,7 @@ def _untimed_status(row: dict, backend: str, opts: Options, interpreted: bool) -
     (checked, but its time says nothing about a GPU). None: time it."""
     if row["rel_err"] > MODEL_TOL[opts.dtype]:
         return "mismatch"
-    if backend == "trifuse" and interpreted:
+    if backend.startswith("trifuse") and interpreted:
         return "checked"
     return None
 
@@ -396,14 +396,30 @@ def _time_decoder(fn: Callable[[], object], opts: Options, *, slow: bool = False
                    min_iters=3 if slow else 5, max_iters=50 if slow else 1000, flush_l2=False)
 
 
+def graph_decoder(ours, max_len: Optional[int] = None) -> Callable:
+    """``generate`` of the ``trifuse-graphs`` decoder backend: ``engine.graphs.CUDAGraphDecoder(ours)``,
+    built on the first call (so a run without a GPU reports the error in its row) and kept
+    for every shape after it (its graphs are per batch size and cache bucket)."""
+    held = []
+
+    def generate(*args, **kwargs):
+        if not held:
+            from engine.graphs import CUDAGraphDecoder
+
+            held.append(CUDAGraphDecoder(ours, max_len=max_len))
+        return held[0].generate(*args, **kwargs)
+
+    return generate
+
+
 def time_decoder_backends(first: dict, generate: dict, ref_first: torch.Tensor, check_generated: Callable,
                           backends: Sequence[str], opts: Options, base_row: dict, *, first_phase: str,
                           new: int, batch: int, tokens: int) -> list[dict]:
     """Each backend in two phases, each checked before it is timed.
 
     ``first[b]()``: the pass over the prompt (GPT-2's prefill, T5's encoder), compared
-    with ``ref_first``. ``generate[b](n)``: a callable generating ``n`` tokens greedily;
-    ``check_generated(out)`` returns its relative gap to Hugging Face eager (and raises
+    with ``ref_first``; a backend without one (``trifuse-graphs``) has only a decode row.
+    ``generate[b](n)``: a callable generating ``n`` tokens greedily; ``check_generated(out)`` returns its relative gap to Hugging Face eager (and raises
     on a wrong shape). Per-token latency is ``(t(new) - t(1)) / (new - 1)``, so the
     first pass cancels out; when noise swamps the steps the row says so.
     """
@@ -414,6 +430,8 @@ def time_decoder_backends(first: dict, generate: dict, ref_first: torch.Tensor, 
     rows = []
     for phase in (first_phase, "decode"):
         for backend in backends:
+            if phase == first_phase and backend not in first:
+                continue
             row = {**base_row, "op": f"{base_row['op']} {phase}", "phase": phase, "backend": backend}
             if phase == "decode":
                 row["new_tokens"] = new

@@ -23,10 +23,9 @@ exported to ONNX in fp32 once per process, as an encoder file, whose run also
 projects every decoder layer's cross-attention keys/values, and a decoder file
 with past: the encoder phase runs the encoder file; decode is
 ``export.ort_generate_greedy``, every step in ONNX Runtime; torch tensors in and
-out of each timed call, as a user's). ``ort_generate_greedy`` takes T5's files by
-path and opens its two sessions on every call: that cancels out of the per-token
-latency (t(G) and t(1) both pay it) but is in ``generate_ms`` and
-``first_token_ms``. Without a GPU the trifuse backend runs Triton's interpreter:
+out of each timed call, as a user's; the sessions are opened once), and, on a
+GPU, ``trifuse-graphs`` (decode only: ``engine.graphs.CUDAGraphDecoder``, each
+step one CUDA graph replay; its encoder is ``trifuse``'s). Without a GPU the trifuse backend runs Triton's interpreter:
 checked, not timed; and the default backends run onnxruntime-cpu only on models
 under 100M parameters (``suite.ORT_CPU_DEFAULT_MAX_PARAMS``; t5-base takes about
 40 s to export on 2 cores), so ``t5-small`` but not ``t5-base``.
@@ -34,7 +33,7 @@ under 100M parameters (``suite.ORT_CPU_DEFAULT_MAX_PARAMS``; t5-base takes about
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -49,6 +48,7 @@ from .suite import (
     checkpoint_model_type,
     cpu_note,
     model_backends,
+    graph_decoder,
     ort_models,
     pick_backends,
     time_decoder_backends,
@@ -67,7 +67,8 @@ NAMED = {
     # For smoke runs and tests: the real vocabulary, a toy body.
     "t5-tiny": {**T5_SMALL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
 }
-BACKENDS = ("trifuse", "reference", "hf-eager", "hf-sdpa", "torch-compile", "onnxruntime-cpu", "onnxruntime-cuda")
+BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile", "onnxruntime-cpu",
+            "onnxruntime-cuda")
 CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
 
 
@@ -93,7 +94,8 @@ def _argmax_gap(hf_eager, ids, mask, seq: torch.Tensor) -> float:
 
 
 def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: int, new: int,
-               hf_eager, hf_sdpa, ours, compiled_encoder, ort: dict | None = None) -> list[dict]:
+               hf_eager, hf_sdpa, ours, compiled_encoder, ort: dict | None = None,
+               graphed: Callable | None = None) -> list[dict]:
     dev, dtype = opts.device, opts.dtype
     vocab = hf_eager.config.vocab_size
     g = torch.Generator().manual_seed(batch * 10007 + seq)
@@ -127,6 +129,9 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
     if hf_sdpa is not None:
         encoder["hf-sdpa"] = hf_encoder(hf_sdpa)
         generate["hf-sdpa"] = lambda n: hf_generate(hf_sdpa, n)
+    if graphed is not None:
+        generate["trifuse-graphs"] = lambda n: lambda: graphed(ids, mask, max_new_tokens=n, eos_token_id=[],
+                                                               pad_token_id=0)
     if compiled_encoder is not None:
         encoder["torch-compile"] = lambda: compiled_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         generate["torch-compile"] = lambda n: hf_generate(hf_sdpa, n, cache_implementation="static")
@@ -137,11 +142,8 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
     def ort_generate(m, n):
         from export import ort_generate_greedy
 
-        def run():
-            m.runners()  # the provider must load: ONNX Runtime would fall back to the CPU silently
-            return ort_generate_greedy(m.paths, ids, mask, max_new_tokens=n, eos_token_id=[], pad_token_id=0,
-                                       providers=[m.provider])
-        return run
+        return lambda: ort_generate_greedy(m.runners(), ids, mask, max_new_tokens=n, eos_token_id=[],
+                                           pad_token_id=0)
 
     for backend, m in (ort or {}).items():
         encoder[backend] = ort_encoder(m)
@@ -178,9 +180,6 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
         notes.append(cpu_note(opts.device))
         if opts.backends is None:
             notes.append(ORT_CPU_DEFAULT_NOTE)
-    if any(b.startswith("onnxruntime-") for b in backends):
-        notes.append("onnxruntime decode: export.ort_generate_greedy opens T5's two sessions on every call; that "
-                     "cancels out of the per-token latency but not out of generate_ms and first_token_ms.")
     rows = []
     for name in models:
         dtype, dev = opts.dtype, opts.device
@@ -194,10 +193,12 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
                 compiled_encoder = torch.compile(hf_sdpa.get_encoder())
         ours = engine.from_pretrained(hf_eager, task="text2text-generation", dtype=dtype, device=dev)
         ort = ort_models(hf_eager, "text2text-generation", mine)
+        graphed = graph_decoder(ours, max_len=1 + new) if "trifuse-graphs" in mine else None
         for b in batches:
             for n in seqs:
-                rows += _bench_one(name, opts, mine, b, n, new, hf_eager, hf_sdpa, ours, compiled_encoder, ort)
-        del hf_eager, hf_sdpa, ours, compiled_encoder, ort
+                rows += _bench_one(name, opts, mine, b, n, new, hf_eager, hf_sdpa, ours, compiled_encoder, ort,
+                                   graphed)
+        del hf_eager, hf_sdpa, ours, compiled_encoder, ort, graphed
         if opts.device.type == "cuda":
             torch.cuda.empty_cache()
     title = f"trifuse T5 on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"

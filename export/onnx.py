@@ -854,7 +854,7 @@ def ort_generate_greedy(onnx, input_ids: Tensor, attention_mask: Optional[Tensor
 
     ``onnx``: GPT-2's file (or an :class:`OrtRunner` on it) -> ``[B, L + n]``, the prompt
     (left padding allowed, pass its mask) then the new tokens; or T5's two files (the path
-    given to :func:`to_onnx`, or ``(encoder, decoder)``) -> ``[B, 1 + n]``, the decoder
+    given to :func:`to_onnx`, or ``(encoder, decoder)`` paths or runners) -> ``[B, 1 + n]``, the decoder
     start token then the new tokens. Each step feeds the graph's ``present.*`` back as
     ``past_key_values.*``; rows stop at EOS and are padded as in ``model.generate``, whose
     defaults (EOS, pad, decoder start) come from the config recorded in the file.
@@ -863,6 +863,8 @@ def ort_generate_greedy(onnx, input_ids: Tensor, attention_mask: Optional[Tensor
 
     if isinstance(onnx, OrtRunner):
         runners = (onnx,)
+    elif isinstance(onnx, (tuple, list)) and onnx and all(isinstance(r, OrtRunner) for r in onnx):
+        runners = tuple(onnx)  # T5's (encoder, decoder) sessions, opened once by the caller
     else:
         runners = tuple(OrtRunner(p, providers) for p in onnx_paths(onnx))
     meta = _metadata(runners[-1])

@@ -270,3 +270,20 @@ def test_onnxruntime_cpu_default_leaves_out_large_models():
     assert model_backends(Options(device=torch.device("cpu"), dtype=torch.float32, backends=backends),
                           backends, large) == backends  # asked for by name: runs on any size
     assert model_backends(Options(device=torch.device("cuda"), dtype=torch.float32), backends, large) == backends
+
+
+def test_decoder_suites_trifuse_graphs_backend(monkeypatch):
+    """The trifuse-graphs decode rows: without a GPU an error row; with the graphs swapped for the
+    same steps run eagerly (StaticDecoder), checked against Hugging Face like every backend."""
+    import engine.graphs
+    from bench import gpt2, t5
+
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, backends=["trifuse-graphs"], quick=True)
+    rows = gpt2.run(opts, ["gpt2-tiny"]).rows
+    assert [(r["phase"], r["status"]) for r in rows] == [
+        ("decode", "error: ValueError: CUDA graphs need the model on a CUDA device; it is on cpu")]
+    monkeypatch.setattr(engine.graphs, "CUDAGraphDecoder", engine.graphs.StaticDecoder)
+    for suite, name in ((gpt2, "gpt2-tiny"), (t5, "t5-tiny")):
+        rows = suite.run(opts, [name]).rows
+        assert [r["phase"] for r in rows] == ["decode"], rows  # no prefill / encoder row of its own
+        assert rows[0]["status"] == "checked" and rows[0]["rel_err"] < 1e-5, rows  # interpreted: not timed
