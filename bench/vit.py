@@ -26,12 +26,14 @@ from .suite import (
     DTYPE_NAMES,
     ENCODER_BACKENDS,
     ENCODER_CPU_DEFAULT,
+    ORT_CPU_DEFAULT_NOTE,
     Options,
     SuiteResult,
     build_hf_named,
     checkpoint_model_type,
     cpu_note,
     encoder_backend_fns,
+    model_backends,
     pick_backends,
     time_model_backends,
 )
@@ -68,6 +70,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int) -> lis
     dev, dtype = opts.device, opts.dtype
     hf_eager = build_hf(name, dtype, dev, "eager")
     c, h, w = _image_shape(hf_eager.config)
+    backends = model_backends(opts, backends, hf_eager)
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, c, h, w, generator=g).to(device=dev, dtype=dtype)
     with torch.no_grad():
@@ -106,6 +109,8 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     notes = ["Images at the checkpoint's size; seq = patches + special tokens; seq/s = images/s."]
     if not gpu:
         notes.append(cpu_note(opts.device))
+        if opts.backends is None:
+            notes.append(ORT_CPU_DEFAULT_NOTE)
     rows = []
     for name in models:
         for b in batches:
