@@ -41,19 +41,20 @@ import engine
 import kernels
 
 from .suite import (
+    DECODER_BACKENDS,
+    DECODER_CPU_DEFAULT,
     DTYPE_NAMES,
-    ORT_CPU_DEFAULT_NOTE,
     Options,
     SuiteResult,
+    build_hf_generator,
     checkpoint_model_type,
-    cpu_note,
+    cpu_notes,
     graph_decoder,
     model_backends,
     ort_models,
     pick_backends,
     time_decoder_backends,
 )
-from .suite import build_hf_named as suite_build_hf
 
 GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
             bos_token_id=50256, eos_token_id=50256)
@@ -65,9 +66,8 @@ NAMED = {
     # For smoke runs and tests: the real vocabulary, a toy body.
     "gpt2-tiny": {**GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
 }
-BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile", "onnxruntime-cpu",
-            "onnxruntime-cuda")
-CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
+BACKENDS = DECODER_BACKENDS
+CPU_DEFAULT = DECODER_CPU_DEFAULT
 
 
 def is_model(name: str) -> bool:
@@ -75,11 +75,7 @@ def is_model(name: str) -> bool:
 
 
 def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
-    model = suite_build_hf(name, NAMED, dtype, device, attn, auto_class="AutoModelForCausalLM")
-    # Greedy decoding for exactly the requested number of tokens: no EOS stop.
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return build_hf_generator(name, NAMED, dtype, device, attn, auto_class="AutoModelForCausalLM")
 
 
 def _argmax_gap(hf_eager, seq: torch.Tensor, new: int) -> float:
@@ -185,10 +181,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     notes = [f"decode: greedy generate of {new} tokens after a (ctx - {new}) token prompt; per-token latency "
              f"= (t({new}) - t(1)) / {new - 1}; tok/s = batch / per-token latency.",
              "prefill: one forward over the whole context into a KV cache, last-position logits."]
-    if not gpu:
-        notes.append(cpu_note(opts.device))
-        if opts.backends is None:
-            notes.append(ORT_CPU_DEFAULT_NOTE)
+    notes += cpu_notes(opts)
     rows = []
     for name in models:
         dtype, dev = opts.dtype, opts.device

@@ -24,11 +24,10 @@ from .suite import (
     DTYPE_NAMES,
     ENCODER_BACKENDS,
     ENCODER_CPU_DEFAULT,
-    ORT_CPU_DEFAULT_NOTE,
     Options,
     SuiteResult,
     build_hf_named,
-    cpu_note,
+    cpu_notes,
     encoder_backend_fns,
     model_backends,
     pick_backends,
@@ -105,10 +104,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     if opts.quick:
         batches, seqs = batches[:1], [min(seqs[0], 32)]
     notes = []
-    if not gpu:
-        notes.append(cpu_note(opts.device))
-        if opts.backends is None:
-            notes.append(ORT_CPU_DEFAULT_NOTE)
+    notes += cpu_notes(opts)
     rows = []
     for name in models:
         for b in batches:

@@ -310,6 +310,14 @@ ORT_CPU_DEFAULT_NOTE = (f"onnxruntime-cpu: without a GPU, in the default backend
                         "and more on the CPU); name it in --backends to run it on any size.")
 
 
+def cpu_notes(opts: Options) -> list[str]:
+    """The notes every suite's CPU run carries: what its trifuse rows mean, and (default backends)
+    why onnxruntime-cpu is missing for large models. Empty on a GPU."""
+    if opts.on_gpu:
+        return []
+    return [cpu_note(opts.device)] + ([ORT_CPU_DEFAULT_NOTE] if opts.backends is None else [])
+
+
 # Encoders (BERT family, ViT): the backends side by side.
 ENCODER_BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile",
                     "torch-compile-max-autotune", "onnxruntime-cpu", "onnxruntime-cuda")
@@ -396,6 +404,22 @@ def _time_decoder(fn: Callable[[], object], opts: Options, *, slow: bool = False
                    min_iters=3 if slow else 5, max_iters=50 if slow else 1000, flush_l2=False)
 
 
+# Decoders (GPT-2, T5): the backends side by side.
+DECODER_BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile", "onnxruntime-cpu",
+                    "onnxruntime-cuda")
+DECODER_CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
+
+
+def build_hf_generator(name: str, named: dict, dtype: torch.dtype, device: torch.device, attn: str,
+                       auto_class: str):
+    """``build_hf_named`` for a generating model, set to decode greedily for exactly the requested
+    number of tokens (no EOS stop), as the suites ask our models to."""
+    model = build_hf_named(name, named, dtype, device, attn, auto_class=auto_class)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 def graph_decoder(ours, max_len: Optional[int] = None) -> Callable:
     """``generate`` of the ``trifuse-graphs`` decoder backend: ``engine.graphs.CUDAGraphDecoder(ours)``,
     built on the first call (so a run without a GPU reports the error in its row) and kept
@@ -419,9 +443,10 @@ def time_decoder_backends(first: dict, generate: dict, ref_first: torch.Tensor, 
 
     ``first[b]()``: the pass over the prompt (GPT-2's prefill, T5's encoder), compared
     with ``ref_first``; a backend without one (``trifuse-graphs``) has only a decode row.
-    ``generate[b](n)``: a callable generating ``n`` tokens greedily; ``check_generated(out)`` returns its relative gap to Hugging Face eager (and raises
-    on a wrong shape). Per-token latency is ``(t(new) - t(1)) / (new - 1)``, so the
-    first pass cancels out; when noise swamps the steps the row says so.
+    ``generate[b](n)``: a callable generating ``n`` tokens greedily; ``check_generated(out)``
+    returns its relative gap to Hugging Face eager (and raises on a wrong shape). Per-token
+    latency is ``(t(new) - t(1)) / (new - 1)``, so the first pass cancels out; when noise
+    swamps the steps the row says so.
     """
     from kernels import _dispatch
 

@@ -41,19 +41,20 @@ import engine
 import kernels
 
 from .suite import (
+    DECODER_BACKENDS,
+    DECODER_CPU_DEFAULT,
     DTYPE_NAMES,
-    ORT_CPU_DEFAULT_NOTE,
     Options,
     SuiteResult,
+    build_hf_generator,
     checkpoint_model_type,
-    cpu_note,
+    cpu_notes,
     graph_decoder,
     model_backends,
     ort_models,
     pick_backends,
     time_decoder_backends,
 )
-from .suite import build_hf_named as suite_build_hf
 
 T5_SMALL = dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="relu",
@@ -67,9 +68,8 @@ NAMED = {
     # For smoke runs and tests: the real vocabulary, a toy body.
     "t5-tiny": {**T5_SMALL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
 }
-BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile", "onnxruntime-cpu",
-            "onnxruntime-cuda")
-CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
+BACKENDS = DECODER_BACKENDS
+CPU_DEFAULT = DECODER_CPU_DEFAULT
 
 
 def is_model(name: str) -> bool:
@@ -77,11 +77,7 @@ def is_model(name: str) -> bool:
 
 
 def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
-    model = suite_build_hf(name, NAMED, dtype, device, attn, auto_class="AutoModelForSeq2SeqLM")
-    # Greedy decoding for exactly the requested number of tokens: no EOS stop.
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return build_hf_generator(name, NAMED, dtype, device, attn, auto_class="AutoModelForSeq2SeqLM")
 
 
 def _argmax_gap(hf_eager, ids, mask, seq: torch.Tensor) -> float:
@@ -176,10 +172,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     notes = ["encoder: one encoder forward over a [batch, seq] source; tok/s = batch * seq / latency.",
              f"decode: greedy generate of {new} tokens (no EOS stop) from that source; per-token latency "
              f"= (t({new}) - t(1)) / {new - 1}; tok/s = batch / per-token latency."]
-    if not gpu:
-        notes.append(cpu_note(opts.device))
-        if opts.backends is None:
-            notes.append(ORT_CPU_DEFAULT_NOTE)
+    notes += cpu_notes(opts)
     rows = []
     for name in models:
         dtype, dev = opts.dtype, opts.device

@@ -26,12 +26,11 @@ from .suite import (
     DTYPE_NAMES,
     ENCODER_BACKENDS,
     ENCODER_CPU_DEFAULT,
-    ORT_CPU_DEFAULT_NOTE,
     Options,
     SuiteResult,
     build_hf_named,
     checkpoint_model_type,
-    cpu_note,
+    cpu_notes,
     encoder_backend_fns,
     model_backends,
     pick_backends,
@@ -107,10 +106,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     if opts.quick:
         batches = batches[:1]
     notes = ["Images at the checkpoint's size; seq = patches + special tokens; seq/s = images/s."]
-    if not gpu:
-        notes.append(cpu_note(opts.device))
-        if opts.backends is None:
-            notes.append(ORT_CPU_DEFAULT_NOTE)
+    notes += cpu_notes(opts)
     rows = []
     for name in models:
         for b in batches:

@@ -377,18 +377,15 @@ class CUDAGraphDecoder(StaticDecoder):
         self.pool = torch.cuda.graph_pool_handle()
 
     def _capture(self, state: _DecodeState, kv: int):
-        saved = [t.clone() for t in (state.slot, state.positions) if t is not None]
-
-        def restore():
-            for t, s in zip([t for t in (state.slot, state.positions) if t is not None], saved):
-                t.copy_(s)
-
+        advanced = [t for t in (state.slot, state.positions) if t is not None]  # what a step moves on
+        saved = [t.clone() for t in advanced]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 self._decode_step(state, kv)
-                restore()
+                for t, s in zip(advanced, saved):
+                    t.copy_(s)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
