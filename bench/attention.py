@@ -37,8 +37,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import RelativeBias, _dispatch
+from trifuse import kernels
+from trifuse.kernels import RelativeBias, _dispatch
 
 from .suite import DTYPE_NAMES, Options, SuiteResult, check_and_time, pick_backends
 from .timing import copy_bandwidth, matmul_peak

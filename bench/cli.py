@@ -10,8 +10,8 @@ from pathlib import Path
 
 # Suite name -> module with ``run(Options) -> SuiteResult``; imported on demand.
 SUITES = {
-    "kernels": "bench.kernels",
-    "attention": "bench.attention",
+    "kernels": "trifuse.bench.kernels",
+    "attention": "trifuse.bench.attention",
 }
 
 

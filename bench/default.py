@@ -43,7 +43,7 @@ PLAN = [
 
 def _suite(module: str):
     try:
-        return importlib.import_module(f"bench.{module}")
+        return importlib.import_module(f"trifuse.bench.{module}")
     except ModuleNotFoundError:
         return None
 
@@ -55,12 +55,11 @@ def _export_rows(opts: Options, folder: Path, names: list[tuple[str, str]]) -> t
     its files are linked into ``folder/onnx/<name>/`` and ``export_s`` is that export's time.
     """
     try:
-        import export
+        from trifuse import export
         verify = export.verify
     except (ImportError, AttributeError):
         return [], ["ONNX export is not available in this build: export and verification skipped."]
-    import engine
-    import kernels
+    from trifuse import engine, kernels
 
     rows = []
     onnx_dir = folder / "onnx"
@@ -130,7 +129,7 @@ def run_main_job(opts: Options, out_root: Path) -> tuple[Path, bool]:
     for name in ("kernels", "attention"):
         report.console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
-        results[name] = importlib.import_module(f"bench.{name}").run(dataclasses.replace(opts, quick=not gpu))
+        results[name] = importlib.import_module(f"trifuse.bench.{name}").run(dataclasses.replace(opts, quick=not gpu))
         _took(took, name, t0)
 
     exported, missing = [], []

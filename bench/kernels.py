@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import _dispatch
+from trifuse import kernels
+from trifuse.kernels import _dispatch
 
 from .suite import DTYPE_NAMES, Options, SuiteResult, check_and_time, pick_backends
 from .timing import copy_bandwidth

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-import engine
+from trifuse import engine
 
 from .suite import (
     DTYPE_NAMES,

@@ -165,7 +165,7 @@ def time_model_backends(fns: dict, ref: torch.Tensor, backends: Sequence[str], o
     rows get ``{item_name}_per_s`` and ``tokens_per_s``. On the CPU the trifuse
     backend runs interpreted Triton: it is checked, not timed.
     """
-    from kernels import _dispatch
+    from trifuse.kernels import _dispatch
 
     dev = opts.device
     interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
@@ -240,8 +240,8 @@ def onnx_export(hf_model, task: str, model=None) -> tuple[tuple[Path, ...], floa
         import time
 
         try:
-            import engine
-            from export import to_onnx
+            from trifuse import engine
+            from trifuse.export import to_onnx
 
             if model is None:
                 model = engine.from_pretrained(hf_model, task=task, dtype=torch.float32, device="cpu")
@@ -278,7 +278,7 @@ class OrtModel:
         if self._runners is None:
             import onnxruntime
 
-            from export import OrtRunner
+            from trifuse.export import OrtRunner
 
             if self.provider not in onnxruntime.get_available_providers():
                 raise RuntimeError(f"this onnxruntime build has no {self.provider}")
@@ -326,7 +326,7 @@ ENCODER_CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxrunti
 
 def cpu_note(device: torch.device) -> str:
     """What a CPU run's ``trifuse`` rows mean, which depends on whether Triton can run here."""
-    from kernels import _dispatch
+    from trifuse.kernels import _dispatch
 
     if _dispatch.triton_runnable(device):
         return ("No GPU: the trifuse backend's Triton kernels are checked under Triton's interpreter, not timed; "
@@ -358,7 +358,7 @@ def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs
     this exact ``batch`` x ``seq`` bucket and runs it as a latency-minded user would:
     no token-id range check (a host sync) and outputs left in the graph's buffers.
     """
-    import kernels
+    from trifuse import kernels
 
     def run_ours():
         return ours(**inputs).last_hidden_state
@@ -373,7 +373,7 @@ def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs
         graphed = []
 
         def run_graphed():  # built on first call, so a CPU run reports the error in its row
-            from engine.graphs import CUDAGraphModel
+            from trifuse.engine.graphs import CUDAGraphModel
 
             if not graphed:
                 graphed.append(CUDAGraphModel(ours, batch_sizes=(batch,), seq_lengths=(seq,) if seq else (1,),
@@ -428,7 +428,7 @@ def graph_decoder(ours, max_len: Optional[int] = None) -> Callable:
 
     def generate(*args, **kwargs):
         if not held:
-            from engine.graphs import CUDAGraphDecoder
+            from trifuse.engine.graphs import CUDAGraphDecoder
 
             held.append(CUDAGraphDecoder(ours, max_len=max_len))
         return held[0].generate(*args, **kwargs)
@@ -448,7 +448,7 @@ def time_decoder_backends(first: dict, generate: dict, ref_first: torch.Tensor, 
     latency is ``(t(new) - t(1)) / (new - 1)``, so the first pass cancels out; when noise
     swamps the steps the row says so.
     """
-    from kernels import _dispatch
+    from trifuse.kernels import _dispatch
 
     dev = opts.device
     interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)

@@ -37,8 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
-import engine
-import kernels
+from trifuse import engine, kernels
 
 from .suite import (
     DECODER_BACKENDS,
@@ -136,7 +135,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
         return lambda: m.runners()[0](input_ids=ids, attention_mask=mask)["last_hidden_state"]
 
     def ort_generate(m, n):
-        from export import ort_generate_greedy
+        from trifuse.export import ort_generate_greedy
 
         return lambda: ort_generate_greedy(m.runners(), ids, mask, max_new_tokens=n, eos_token_id=[],
                                            pad_token_id=0)

@@ -12,7 +12,7 @@ The algorithm is the vectorized one of transformers 5.x
 * each step takes the top ``K = max(2, 1 + #eos) * num_beams`` continuations of all
   beams by accumulated log-probability (or samples ``K`` without replacement from
   their softmax when ``do_sample``, after temperature / top-k / top-p, which keep at
-  least ``#eos + 1`` tokens);
+  least ``#eos + 1`` tokens, then ranked by score as transformers 5.24 does);
 * continuations ending in EOS (or reaching ``max_new_tokens``) among the top
   ``num_beams`` become finished hypotheses scored ``sum logprob / len ** length_penalty``
   (``len`` counts generated tokens, EOS included); the best ``num_beams``
@@ -139,6 +139,9 @@ def beam_search(first_logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], 
         if cfg.do_sample:
             cand = torch.multinomial(acc.softmax(dim=-1), num_samples=keep, generator=generator)
             cand_scores = acc.gather(1, cand)
+            # transformers >= 5.24 ranks the draws by score (earlier releases kept draw order)
+            cand_scores, order = cand_scores.sort(dim=-1, descending=True)
+            cand = cand.gather(-1, order)
         else:
             cand_scores, cand = torch.topk(acc, k=keep)
         src = cand // vocab

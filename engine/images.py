@@ -6,7 +6,7 @@ for step: resize with PIL and the same resample filter, optional center crop,
 rescale (``uint8 * rescale_factor`` in float64, then float32), normalize
 (``(x - mean) / std`` in float32). Its output equals Hugging Face's.
 
-    from engine.images import ImageProcessor
+    from trifuse.engine.images import ImageProcessor
 
     processor = ImageProcessor.from_pretrained("path/to/checkpoint")
     pixel_values = processor(["cat.jpg", Image.open("dog.png"), uint8_hwc_array])  # [B, C, H, W] float32

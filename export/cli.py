@@ -46,7 +46,7 @@ def _error(cmd: str, e: BaseException) -> int:
 
 
 def _export_main(args) -> int:
-    import engine
+    from trifuse import engine
 
     from . import onnx as ox
     from .verify import print_report, verify

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels  # noqa: F401  (registers the torch.ops.trifuse ops translated below)
+from trifuse import kernels  # noqa: F401  (registers the torch.ops.trifuse ops translated below)
 
 #: The default ONNX opset (``Gelu`` and ``LayerNormalization`` need >= 20 and >= 17).
 DEFAULT_OPSET = 20
@@ -228,7 +228,7 @@ def _model_kind(model) -> Tuple[str, str]:
     """``(family, kind)`` of a trifuse model; kind is encoder, vision, decoder or seq2seq."""
     import sys
 
-    from engine.models import bert, gpt2, vit
+    from trifuse.engine.models import bert, gpt2, vit
 
     if isinstance(model, bert.EncoderModel):
         return model.config.family, "encoder"
@@ -236,7 +236,7 @@ def _model_kind(model) -> Tuple[str, str]:
         return model.config.family, "vision"
     if isinstance(model, gpt2.GPT2Model):
         return "gpt2", "decoder"
-    t5 = sys.modules.get("engine.models.t5")
+    t5 = sys.modules.get("trifuse.engine.models.t5")
     if t5 is not None and isinstance(model, getattr(t5, "T5Model", ())):
         return "t5", "seq2seq"
     raise ExportError(
@@ -629,7 +629,7 @@ def _check_opset(opset: Optional[int]) -> int:
 
 def _resolve_model(model):
     if isinstance(model, (str, os.PathLike)) or (hasattr(model, "config") and hasattr(model.config, "to_dict")):
-        import engine
+        from trifuse import engine
 
         return engine.from_pretrained(model)
     return model
@@ -654,7 +654,7 @@ def to_onnx(model, path, *, opset: Optional[int] = None, dynamic: bool = True, e
     if path.suffix != ".onnx":
         raise ExportError(f"{path}: the output file must end in .onnx")
     graphs = graphs_for(model, dynamic=dynamic, example_inputs=example_inputs, layer_outputs=layer_outputs)
-    import engine
+    import trifuse
 
     dtype = next(model.parameters()).dtype
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -672,7 +672,7 @@ def to_onnx(model, path, *, opset: Optional[int] = None, dynamic: bool = True, e
             if value.name in graph.dims:
                 _set_dims(value, graph.dims[value.name])
         meta = {
-            "trifuse.version": engine.__version__, "trifuse.family": family, "trifuse.kind": kind,
+            "trifuse.version": trifuse.__version__, "trifuse.family": family, "trifuse.kind": kind,
             "trifuse.graph": graph.name, "trifuse.task": str(getattr(model, "task", "")),
             "trifuse.dtype": _DTYPE_NAMES.get(dtype, str(dtype)), "trifuse.opset": str(opset),
             "trifuse.config": _config_json(model), "trifuse.inputs": ",".join(graph.inputs),
@@ -682,7 +682,7 @@ def to_onnx(model, path, *, opset: Optional[int] = None, dynamic: bool = True, e
         }
         ir_model.metadata_props.update(meta)
         ir_model.producer_name = "trifuse"
-        ir_model.producer_version = engine.__version__
+        ir_model.producer_version = trifuse.__version__
         prog.save(str(out))
         written.append(out)
     return written[0] if len(written) == 1 else tuple(written)
@@ -859,7 +859,7 @@ def ort_generate_greedy(onnx, input_ids: Tensor, attention_mask: Optional[Tensor
     ``past_key_values.*``; rows stop at EOS and are padded as in ``model.generate``, whose
     defaults (EOS, pad, decoder start) come from the config recorded in the file.
     """
-    from engine import generation as gen
+    from trifuse.engine import generation as gen
 
     if isinstance(onnx, OrtRunner):
         runners = (onnx,)

@@ -120,7 +120,7 @@ def _other(n: int, avoid: int, lo: int = 1, hi: Optional[int] = None) -> int:
 
 def make_inputs(model, meta: dict, *, batch: int = 3, seq: int = 11, seed: int = 0) -> Dict[str, Tensor]:
     """Inputs for one forward of an encoder / ViT graph, off the export's example shapes, padded."""
-    from engine.check import make_batch
+    from trifuse.engine.check import make_batch
 
     family, kind = ox._model_kind(model)
     example = json.loads(meta.get("trifuse.example_shapes", "{}"))
@@ -258,7 +258,7 @@ def _resolve(model, meta: dict, path):
     if model_type is not None and model_type != meta.get("trifuse.family"):
         raise ValueError(f"{path} does not match the model: the file holds a {meta.get('trifuse.family')} model, "
                          f"the checkpoint is {model_type}")
-    import engine
+    from trifuse import engine
 
     return engine.from_pretrained(model, dtype=meta.get("trifuse.dtype"), task=meta.get("trifuse.task") or None)
 
@@ -383,7 +383,7 @@ def _torch_t5_decoder(model, feed: Dict[str, Tensor], encoder_hidden: Tensor, hi
 
 
 def _verify_t5(paths, metas, model, inputs, providers, layerwise, batch, seq, seed, budget) -> VerifyReport:
-    from engine.check import make_batch
+    from trifuse.engine.check import make_batch
 
     c = model.config
     graphs = [m.get("trifuse.graph") for m in metas]

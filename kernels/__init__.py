@@ -6,15 +6,26 @@ op runs (Triton, Triton's interpreter, or the reference) is decided at call
 time; see :mod:`kernels._dispatch`.
 """
 
-from ._dispatch import BACKENDS, INTERPRET, get_backend, set_backend, use_backend
-from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, RelativeBias, attention, attention_reference,
-                        relative_position_bucket)
-from .gelu import gelu, gelu_reference
-from .norm import MAX_FUSED_WIDTH, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+if __name__ != "trifuse.kernels":  # the source folder imported by its bare name
+    from trifuse.sourcetree import stand_aside
 
-__all__ = [
-    "BACKENDS", "INTERPRET", "get_backend", "set_backend", "use_backend",
-    "attention", "attention_reference", "RelativeBias", "relative_position_bucket", "MIN_HEAD_DIM", "MAX_HEAD_DIM",
-    "gelu", "gelu_reference",
-    "layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference", "MAX_FUSED_WIDTH",
-]
+    stand_aside(__name__, __file__)
+else:
+    from ._dispatch import BACKENDS, INTERPRET, get_backend, set_backend, use_backend
+    from .attention import (
+        MAX_HEAD_DIM,
+        MIN_HEAD_DIM,
+        RelativeBias,
+        attention,
+        attention_reference,
+        relative_position_bucket,
+    )
+    from .gelu import gelu, gelu_reference
+    from .norm import MAX_FUSED_WIDTH, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+
+    __all__ = [
+        "BACKENDS", "INTERPRET", "get_backend", "set_backend", "use_backend",
+        "attention", "attention_reference", "RelativeBias", "relative_position_bucket", "MIN_HEAD_DIM", "MAX_HEAD_DIM",
+        "gelu", "gelu_reference",
+        "layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference", "MAX_FUSED_WIDTH",
+    ]

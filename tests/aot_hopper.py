@@ -11,11 +11,11 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run with the interpreter off"
 
+import importlib  # noqa: E402
+
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-
-import importlib  # noqa: E402
 
 # Module objects (``kernels.gelu`` and ``kernels.attention`` are also the ops' names).
 norm, gelu, attention = (importlib.import_module(f"kernels.{m}") for m in ("norm", "gelu", "attention"))

@@ -38,7 +38,7 @@ def _seed():
 @pytest.fixture
 def reference_backend():
     """Model parity runs the PyTorch reference ops; the interpreter tests run the kernels."""
-    import kernels
+    from trifuse import kernels
 
     with kernels.use_backend("reference"):
         yield

@@ -71,3 +71,10 @@ def assert_same_outputs(ours, ref, tol: float = 1e-5, hidden: bool = False, fiel
         assert len(ours.hidden_states) == len(ref.hidden_states)
         for i, (a, b) in enumerate(zip(ours.hidden_states, ref.hidden_states)):
             assert rel_err(a, b) < tol, f"hidden state {i}: {rel_err(a, b):.2e}"
+
+
+def bench_row_passed(row: dict) -> bool:
+    """A benchmark row whose output matched: checked (not timed), timed, or timed but flagged
+    noisy. Whether a timing is clean depends on the machine's load, so no test asserts it."""
+    status = row["status"]
+    return status in ("ok", "checked") or status.startswith("noisy")

@@ -9,8 +9,8 @@ import torch
 import transformers as T
 from safetensors.torch import load_file, save_file
 
-import engine
 from tests.helpers import assert_same_outputs, rel_err
+from trifuse import engine
 
 SMALL = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
              max_position_embeddings=40)

@@ -2,10 +2,10 @@
 
 import torch
 
-import engine
-from engine import check as check_mod
-from engine.cli import main as trifuse_main
 from tests.test_bert import hf_model
+from trifuse import engine
+from trifuse.cli import main as trifuse_main
+from trifuse.engine import check as check_mod
 
 
 def _saved(tmp_path, family="bert", head="ForSequenceClassification"):

@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-import engine
-from engine.graphs import CUDAGraphDecoder, StaticDecoder
 from tests import test_gpt2, test_t5
 from tests.test_gpt2 import left_padded
 from tests.test_t5 import encoder_batch
+from trifuse import engine
+from trifuse.engine.graphs import CUDAGraphDecoder, StaticDecoder
 
 
 @pytest.fixture(scope="module")

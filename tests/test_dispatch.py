@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import _dispatch
+from trifuse import kernels
+from trifuse.kernels import _dispatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,19 +19,19 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_env_forces_reference():
-    out = _python("import kernels; print(kernels.get_backend())", TRIFUSE_BACKEND="reference")
+    out = _python("from trifuse import kernels; print(kernels.get_backend())", TRIFUSE_BACKEND="reference")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "reference"
 
 
 def test_env_rejects_unknown_backend():
-    out = _python("import kernels", TRIFUSE_BACKEND="cuda-magic")
+    out = _python("import trifuse.kernels", TRIFUSE_BACKEND="cuda-magic")
     assert out.returncode != 0
     assert "TRIFUSE_BACKEND='cuda-magic'" in out.stderr
 
 
 def test_cpu_without_interpreter_runs_reference():
-    code = ("import torch, kernels; from kernels import norm\n"
+    code = ("import torch; from trifuse import kernels; from trifuse.kernels import norm\n"
             "norm._launch = None  # any Triton launch would now fail\n"
             "x = torch.randn(3, 8)\n"
             "torch.testing.assert_close(kernels.layer_norm(x), kernels.layer_norm_reference(x))\n"

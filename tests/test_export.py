@@ -9,14 +9,12 @@ import pytest
 import torch
 import transformers as T
 
-import engine
-import export
-import kernels
-from export.cli import add_export_arguments, add_verify_arguments
-
+import trifuse
 from tests.test_bert import hf_model as bert_hf
 from tests.test_gpt2 import hf_model as gpt2_hf
 from tests.test_vit import hf_model as vit_hf
+from trifuse import engine, export, kernels
+from trifuse.export.cli import add_export_arguments, add_verify_arguments
 
 CPU = ["CPUExecutionProvider"]
 # The exporter's own chatter (axis renaming, pytree deprecations) is not ours to fix.
@@ -44,7 +42,7 @@ def _check_file(path, family, inputs, outputs):
     assert set(export.onnx.METADATA_KEYS) <= set(meta)
     assert meta["trifuse.family"] == family
     assert meta["trifuse.dtype"] == "fp32" and meta["trifuse.opset"] == "20"
-    assert meta["trifuse.version"] == engine.__version__
+    assert meta["trifuse.version"] == trifuse.__version__
     g = _graph(path)
     assert [i.name for i in g.input] == inputs
     assert [o.name for o in g.output] == outputs
@@ -334,7 +332,7 @@ def _t5_hf(**overrides):
 
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory):
-    pytest.importorskip("engine.models.t5")
+    pytest.importorskip("trifuse.engine.models.t5")
     with kernels.use_backend("reference"):
         model = engine.from_pretrained(_t5_hf())
         base = tmp_path_factory.mktemp("t5") / "t5.onnx"

@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import kernels
 from tests.helpers import assert_matches_reference
+from trifuse import kernels
 
 ROWS = [1, 7, 1151]
 WIDTHS = [1, 63, 384, 768, 1000, 4096, 5120]

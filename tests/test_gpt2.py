@@ -11,11 +11,10 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 from transformers.generation import logits_process as LP
 
-import engine
-from tests.helpers import rel_err
-import kernels
-from engine import generation as gen
-from engine.models.gpt2 import CausalLMOutput, KVCache
+from tests.helpers import bench_row_passed, rel_err
+from trifuse import engine, kernels
+from trifuse.engine import generation as gen
+from trifuse.engine.models.gpt2 import CausalLMOutput, KVCache
 
 SMALL = dict(vocab_size=97, n_embd=64, n_head=4, n_layer=2, n_positions=64, n_inner=None,
              bos_token_id=96, eos_token_id=96)
@@ -317,7 +316,7 @@ def test_split_k_decode_under_interpreter(monkeypatch, device):
     """One token against 500+ cached keys takes the kernel's split-K (flash-decoding) path."""
     import sys
 
-    attention_module = sys.modules["kernels.attention"]
+    attention_module = sys.modules["trifuse.kernels.attention"]
     plans = []
     plan = attention_module._split_plan
     monkeypatch.setattr(attention_module, "_split_plan", lambda *a: plans.append(plan(*a)) or plans[-1])
@@ -470,8 +469,8 @@ def test_dtype_and_output_object(lm, reference_backend):
 
 def test_bench_suite_smoke():
     """`trifuse bench gpt2` on a toy body: every backend checked (interpreted Triton) or timed."""
-    from bench import gpt2 as suite
-    from bench.suite import Options
+    from trifuse.bench import gpt2 as suite
+    from trifuse.bench.suite import Options
 
     opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True, warmup=1, min_time_s=0.0,
                    backends=["trifuse", "reference", "hf-eager"], batch=[2], seq=[12])
@@ -479,7 +478,7 @@ def test_bench_suite_smoke():
     rows = result.rows
     assert [(r["phase"], r["backend"]) for r in rows] == [
         (p, b) for p in ("prefill", "decode") for b in ("trifuse", "reference", "hf-eager")]
-    assert all(r["status"] in ("ok", "checked") for r in rows), rows
+    assert all(bench_row_passed(r) for r in rows), rows  # a noisy timing is not a failure
     assert all(r["rel_err"] < 1e-4 for r in rows)
     timed = [r for r in rows if r["status"] == "ok"]
     assert all(r["median_ms"] > 0 and r["tokens_per_s"] > 0 for r in timed)

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-import engine
-from engine.graphs import BucketedModel, CUDAGraphModel
 from tests.helpers import OUTPUT_FIELDS
 from tests.test_bert import batch, hf_model
 from tests.test_vit import CONFIGS as VIT_CONFIGS
 from tests.test_vit import hf_model as vit_hf_model
 from tests.test_vit import pixels
+from trifuse import engine
+from trifuse.engine.graphs import BucketedModel, CUDAGraphModel
 
 
 def _assert_outputs_equal(a, b, atol=1e-5, rtol=1e-5):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from trifuse import kernels
 
 ROWS, WIDTH = 512, 768
 

@@ -10,11 +10,10 @@ import torch
 import transformers as T
 from safetensors.torch import load_file, save_file
 
-import engine
-import kernels
-from engine import beam_search as bs
-from engine import generation as gen
-from engine.models.t5 import Seq2SeqOutput, T5Cache
+from trifuse import engine, kernels
+from trifuse.engine import beam_search as bs
+from trifuse.engine import generation as gen
+from trifuse.engine.models.t5 import Seq2SeqOutput, T5Cache
 
 FLAVOURS = ("relu", "gated-gelu")  # original T5 (tied, scaled head), T5 v1.1 / FLAN-T5 (untied flag)
 SMALL = dict(vocab_size=99, d_model=64, d_kv=16, num_heads=4, d_ff=37, num_layers=2, num_decoder_layers=2,

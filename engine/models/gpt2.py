@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels
+from trifuse import kernels
 
 from .. import generation as gen
-from ..layers import LayerNorm, PreLNBlock, check_activation
 from ..cache import KVCache
+from ..layers import LayerNorm, PreLNBlock, check_activation
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import ModelOutput
 

@@ -18,8 +18,8 @@ size than the checkpoint's: the patch positions are resized bicubically as in
 Hugging Face's ``interpolate_pos_encoding``. Label names: ``model.id2label``
 (also ``model.config.id2label``). From image files to labels::
 
-    import engine
-    from engine.images import ImageProcessor
+    from trifuse import engine
+    from trifuse.engine.images import ImageProcessor
 
     model, processor = engine.from_pretrained(ckpt), ImageProcessor.from_pretrained(ckpt)
     labels = [model.id2label[i] for i in model(processor(["cat.jpg", "dog.jpg"])).logits.argmax(-1).tolist()]

@@ -9,7 +9,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench import cli as bench_cli
+    from trifuse.bench import cli as bench_cli
 
     p = argparse.ArgumentParser(prog="trifuse", description="trifuse: a transformer inference engine "
                                 "on fused Triton kernels")
@@ -18,19 +18,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_arguments(sub.add_parser(
         "bench", help="benchmark kernels and models against PyTorch peers",
         description="Check, then time, trifuse against its peers; write JSON/CSV/markdown/PNG reports."))
-    from bench import compare
+    from trifuse.bench import compare
 
     compare.add_arguments(sub.add_parser(
         "compare", help="diff two benchmark result files and flag regressions beyond the noise",
         description=compare.__doc__.split("\n\n")[0]))
-    from export import cli as export_cli
+    from trifuse.export import cli as export_cli
 
     export_cli.add_export_arguments(sub.add_parser(
         "export", help="export a checkpoint to ONNX", description="Export a checkpoint to ONNX (opset 20 by default)."))
     export_cli.add_verify_arguments(sub.add_parser(
         "verify", help="check an ONNX file against PyTorch in ONNX Runtime",
         description="Run ONNX Runtime and PyTorch on the same inputs and compare every output."))
-    from . import check
+    from trifuse.engine import check
 
     check.add_arguments(sub.add_parser(
         "check", help="compare a checkpoint in trifuse with Hugging Face transformers",
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # before the parser's imports load the kernels
-        from bench.cli import use_interpreter_without_gpu
+        from trifuse.bench.cli import use_interpreter_without_gpu
 
         use_interpreter_without_gpu(argv)
     args = build_parser().parse_args(argv)
