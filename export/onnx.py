@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trifuse import kernels  # noqa: F401  (registers the torch.ops.trifuse ops translated below)
+from trifuse.engine.extras import require
 
 #: The default ONNX opset (``Gelu`` and ``LayerNormalization`` need >= 20 and >= 17).
 DEFAULT_OPSET = 20
@@ -647,6 +648,7 @@ def to_onnx(model, path, *, opset: Optional[int] = None, dynamic: bool = True, e
     add every block's output as ``hidden_states.{i}`` graph outputs (for ``verify(...,
     layerwise=True)``).
     """
+    require("ONNX export", "onnx", "onnx", "onnxscript")
     model = _resolve_model(model)
     family, kind = _model_kind(model)
     opset = _check_opset(opset)
@@ -746,6 +748,7 @@ def ort_session(onnx_path, providers=None, *, threads: Optional[int] = None):
     ``providers``: ORT provider names (default :func:`default_providers`); ``threads``:
     intra-op threads (default: ORT's choice).
     """
+    require("ONNX Runtime", "onnx", "onnxruntime")
     import onnxruntime as ort
 
     path = Path(onnx_path)

@@ -284,3 +284,25 @@ def test_output_object_behaves_like_hf(reference_backend):
     assert "hidden_states" not in out
     with pytest.raises(KeyError):
         out["logits"]
+    start, end = out.to_tuple()
+    assert out[0] is start and out[1] is end and out[-1] is end and out[:1] == (start,)
+    assert list(out) == out.keys() and len(out) == 2 and out.values() == [start, end]
+    with pytest.raises(IndexError):
+        out[2]
+    with pytest.raises(TypeError, match="by field name or position"):
+        out[1.0]
+    hidden = model(torch.randint(3, 99, (2, 6)), output_hidden_states=True)
+    assert hidden[2] is hidden.hidden_states  # positions count only the fields that are set, as in HF
+
+
+def test_model_surface_config_dtype_device_id2label(tmp_path, reference_backend):
+    """Every model exposes config, dtype, device and, for classifiers, id2label (HF's names)."""
+    hf = hf_model("roberta", "ForSequenceClassification")
+    hf.config.id2label, hf.config.label2id = {0: "neg", 1: "neutral", 2: "pos"}, {"neg": 0, "neutral": 1, "pos": 2}
+    hf.save_pretrained(tmp_path / "named")
+    model = engine.from_pretrained(tmp_path / "named", dtype="bf16")
+    assert model.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+    assert model.dtype == torch.bfloat16 and model.device == torch.device("cpu") and model.config.family == "roberta"
+    unnamed = engine.from_pretrained(hf_model("bert", "ForTokenClassification"))
+    assert unnamed.id2label == {0: "LABEL_0", 1: "LABEL_1"}  # transformers' defaults for num_labels=2
+    assert engine.from_pretrained(hf_model("bert", "Model")).id2label is None

@@ -14,7 +14,7 @@ distilbert,albert,electra}.py``; the checkpoint names below are theirs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -53,6 +53,7 @@ class EncoderConfig:
     inner_group_num: int = 1  # ALBERT: layers per group, applied in turn
     num_labels: int = 2
     tie_word_embeddings: bool = True
+    id2label: dict = field(default_factory=dict, compare=False)  # class index -> name (classifier heads)
 
     @property
     def embed_dim(self) -> int:
@@ -80,11 +81,14 @@ class EncoderConfig:
         if cfg.get("is_decoder") or cfg.get("add_cross_attention"):
             raise ValueError("decoder / cross-attention BERT configs are not supported")
         num_labels = len(cfg["id2label"]) if cfg.get("id2label") else cfg.get("num_labels", 2)
+        id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()} or {
+            i: f"LABEL_{i}" for i in range(num_labels)}  # Hugging Face's default names
         if family == "distilbert":
             c = cls(family, cfg["vocab_size"], cfg["dim"], cfg["n_layers"], cfg["n_heads"], cfg["hidden_dim"],
                     hidden_act=cfg.get("activation", "gelu"), max_positions=cfg["max_position_embeddings"],
                     type_vocab_size=0, layer_norm_eps=1e-12, pad_token_id=cfg.get("pad_token_id") or 0,
-                    num_labels=num_labels, tie_word_embeddings=cfg.get("tie_word_embeddings", True))
+                    num_labels=num_labels, tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+                    id2label=id2label)
         else:
             c = cls(family, cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
                     cfg["num_attention_heads"], cfg["intermediate_size"], hidden_act=cfg.get("hidden_act", "gelu"),
@@ -93,7 +97,8 @@ class EncoderConfig:
                     embedding_size=cfg.get("embedding_size") or 0 if family in ("albert", "electra") else 0,
                     pad_token_id=cfg.get("pad_token_id") or 0,
                     num_hidden_groups=cfg.get("num_hidden_groups", 1), inner_group_num=cfg.get("inner_group_num", 1),
-                    num_labels=num_labels, tie_word_embeddings=cfg.get("tie_word_embeddings", True))
+                    num_labels=num_labels, tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+                    id2label=id2label)
         check_activation(c.hidden_act)
         if c.hidden_size % c.num_heads:
             raise ValueError(f"hidden size {c.hidden_size} is not divisible by {c.num_heads} heads")
@@ -169,6 +174,19 @@ class EncoderModel(nn.Module):
             for _ in range(n_unique))
         self.pooler = nn.Linear(c.hidden_size, c.hidden_size) if pooler else None
         self.head = Head(c, task) if task != "feature-extraction" else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.word.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.word.weight.device
+
+    @property
+    def id2label(self) -> Optional[dict]:
+        """Class names of a sequence- or token-classification head (``None`` for other tasks)."""
+        return dict(self.config.id2label) if self.task in ("sequence-classification", "token-classification") else None
 
     def layer_order(self) -> list[int]:
         """Which unique layer runs at each depth (ALBERT repeats its groups)."""
