@@ -14,6 +14,7 @@ EXTRAS = {
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "hf": ("transformers", "tokenizers", "rich"),
     "bench": ("matplotlib", "rich", "transformers", "onnx", "onnxscript", "onnxruntime"),
+    "serve": ("ray", "starlette"),
 }
 
 

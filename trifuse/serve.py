@@ -1,0 +1,341 @@
+"""Serving on Ray Serve: ``trifuse.pipeline`` behind HTTP, with dynamic batching.
+
+    from ray import serve
+    import trifuse.serve
+
+    app = trifuse.serve.deployment("path/to/checkpoint", "text-classification", max_batch_size=32)
+    serve.run(app, route_prefix="/classify")   # or compose it with your own Ray Serve apps
+
+or ``trifuse serve CHECKPOINT --task TASK``. ``POST /`` with ``{"inputs": ..., "parameters":
+{...}}`` answers with what ``trifuse.pipeline(task, checkpoint)(inputs, **parameters)`` returns,
+as JSON. ``GET /stats`` reports how requests were batched.
+
+Ray Serve's ``@serve.batch`` gathers concurrent requests into one call of the pipeline
+(requests with the same parameters share a call; the pipeline sorts their inputs by length
+so a batch pads little, and on a GPU runs them through the shape buckets), and each request
+gets exactly its own results back. A bad request (malformed JSON, an input of the wrong
+type, an unknown parameter, an input the model cannot take) is answered 4xx with a one-line
+reason and never fails the other requests of its batch or the replica. Replicas that die
+are restarted by Ray Serve, which fails their in-flight requests with 5xx.
+
+Needs ``pip install 'trifuse[serve]'`` (Ray Serve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import threading
+import time
+from typing import Any, Optional
+
+from trifuse.engine.extras import require
+
+#: largest request body accepted, in bytes (a larger one is answered 413)
+MAX_BODY_BYTES = 8 * 2**20
+
+
+class BadRequest(Exception):
+    """A request the pipeline cannot take; becomes an HTTP 4xx with this one-line message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _jsonable(value: Any) -> Any:
+    """Pipeline results as JSON: tensors and arrays become (nested) lists, numbers plain floats/ints."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().tolist() if value.is_floating_point() else value.cpu().tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def parse_request(body: bytes) -> tuple[Any, dict]:
+    """``(inputs, parameters)`` from a request body, or :class:`BadRequest`."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(f"request body of {len(body)} bytes is over the {MAX_BODY_BYTES}-byte limit", 413)
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadRequest(f"malformed JSON: {e}") from None
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise BadRequest('the body must be a JSON object {"inputs": ..., "parameters": {...}}')
+    unknown = set(payload) - {"inputs", "parameters"}
+    if unknown:
+        raise BadRequest(f"unknown field(s) {sorted(unknown)}; expected 'inputs' and optional 'parameters'")
+    params = payload.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"'parameters' must be a JSON object, got {type(params).__name__}")
+    inputs = payload["inputs"]
+    if inputs is None or (isinstance(inputs, list) and not inputs):
+        raise BadRequest("'inputs' is empty")
+    return inputs, params
+
+
+class PipelineServer:
+    """One replica: a ``trifuse.pipeline`` and a batching front to it (Ray Serve's ``@serve.batch``).
+
+    Usable without Ray too (``await server.handle(body)``), which is how the tests drive the
+    batching logic directly.
+    """
+
+    def __init__(self, checkpoint: str, task: str, *, device: Optional[str] = None, dtype: Optional[str] = None,
+                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, pipeline=None):
+        if pipeline is None:
+            import trifuse
+
+            pipeline = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype, batch_size=max_batch_size)
+        self.pipeline, self.task = pipeline, task
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        self._lock = threading.Lock()  # one forward pass at a time per replica
+        self._sizes: collections.Counter = collections.Counter()  # requests per batch -> how many batches
+        self._requests = 0
+        self._started = time.time()
+
+    # -- the batch: several requests' inputs, one pipeline call per parameter set --------------
+
+    def run_batch(self, requests: list[tuple[Any, dict]]) -> list[Any]:
+        """Results (or :class:`BadRequest`) for each ``(inputs, parameters)``, in order."""
+        self._sizes[len(requests)] += 1
+        self._requests += len(requests)
+        out: list[Any] = [None] * len(requests)
+        groups: dict[str, list[int]] = collections.defaultdict(list)
+        for i, (_, params) in enumerate(requests):
+            groups[json.dumps(params, sort_keys=True, default=str)].append(i)
+        for members in groups.values():
+            params = requests[members[0]][1]
+            flat, spans = [], []
+            for i in members:
+                inputs = requests[i][0]
+                single = self.pipeline.is_single(inputs)
+                items = [inputs] if single else list(inputs)
+                spans.append((i, len(flat), len(items), single))
+                flat.extend(items)
+            try:
+                results = self._call(flat, params)
+            except BadRequest:
+                results = None
+            if results is None:  # one bad request must not fail the others: run each alone
+                for i in members:
+                    out[i] = self._alone(*requests[i])
+                continue
+            for i, start, n, single in spans:
+                try:
+                    out[i] = self._finish(results[start:start + n], requests[i], single)
+                except BadRequest as e:
+                    out[i] = e
+        return out
+
+    def _alone(self, inputs, params):
+        single = self.pipeline.is_single(inputs)
+        try:
+            results = self._call([inputs] if single else list(inputs), params)
+            return self._finish(results, (inputs, params), single)
+        except BadRequest as e:
+            return e
+
+    def _finish(self, results: list, request, single: bool):
+        """A request's answer from its slice of the batch: what ``pipe(inputs, **params)`` returns."""
+        inputs, params = request
+        if not single:
+            return _jsonable(results)
+        try:
+            return _jsonable(self.pipeline.single_result(results[0], inputs, **params))
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            raise BadRequest(_one_line(e)) from None
+
+    def _call(self, items: list, params: dict) -> list:
+        if not items:
+            raise BadRequest("'inputs' is empty")
+        try:
+            with self._lock:
+                results = self.pipeline(items, **params)
+        except (TypeError, ValueError, KeyError, IndexError) as e:  # bad inputs or parameters
+            raise BadRequest(_one_line(e)) from None
+        results = list(results) if not isinstance(results, list) else results
+        if len(results) != len(items):
+            raise RuntimeError(f"the pipeline returned {len(results)} results for {len(items)} inputs")
+        return results
+
+    def stats(self) -> dict:
+        batches = sum(self._sizes.values())
+        return {"task": self.task, "requests": self._requests, "batches": batches,
+                "max_batch_size": self.max_batch_size,
+                "batch_sizes": {str(k): v for k, v in sorted(self._sizes.items())},
+                "mean_batch_size": self._requests / batches if batches else 0.0,
+                "uptime_s": time.time() - self._started}
+
+
+def _app_class():
+    """The Ray Serve deployment class (built on first use, so importing this module needs no Ray)."""
+    require("trifuse serve", "serve", "ray", "starlette")
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    class TrifuseDeployment:
+        def __init__(self, checkpoint, task, device, dtype, max_batch_size, batch_wait_timeout_s):
+            self.server = PipelineServer(checkpoint, task, device=device, dtype=dtype,
+                                         max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+            self.batched.set_max_batch_size(max_batch_size)
+            self.batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+        async def batched(self, requests: list) -> list:
+            # the forward pass runs off the event loop, so the replica keeps accepting requests
+            return await asyncio.to_thread(self.server.run_batch, requests)
+
+        async def __call__(self, request: Request):
+            if request.method == "GET" and request.url.path.rstrip("/").endswith("/stats"):
+                return JSONResponse(self.server.stats())
+            if request.method != "POST":
+                return JSONResponse({"error": f"use POST with a JSON body (got {request.method})"}, status_code=405)
+            try:
+                result = await self.batched(parse_request(await request.body()))
+            except BadRequest as e:
+                return JSONResponse({"error": str(e)}, status_code=e.status)
+            if isinstance(result, BadRequest):
+                return JSONResponse({"error": str(result)}, status_code=result.status)
+            return JSONResponse(result)
+
+    return TrifuseDeployment
+
+
+def deployment(checkpoint, task: str, *, device: Optional[str] = None, dtype: Optional[str] = None,
+               max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, num_replicas: int = 1,
+               gpus_per_replica: Optional[float] = None, name: str = "trifuse"):
+    """A Ray Serve application serving ``trifuse.pipeline(task, checkpoint)``; pass it to
+    ``serve.run`` or compose it with your own deployments. ``gpus_per_replica`` reserves GPUs
+    per replica through Ray (default: 1 when ``device`` is CUDA, else none)."""
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+    if not isinstance(num_replicas, int) or isinstance(num_replicas, bool) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be a positive int, got {num_replicas!r}")
+    if not batch_wait_timeout_s >= 0:
+        raise ValueError(f"batch_wait_timeout_s must be >= 0, got {batch_wait_timeout_s!r}")
+    if gpus_per_replica is None:
+        gpus_per_replica = 1.0 if device is not None and str(device).startswith("cuda") else 0.0
+    if gpus_per_replica < 0:
+        raise ValueError(f"gpus_per_replica must be >= 0, got {gpus_per_replica!r}")
+    from ray import serve
+
+    cls = serve.deployment(_app_class(), name=name, num_replicas=num_replicas,
+                           ray_actor_options={"num_gpus": gpus_per_replica},
+                           max_ongoing_requests=max(4 * max_batch_size, 16))
+    return cls.bind(str(checkpoint), task, device, dtype, max_batch_size, batch_wait_timeout_s)
+
+
+# ----------------------------------------------------------------------------
+# `trifuse serve`
+
+
+def add_arguments(p) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory (config.json, weights, tokenizer files)")
+    p.add_argument("--task", required=True, help="pipeline task, e.g. text-classification, fill-mask, "
+                   "feature-extraction, question-answering, text-generation")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=_positive_int, default=1, help="replicas of the model (default 1)")
+    p.add_argument("--gpus-per-replica", type=_non_negative_float, default=None,
+                   help="GPUs Ray reserves per replica (default: 1 with --device cuda, else 0)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32, help="requests per batch (default 32)")
+    p.add_argument("--batch-wait-ms", type=_non_negative_float, default=5.0,
+                   help="how long a batch waits to fill, in ms (default 5)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the pipeline's)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the checkpoint's)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local Ray)")
+    p.add_argument("--access-log", action="store_true", help="log every request (Ray Serve's access log)")
+    p.set_defaults(func=main)
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    import argparse
+
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def main(args) -> int:
+    """Start Ray (local, or ``--address``), serve the app, wait for Ctrl-C / SIGTERM, shut down."""
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    require("trifuse serve", "serve", "ray", "starlette")
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        print(f"trifuse serve: error: {args.checkpoint}: no config.json (not a checkpoint directory)",
+              file=sys.stderr)
+        return 2
+    import ray
+    from ray import serve
+
+    app = deployment(os.path.abspath(args.checkpoint), args.task, device=args.device, dtype=args.dtype,
+                     max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                     num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica)
+    if args.address:
+        ray.init(address=args.address, logging_level="ERROR")
+    else:
+        ray.init(include_dashboard=False, logging_level="ERROR", configure_logging=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+        signal.signal(sig, lambda *_: stop.set())
+    quiet = {"log_level": "WARNING", "enable_access_log": args.access_log}
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=quiet)
+        serve.run(app, name="trifuse", route_prefix="/", logging_config=quiet)
+        url = f"http://{args.host}:{args.port}/"
+        print(f"trifuse serve: {args.task} on {args.checkpoint} at {url} "
+              f"(POST {{\"inputs\": ..., \"parameters\": {{...}}}}; GET {url}stats; health {url}-/healthz)",
+              flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("trifuse serve: shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
