@@ -86,7 +86,8 @@ def make_inputs(model_type: str, hf_config, max_length: int, batch: int, seq: in
         size = hf_config.image_size
         h, w = (size, size) if isinstance(size, int) else size
         return {"pixel_values": torch.randn(batch, hf_config.num_channels, h, w, generator=g).to(device)}
-    seq = min(seq, max_length)
+    if seq > max_length:
+        raise ValueError(f"seq={seq} exceeds the model's {max_length} positions")
     pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
     ids, mask = make_batch(hf_config.vocab_size, pad, batch, seq, device, seed)
     inputs = {"input_ids": ids, "attention_mask": mask}
@@ -121,16 +122,22 @@ def check(source, *, dtype="fp32", device=None, batch: int = 3, seq: int = 32, t
         import transformers
     except ImportError as e:
         raise SystemExit("trifuse check compares with Hugging Face transformers: pip install 'trifuse[hf]'") from e
+    for name, value in (("batch", batch), ("seq", seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     lowp = resolve_dtype(dtype) or torch.float32
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     ours32 = from_pretrained(source, task=task, device=device, dtype=torch.float32)
-    model_type = read_checkpoint(source)[0]["model_type"] if not hasattr(source, "config") else source.config.model_type
+    model_type = (read_checkpoint(source)[0].get("model_type") if not hasattr(source, "config")
+                  else source.config.model_type)
     if ours32.task not in _AUTO:
         raise SystemExit(f"trifuse check does not know the transformers class for task {ours32.task!r}")
+    max_length = getattr(ours32.config, "max_length", None) or getattr(ours32.config, "n_positions", None) or seq
+    if seq > max_length and model_type not in ("vit", "deit"):
+        raise ValueError(f"seq={seq} exceeds the model's {max_length} positions")
     auto = getattr(transformers, _AUTO[ours32.task])
     hf32 = auto.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").to(device).eval()
-    max_length = getattr(ours32.config, "max_length", None) or getattr(hf32.config, "n_positions", None) or seq
     inputs = make_inputs(model_type, hf32.config, max_length, batch, seq, device, seed)
 
     ref = _run(hf32, inputs)
@@ -188,13 +195,16 @@ def print_report(report: Report, source) -> None:
 
 
 def add_arguments(p) -> None:
+    from trifuse.cli import positive_int
+
     p.add_argument("source", help="a Hugging Face checkpoint directory (any family trifuse runs)")
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"],
                    help="low-precision dtype checked after fp32 (default fp16)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--task", help="override the head chosen from config.architectures")
-    p.add_argument("--batch", type=int, default=3)
-    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--batch", type=positive_int, default=3, help="rows of the batch (default 3)")
+    p.add_argument("--seq", type=positive_int, default=32,
+                   help="tokens per row, within the position table (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_main)
 

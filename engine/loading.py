@@ -10,8 +10,11 @@ anything else is an error that names the tensors.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -31,7 +34,7 @@ def read_checkpoint(source) -> Tuple[dict, dict]:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path}: no config.json")
-        return json.loads(cfg_file.read_text()), _read_weights(path)
+        return read_json_object(cfg_file), _read_weights(path)
     if hasattr(source, "config") and hasattr(source, "state_dict") and hasattr(source.config, "to_dict"):
         config = source.config.to_dict()
         # A model built in memory has no architectures yet; its class says which head it is.
@@ -41,6 +44,69 @@ def read_checkpoint(source) -> Tuple[dict, dict]:
                     f"got {type(source).__name__}")
 
 
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold one object (``config.json`` and friends); ``ValueError`` naming it otherwise."""
+    try:
+        value = json.loads(Path(file).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+#: generation_config.json keys trifuse's ``generate`` / ``stream`` take; they become those calls' defaults.
+GENERATION_KEYS = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature",
+                   "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty",
+                   "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+#: ... and keys that do not change which tokens come out.
+_INERT_GENERATION_KEYS = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache",
+                          "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                          "return_dict_in_generate", "num_assistant_tokens", "num_assistant_tokens_schedule"}
+#: Length options that go in pairs: an explicit one replaces both of the file's.
+_LENGTH_PAIRS = ({"max_new_tokens", "max_length"}, {"min_new_tokens", "min_length"})
+
+
+def read_generation_config(source) -> dict:
+    """The checkpoint's generation defaults, as Hugging Face keeps them: ``generation_config.json``
+    (or a transformers model's ``generation_config``), only the values it sets. ``{}`` when none."""
+    if isinstance(source, (str, os.PathLike)):
+        file = Path(source) / "generation_config.json"
+        return read_json_object(file) if file.is_file() else {}
+    gen_cfg = getattr(source, "generation_config", None)
+    return dict(gen_cfg.to_diff_dict()) if hasattr(gen_cfg, "to_diff_dict") else {}
+
+
+def generation_defaults(gen_cfg: dict, what: str = "generation_config.json") -> dict:
+    """The part of ``gen_cfg`` trifuse's generate takes; a value that would change the tokens but that
+    trifuse does not implement is a warning (the tokens would differ from Hugging Face's)."""
+    unsupported = sorted(k for k, v in gen_cfg.items()
+                         if k not in GENERATION_KEYS and k not in _INERT_GENERATION_KEYS and v not in (None, [], {}))
+    if unsupported:
+        warnings.warn(f"{what} sets {', '.join(unsupported)}, which trifuse's generate does not implement; "
+                      "ignored (Hugging Face's generate would apply them)", stacklevel=3)
+    return {k: gen_cfg[k] for k in GENERATION_KEYS if gen_cfg.get(k) is not None}
+
+
+def uses_generation_config(method):
+    """Make the checkpoint's generation config (``self.generation_config``) the defaults of a
+    ``generate``/``stream`` method, as Hugging Face does: arguments passed explicitly win."""
+    sig = inspect.signature(method)
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        defaults = getattr(self, "generation_config", None)
+        if defaults:
+            given = set(sig.bind_partial(self, *args, **kwargs).arguments)
+            for pair in _LENGTH_PAIRS:
+                if pair & given:
+                    given |= pair
+            kwargs.update({k: v for k, v in defaults.items() if k in sig.parameters and k not in given})
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _read_weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -48,14 +114,61 @@ def _read_weights(path: Path) -> dict:
         return load_file(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(path / shard))
-        return state
+        return _read_shards(path, index)
     if (path / "pytorch_model.bin").is_file():
         # No pickle execution: weights_only refuses anything but tensors and plain containers.
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_shards(path: Path, index_file: Path) -> dict:
+    """Sharded safetensors, as the index assigns them: each shard a file inside ``path`` (no
+    absolute paths, no ``..``), each tensor taken from the shard the index names for it, and a
+    shard holding a tensor the index puts elsewhere (or does not list) an error."""
+    from safetensors import safe_open
+
+    weight_map = read_json_object(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_file}: no 'weight_map' object mapping tensor names to shard files")
+    by_shard: dict = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ValueError(f"{index_file}: tensor {name!r} maps to {shard!r}, not a shard file name")
+        if os.path.isabs(shard) or ".." in Path(shard.replace("\\", "/")).parts:
+            raise ValueError(f"{index_file}: shard {shard!r} (for {name!r}) is not a file inside the checkpoint "
+                             "directory; shard names must be relative, without '..'")
+        by_shard.setdefault(shard, []).append(name)
+    def opened(shard):
+        file = path / shard
+        if not file.is_file():
+            raise FileNotFoundError(f"{index_file}: shard {shard!r} does not exist")
+        try:
+            return safe_open(file, framework="pt")
+        except Exception as e:  # safetensors' own error type for a corrupt file
+            raise ValueError(f"{file}: cannot read this shard: {e}") from None
+
+    held = {}
+    for shard in sorted(by_shard):  # headers only: check the whole layout before reading any tensor
+        with opened(shard) as f:
+            held[shard] = set(f.keys())
+    for shard, names in sorted(by_shard.items()):
+        missing = sorted(set(names) - held[shard])
+        if missing:
+            raise ValueError(f"{index_file}: {shard} does not hold {_fmt(missing)}, which the index assigns to it")
+    for shard in sorted(by_shard):
+        strays = sorted(held[shard] - set(by_shard[shard]))
+        if strays:
+            twice = [f"{n} (indexed in {weight_map[n]})" for n in strays if n in weight_map]
+            unlisted = [n for n in strays if n not in weight_map]
+            raise ValueError(f"{path / shard}: holds tensors the index does not assign to it: "
+                             + "; ".join(x for x in (_fmt(twice), _fmt(unlisted)) if x)
+                             + (" (a tensor in two shards)" if twice else " (not in the index)"))
+    state = {}
+    for shard, names in sorted(by_shard.items()):
+        with opened(shard) as f:
+            for name in names:
+                state[name] = f.get_tensor(name)
+    return state
 
 
 def module_keys(spec: dict, ours: str, theirs, *, bias: bool = True) -> None:

@@ -2,12 +2,15 @@
 
 Wire into a parser with ``add_export_arguments(sub.add_parser("export"))`` and
 ``add_verify_arguments(sub.add_parser("verify"))``; each sets ``func``, which
-returns the exit status (verify: 0 pass, 1 out of budget, 2 bad input).
+returns the exit status (verify: 0 pass, 1 out of budget, 2 bad input, including a
+provider that does not load).
 """
 
 from __future__ import annotations
 
 import sys
+
+from trifuse.cli import one_line, positive_int
 
 
 def add_export_arguments(p) -> None:
@@ -31,8 +34,8 @@ def add_verify_arguments(p) -> None:
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="ONNX Runtime provider (default cpu)")
     p.add_argument("--layerwise", action="store_true",
                    help="compare every block's output (needs a file exported with --layer-outputs)")
-    p.add_argument("--batch", type=int, default=3)
-    p.add_argument("--seq", type=int, default=11)
+    p.add_argument("--batch", type=positive_int, default=3, help="rows of the generated inputs (default 3)")
+    p.add_argument("--seq", type=positive_int, default=11, help="tokens per row (default 11)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_verify_main)
 
@@ -41,7 +44,7 @@ _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider",
 
 
 def _error(cmd: str, e: BaseException) -> int:
-    print(f"trifuse {cmd}: error: {e}", file=sys.stderr)
+    print(f"trifuse {cmd}: error: {one_line(e)}", file=sys.stderr)
     return 2
 
 

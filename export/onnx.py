@@ -49,6 +49,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -656,38 +658,50 @@ def to_onnx(model, path, *, opset: Optional[int] = None, dynamic: bool = True, e
     if path.suffix != ".onnx":
         raise ExportError(f"{path}: the output file must end in .onnx")
     graphs = graphs_for(model, dynamic=dynamic, example_inputs=example_inputs, layer_outputs=layer_outputs)
-    import trifuse
-
     dtype = next(model.parameters()).dtype
     path.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for graph in graphs:
-        out = path if len(graphs) == 1 else path.with_name(f"{path.stem}.{graph.name}.onnx")
-        with warnings.catch_warnings(), _quiet_loggers():
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(
-                graph.module.eval(), graph.example, dynamo=True, opset_version=opset,
-                custom_translation_table=translation_table(opset), dynamic_shapes=graph.dynamic,
-                input_names=graph.inputs, output_names=graph.outputs, verbose=False)
-        ir_model = prog.model
-        for value in list(ir_model.graph.inputs) + list(ir_model.graph.outputs):
-            if value.name in graph.dims:
-                _set_dims(value, graph.dims[value.name])
-        meta = {
-            "trifuse.version": trifuse.__version__, "trifuse.family": family, "trifuse.kind": kind,
-            "trifuse.graph": graph.name, "trifuse.task": str(getattr(model, "task", "")),
-            "trifuse.dtype": _DTYPE_NAMES.get(dtype, str(dtype)), "trifuse.opset": str(opset),
-            "trifuse.config": _config_json(model), "trifuse.inputs": ",".join(graph.inputs),
-            "trifuse.outputs": ",".join(graph.outputs), "trifuse.dynamic": str(bool(dynamic)).lower(),
-            "trifuse.layer_outputs": str(_num_hidden(model, family, graph.name) if layer_outputs else 0),
-            "trifuse.example_shapes": json.dumps({name: list(t.shape) for name, t in _flat_example(graph)}),
-        }
-        ir_model.metadata_props.update(meta)
-        ir_model.producer_name = "trifuse"
-        ir_model.producer_version = trifuse.__version__
-        prog.save(str(out))
-        written.append(out)
-    return written[0] if len(written) == 1 else tuple(written)
+    outs = [path if len(graphs) == 1 else path.with_name(f"{path.stem}.{graph.name}.onnx") for graph in graphs]
+    # All or nothing: every graph is written into a scratch folder beside the output and moved into
+    # place (under its final name, so external-data references stay valid) only once all succeeded;
+    # a failed T5 export leaves no encoder file without its decoder.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        for graph, out in zip(graphs, outs):
+            _export_graph(model, graph, scratch / out.name, family, kind, dtype, opset, dynamic, layer_outputs)
+        for f in sorted(scratch.iterdir()):
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _export_graph(model, graph: "_Graph", out: Path, family: str, kind: str, dtype, opset: int, dynamic: bool,
+                  layer_outputs: bool) -> None:
+    import trifuse
+
+    with warnings.catch_warnings(), _quiet_loggers():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            graph.module.eval(), graph.example, dynamo=True, opset_version=opset,
+            custom_translation_table=translation_table(opset), dynamic_shapes=graph.dynamic,
+            input_names=graph.inputs, output_names=graph.outputs, verbose=False)
+    ir_model = prog.model
+    for value in list(ir_model.graph.inputs) + list(ir_model.graph.outputs):
+        if value.name in graph.dims:
+            _set_dims(value, graph.dims[value.name])
+    meta = {
+        "trifuse.version": trifuse.__version__, "trifuse.family": family, "trifuse.kind": kind,
+        "trifuse.graph": graph.name, "trifuse.task": str(getattr(model, "task", "")),
+        "trifuse.dtype": _DTYPE_NAMES.get(dtype, str(dtype)), "trifuse.opset": str(opset),
+        "trifuse.config": _config_json(model), "trifuse.inputs": ",".join(graph.inputs),
+        "trifuse.outputs": ",".join(graph.outputs), "trifuse.dynamic": str(bool(dynamic)).lower(),
+        "trifuse.layer_outputs": str(_num_hidden(model, family, graph.name) if layer_outputs else 0),
+        "trifuse.example_shapes": json.dumps({name: list(t.shape) for name, t in _flat_example(graph)}),
+    }
+    ir_model.metadata_props.update(meta)
+    ir_model.producer_name = "trifuse"
+    ir_model.producer_version = trifuse.__version__
+    prog.save(str(out))
 
 
 @contextlib.contextmanager

@@ -130,6 +130,8 @@ def make_inputs(model, meta: dict, *, batch: int = 3, seq: int = 11, seed: int =
     if kind == "encoder":
         c = model.config
         eb, en = example.get("input_ids", (0, 0))
+        if seq > c.max_length:
+            raise ValueError(f"seq={seq} exceeds the model's {c.max_length} positions")
         b, n = (_other(batch, eb), _other(seq, en, 1, c.max_length)) if dynamic else (eb, en)
         ids, mask = make_batch(c.vocab_size, c.pad_token_id, b, n, device, seed)
         feed = {"input_ids": ids, "attention_mask": mask}
@@ -155,8 +157,11 @@ def _decoder_stages(model, meta: dict, batch: int, seq: int, seed: int):
     dynamic = meta.get("trifuse.dynamic", "true") == "true"
     if not dynamic:
         raise ValueError("a GPT-2 exported with dynamic=False only runs its example shapes; pass inputs=")
+    if seq > c.n_positions - 2:
+        raise ValueError(f"seq={seq} leaves no room for the 2 decoding steps verify adds within the model's "
+                         f"{c.n_positions} positions (at most {c.n_positions - 2})")
     b = _other(batch, eb)
-    n = _other(min(seq, c.n_positions - 2), en, 1, c.n_positions - 2)
+    n = _other(seq, en, 1, c.n_positions - 2)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, c.vocab_size, (b, n), generator=g)
     mask = torch.ones(b, n, dtype=torch.long)
@@ -263,8 +268,19 @@ def _resolve(model, meta: dict, path):
     return engine.from_pretrained(model, dtype=meta.get("trifuse.dtype"), task=meta.get("trifuse.task") or None)
 
 
+def _available_providers() -> List[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
 def _runner(path: Path, meta: dict, providers) -> "ox.OrtRunner":
     runner = ox.OrtRunner(path, providers)
+    active = runner.session.get_providers()
+    absent = [p for p in providers if p not in active]
+    if absent:  # ONNX Runtime falls back to the CPU with a warning; a check on the wrong device is no check
+        raise ValueError(f"{path}: ONNX Runtime did not load {', '.join(absent)} (running on {', '.join(active)}; "
+                         f"this onnxruntime build offers {', '.join(_available_providers())})")
     expected = meta["trifuse.inputs"].split(",")
     if runner.input_names != expected:
         raise ValueError(f"{path}: graph inputs {runner.input_names} are not the {expected} its metadata records")
@@ -281,10 +297,13 @@ def verify(onnx_path, model, inputs: Optional[Dict[str, Tensor]] = None, provide
     checkpoint directory / ``transformers`` model, loaded in the file's dtype and task).
     ``inputs``: ``{graph input name: tensor}`` (default: generated, see the module doc;
     T5 takes ``input_ids``, ``attention_mask`` and optionally ``decoder_input_ids``).
-    ``providers``: ORT providers (default CPU). ``layerwise``: also compare the block
-    outputs (export with ``layer_outputs=True``). ``budget``: override :data:`BUDGETS`.
-    Raises ``FileNotFoundError`` / ``ValueError`` for a missing file, a file that is not a
-    trifuse export, or one that does not belong to ``model``.
+    ``providers``: ORT providers (default CPU); each must load (ONNX Runtime's silent
+    fallback to the CPU is an error). ``layerwise``: require block outputs (export with
+    ``layer_outputs=True``); a file that has them always has them compared. ``batch`` and
+    ``seq`` (>= 1, within the position table) size the generated inputs. ``budget``: override
+    :data:`BUDGETS`. Raises ``FileNotFoundError`` / ``ValueError`` for a missing file, a file
+    that is not a trifuse export, one that does not belong to ``model``, or a provider that
+    does not load.
     """
     paths = ox.onnx_paths(onnx_path)
     metas = [ox.read_metadata(p) for p in paths]
@@ -292,9 +311,15 @@ def verify(onnx_path, model, inputs: Optional[Dict[str, Tensor]] = None, provide
     model = _resolve(model, meta, paths[0])
     for p, m in zip(paths, metas):
         family, kind = _check_match(m, model, p)
-    if layerwise and any(m.get("trifuse.layer_outputs", "0") == "0" for m in metas):
+    has_layers = [m.get("trifuse.layer_outputs", "0") != "0" for m in metas]
+    if layerwise and not all(has_layers):
         raise ValueError(f"{paths[0]} has no block outputs: export it with layer_outputs=True "
                          "(trifuse export --layer-outputs) to verify layer by layer")
+    layerwise = all(has_layers)  # a file with block outputs has them checked too
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise ValueError(f"seq must be an int >= 1, got {seq!r}")
     providers = list(providers or ["CPUExecutionProvider"])
     budget = BUDGETS.get(meta.get("trifuse.dtype"), 1e-4) if budget is None else budget
     if kind == "seq2seq":

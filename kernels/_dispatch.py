@@ -10,13 +10,19 @@ The rule, applied at call time inside every custom op:
   when a kernel is decorated), and the reference otherwise;
 * backend ``triton`` refuses to fall back: a tensor the Triton path cannot take
   is an error rather than a silent switch to the reference.
+
+:func:`set_backend` (and ``TRIFUSE_BACKEND``) sets the process-wide default;
+:func:`use_backend` overrides it for the calling thread (or asyncio task) only,
+through a :mod:`contextvars` variable, so threads serving one model do not
+switch each other's backend.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -42,31 +48,45 @@ def _backend_from_env() -> str:
     return value
 
 
-_backend = _backend_from_env()
+_backend = _backend_from_env()  # the process-wide default
+_scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("trifuse_backend", default=None)
+
+
+def _checked(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
 
 
 def get_backend() -> str:
-    """The current backend: ``auto``, ``triton`` or ``reference``."""
-    return _backend
+    """The backend in force here: this thread's :func:`use_backend`, else the process-wide one."""
+    scoped = _scoped.get()
+    return _backend if scoped is None else scoped
 
 
 def set_backend(name: str) -> None:
-    """Force ``reference`` or ``triton`` everywhere, or go back to ``auto``."""
+    """Force ``reference`` or ``triton`` in every thread, or go back to ``auto``.
+
+    A :func:`use_backend` block in progress keeps its own backend until it ends.
+    """
     global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    _backend = name
+    _backend = _checked(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """``with kernels.use_backend("reference"): ...`` runs a block on one backend."""
-    previous = get_backend()
-    set_backend(name)
+    """``with kernels.use_backend("reference"): ...`` runs a block on one backend.
+
+    Scoped to the calling thread (or asyncio task): other threads keep theirs.
+    Threads started inside the block start from the process-wide backend, as
+    every new thread starts with a fresh :mod:`contextvars` context.
+    """
+    previous = _scoped.get()
+    _scoped.set(_checked(name))
     try:
         yield
     finally:
-        set_backend(previous)
+        _scoped.set(previous)
 
 
 def triton_runnable(device: torch.device) -> bool:
@@ -80,10 +100,11 @@ def triton_runnable(device: torch.device) -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     """The dispatch decision for an op whose main input is ``t``."""
-    if _backend == "reference":
+    backend = get_backend()
+    if backend == "reference":
         return False
     runnable = triton_runnable(t.device)
-    if _backend == "triton" and not runnable:
+    if backend == "triton" and not runnable:
         if not HAS_TRITON:
             why = "triton is not installed"
         elif t.device.type == "cpu":

@@ -95,7 +95,7 @@ class EncoderConfig:
                     max_positions=cfg["max_position_embeddings"], type_vocab_size=cfg.get("type_vocab_size", 2),
                     layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
                     embedding_size=cfg.get("embedding_size") or 0 if family in ("albert", "electra") else 0,
-                    pad_token_id=cfg.get("pad_token_id") or 0,
+                    pad_token_id=_or(cfg.get("pad_token_id"), 1 if family == "roberta" else 0),  # HF's defaults
                     num_hidden_groups=cfg.get("num_hidden_groups", 1), inner_group_num=cfg.get("inner_group_num", 1),
                     num_labels=num_labels, tie_word_embeddings=cfg.get("tie_word_embeddings", True),
                     id2label=id2label)
@@ -103,6 +103,10 @@ class EncoderConfig:
         if c.hidden_size % c.num_heads:
             raise ValueError(f"hidden size {c.hidden_size} is not divisible by {c.num_heads} heads")
         return c
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 # ----------------------------------------------------------------------------
@@ -208,9 +212,14 @@ class EncoderModel(nn.Module):
 
     def _check(self, input_ids, attention_mask, token_type_ids, position_ids) -> None:
         c = self.config
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError("input_ids must be an integer tensor of shape [batch, seq]")
+        if (not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point()
+                or input_ids.dtype == torch.bool):
+            got = (f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor)
+                   else type(input_ids).__name__)
+            raise ValueError(f"input_ids must be an integer tensor of shape [batch, seq], got {got}")
         b, n = input_ids.shape
+        if b == 0 or n == 0:
+            raise ValueError(f"input_ids is empty (shape {(b, n)}): batch size and sequence length must be >= 1")
         if n > c.max_length:
             raise ValueError(f"sequence length {n} exceeds the position table ({c.max_length} positions "
                              f"for this {c.family} checkpoint)")
