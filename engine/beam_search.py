@@ -21,7 +21,11 @@ The algorithm is the vectorized one of transformers 5.x
   hypotheses; ``False`` once the best running beam, scored at the current length,
   cannot beat the worst finished one; ``"never"`` scores it at ``max_length`` when
   ``length_penalty > 0`` (the canonical bound);
-* the output is each item's best hypothesis, right-padded to the longest with
+* the logits processors (no-repeat n-grams over each beam's sequence, minimum
+  length) act on the log-probabilities before the running scores are added, then
+  the sampling warpers, as in Hugging Face;
+* the output is each item's best ``num_return_sequences`` hypotheses (best first),
+  right-padded to the longest with
   Hugging Face's fill value: ``pad_token_id`` if it is set and nonzero, else the
   first EOS id (a quirk of transformers' ``pad_token_id or eos_token_id[0]`` on a
   tensor: with ``pad_token_id=0``, as in T5, beam outputs are padded with EOS).
@@ -50,11 +54,15 @@ class BeamConfig:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: Union[bool, str] = False
+    num_return_sequences: int = 1
 
     def __post_init__(self):
         n = self.num_beams
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"num_beams must be an int >= 1, got {n!r}")
+        r = self.num_return_sequences
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= n:
+            raise ValueError(f"num_return_sequences ({r!r}) must be an int in [1, num_beams={n}]")
         lp = self.length_penalty
         if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
             raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
@@ -90,7 +98,8 @@ def _gather(t: Tensor, idx: Tensor) -> Tensor:
 def beam_search(first_logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], prompt: Tensor,
                 cfg: gen.GenerationConfig, beams: BeamConfig,
                 generator: Optional[torch.Generator] = None) -> Tensor:
-    """``[B, L0 + n]``: each batch item's best hypothesis after its ``L0``-token prompt.
+    """``[B * num_return_sequences, L0 + n]``: each batch item's best hypotheses (best
+    first) after its ``L0``-token prompt.
 
     ``first_logits`` ``[B*nb, V]``: the logits after ``prompt`` ``[B*nb, L0]`` (each
     item's prompt repeated ``nb`` times). ``step(tokens [B*nb], beam_idx [B*nb])``:
@@ -131,6 +140,8 @@ def beam_search(first_logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], 
     logits = first_logits
     while True:
         log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+        if cfg.no_repeat_ngram_size or cfg.min_length:
+            log_probs = gen.constrain(log_probs, running[:, :, :cur].reshape(rows, cur), cur, cfg)
         if cfg.do_sample:
             log_probs = _warp(log_probs, cfg, min_tokens)
         acc = (log_probs.view(b, nb, vocab) + running_scores[:, :, None]).reshape(b, nb * vocab)
@@ -195,6 +206,7 @@ def beam_search(first_logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], 
             break
         logits = step(running[:, :, cur - 1].reshape(-1), beam_idx)
 
-    out, src = finished_seqs[:, 0], finished_src[:, 0]
+    r = beams.num_return_sequences
+    out, src = finished_seqs[:, :r].reshape(b * r, -1), finished_src[:, :r].reshape(b * r, -1)
     length = prompt_len + int((src + 1).bool().sum(dim=1).max())
     return out[:, :length]

@@ -7,10 +7,17 @@ plugs in with two callables: the logits of the prompt's last position, and a
 * :class:`GenerationConfig` holds and validates the options (``ValueError`` on bad ones).
 * The logits processors are plain functions, each equal to its Hugging Face
   counterpart: :func:`repetition_penalty` (``RepetitionPenaltyLogitsProcessor``),
-  :func:`temperature` (``TemperatureLogitsWarper``), :func:`top_k_filter`
-  (``TopKLogitsWarper``), :func:`top_p_filter` (``TopPLogitsWarper``).
-  :func:`process_logits` applies them in Hugging Face's order: the repetition
-  penalty (greedy too), then, only when sampling, temperature, top-k, top-p.
+  :func:`no_repeat_ngram` (``NoRepeatNGramLogitsProcessor``), :func:`min_length_filter`
+  (``MinLengthLogitsProcessor``; ``min_new_tokens`` becomes a ``min_length`` as in
+  Hugging Face's ``_prepare_generated_length``), :func:`temperature`
+  (``TemperatureLogitsWarper``), :func:`top_k_filter` (``TopKLogitsWarper``),
+  :func:`top_p_filter` (``TopPLogitsWarper``). :func:`process_logits` applies them in
+  Hugging Face's order: repetition penalty, no-repeat n-grams, minimum length (greedy
+  too), then, only when sampling, temperature, top-k, top-p.
+* :func:`resolve_lengths` turns ``max_new_tokens`` / ``max_length`` / ``min_length`` /
+  ``min_new_tokens`` into the two numbers the loop uses, with Hugging Face's
+  precedence; :func:`expand_for_return` checks ``num_return_sequences`` and repeats
+  the prompt rows for it.
 * :func:`decode_stream` is the loop: it yields each step's tokens ``[B]``; rows
   stop independently at an EOS token and are filled with ``pad_token_id``
   after it; the loop ends once every row has finished or after
@@ -61,6 +68,11 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     eos_token_id: Tuple[int, ...] = ()
     pad_token_id: Optional[int] = None
+    #: EOS is banned while the sequence the processors see (a decoder-only model's prompt
+    #: included; for T5 the decoder ids from the start token) is shorter than this.
+    min_length: int = 0
+    #: No n-gram of this size occurs twice in that sequence (0: off).
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -88,6 +100,62 @@ class GenerationConfig:
         r = self.repetition_penalty
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0 or math.isinf(r):
             raise ValueError(f"repetition_penalty must be a positive number (1 disables it), got {r!r}")
+        for name in ("min_length", "no_repeat_ngram_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0 disables it), got {v!r}")
+
+
+def _check_count(name: str, v, minimum: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+
+def resolve_lengths(input_len: int, max_new_tokens: Optional[int] = None, max_length: Optional[int] = None,
+                    min_length: Optional[int] = None, min_new_tokens: Optional[int] = None,
+                    default_new_tokens: int = 20) -> Tuple[int, int]:
+    """``(max_new_tokens, min_length)`` from Hugging Face's four length options.
+
+    ``input_len``: the length of the ids the decoder starts from (a decoder-only
+    model's prompt; 1 for T5, the decoder start token). ``max_new_tokens`` wins over
+    ``max_length`` (the total length, ``input_len`` included); with neither,
+    ``default_new_tokens`` (Hugging Face: ``max_length=20`` counted from the input).
+    ``min_new_tokens`` wins over ``min_length`` and becomes ``min_new_tokens + input_len``.
+    """
+    if max_new_tokens is None:
+        if max_length is None:
+            max_new_tokens = default_new_tokens
+        else:
+            _check_count("max_length", max_length, 1)
+            max_new_tokens = max_length - input_len
+            if max_new_tokens < 1:
+                raise ValueError(f"max_length={max_length} leaves no room for a new token after the "
+                                 f"{input_len} input ids; raise max_length or pass max_new_tokens")
+    if min_new_tokens is not None:
+        _check_count("min_new_tokens", min_new_tokens, 0)
+        min_length = min_new_tokens + input_len
+    elif min_length is None:
+        min_length = 0
+    _check_count("min_length", min_length, 0)
+    return max_new_tokens, min_length
+
+
+def expand_for_return(num_return_sequences: int, num_beams: int, do_sample: bool,
+                      *rows: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """Check ``num_return_sequences`` as Hugging Face does, and repeat each tensor's rows
+    that many times (``repeat_interleave``) for greedy/sampled decoding; beam search
+    keeps its rows (it returns its best hypotheses instead)."""
+    _check_count("num_return_sequences", num_return_sequences, 1)
+    if num_return_sequences == 1:
+        return rows
+    if num_beams == 1 and not do_sample:
+        raise ValueError(f"greedy decoding (do_sample=False, num_beams=1) returns one sequence per input, "
+                         f"not num_return_sequences={num_return_sequences}; sample or use beam search")
+    if num_beams > 1:
+        if num_return_sequences > num_beams:
+            raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
+        return rows
+    return tuple(None if t is None else t.repeat_interleave(num_return_sequences, dim=0) for t in rows)
 
 
 # ----------------------------------------------------------------------------
@@ -119,6 +187,41 @@ def repetition_penalty(scores: Tensor, input_ids: Tensor, penalty: float,
     skips each row's leading positions (Hugging Face passes the left-padding length).
     """
     return _penalize(scores, _seen_tokens(input_ids, scores.shape[-1], prompt_ignore_length), penalty)
+
+
+def no_repeat_ngram(scores: Tensor, input_ids: Tensor, n: int) -> Tensor:
+    """Ban every token that would complete an ``n``-gram already in ``input_ids`` ``[B, L]``
+    (the whole row: Hugging Face counts a decoder-only prompt and its padding too)."""
+    cur = input_ids.shape[-1]
+    if cur < n:
+        return scores
+    prefix = input_ids[:, cur + 1 - n:]  # [B, n - 1]: what the next token would complete
+    windows = input_ids.unfold(1, n, 1)  # [B, cur - n + 1, n]
+    matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
+    vocab = scores.shape[-1]
+    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+    return scores.masked_fill(banned[:, :vocab], -float("inf"))
+
+
+def min_length_filter(scores: Tensor, cur_len: int, min_length: int, eos_token_id: Sequence[int]) -> Tensor:
+    """EOS gets ``-inf`` while the sequence so far (``cur_len`` ids) is shorter than ``min_length``."""
+    if cur_len >= min_length or not eos_token_id:
+        return scores
+    eos = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    eos[[t for t in eos_token_id if t < scores.shape[-1]]] = True
+    return scores.masked_fill(eos, -float("inf"))
+
+
+def constrain(scores: Tensor, input_ids: Optional[Tensor], cur_len: int, cfg: GenerationConfig) -> Tensor:
+    """The n-gram and minimum-length processors (Hugging Face applies them after the
+    repetition penalty and before the sampling warpers). ``input_ids`` ``[B, cur_len]``
+    is needed only for ``no_repeat_ngram_size``."""
+    if cfg.no_repeat_ngram_size:
+        scores = no_repeat_ngram(scores, input_ids, cfg.no_repeat_ngram_size)
+    if cfg.min_length:
+        scores = min_length_filter(scores, cur_len, cfg.min_length, cfg.eos_token_id)
+    return scores
 
 
 def temperature(scores: Tensor, t: float) -> Tensor:
@@ -160,6 +263,7 @@ def process_logits(scores: Tensor, input_ids: Tensor, cfg: GenerationConfig,
     """Every processor ``cfg`` asks for, in Hugging Face's order."""
     if cfg.repetition_penalty != 1.0:
         scores = repetition_penalty(scores, input_ids, cfg.repetition_penalty, prompt_ignore_length)
+    scores = constrain(scores, input_ids, input_ids.shape[-1], cfg)
     return warp(scores, cfg) if cfg.do_sample else scores
 
 
@@ -204,11 +308,17 @@ def decode_stream(first_logits: Tensor, step: Callable[[Tensor], Tensor], prompt
         # Which ids each row holds so far, updated per step rather than rebuilt from the sequence.
         seen = _seen_tokens(prompt, vocab, prompt_ignore_length)
     rows = torch.arange(b, device=device)
+    n0 = prompt.shape[1]
+    seq = None
+    if cfg.no_repeat_ngram_size:  # the n-gram ban reads the whole sequence: one buffer, filled in place
+        seq = torch.empty(b, n0 + cfg.max_new_tokens, dtype=torch.long, device=device)
+        seq[:, :n0] = prompt
     logits = first_logits
     for i in range(cfg.max_new_tokens):
         scores = logits.to(torch.float32)
         if seen is not None:
             scores = _penalize(scores, seen, cfg.repetition_penalty)
+        scores = constrain(scores, None if seq is None else seq[:, : n0 + i], n0 + i, cfg)
         if cfg.do_sample:
             scores = warp(scores, cfg)
         tokens = select_tokens(scores, cfg.do_sample, generator)
@@ -216,6 +326,8 @@ def decode_stream(first_logits: Tensor, step: Callable[[Tensor], Tensor], prompt
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, cfg.pad_token_id))
         if seen is not None:
             seen[rows, tokens.clamp(max=vocab)] = True
+        if seq is not None:
+            seq[:, n0 + i] = tokens
         yield tokens
         if eos is not None:
             unfinished &= ~torch.isin(tokens, eos)

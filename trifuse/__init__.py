@@ -39,6 +39,8 @@ _LAZY = {
     "EncoderOutput": "trifuse.engine",
     "LogitsOutput": "trifuse.engine",
     "QuestionAnsweringOutput": "trifuse.engine",
+    "pipeline": "trifuse.engine.pipelines",
+    "plot_attention": "trifuse.engine.pipelines",
 }
 
 

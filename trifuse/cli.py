@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
+
+#: Errors that mean "bad input" (a path, an option, a checkpoint, a missing extra): one line, exit 2.
+#: Anything else is a bug and keeps its traceback; TRIFUSE_TRACEBACK=1 shows it for these too.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``trifuse verify: error: ...``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (parsers and loaders like to wrap theirs)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts (batch, seq, ...): an int >= 1, never clamped."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     from trifuse.bench import cli as bench_cli
 
-    p = argparse.ArgumentParser(prog="trifuse", description="trifuse: a transformer inference engine "
-                                "on fused Triton kernels")
+    p = Parser(prog="trifuse", description="trifuse: a transformer inference engine on fused Triton kernels")
     p.add_argument("--version", action="version", version=f"trifuse {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench_cli.add_arguments(sub.add_parser(
@@ -35,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_arguments(sub.add_parser(
         "check", help="compare a checkpoint in trifuse with Hugging Face transformers",
         description=check.__doc__.split("\n\n")[0]))
+    from trifuse.engine import run as run_cli
+
+    run_cli.add_arguments(sub.add_parser(
+        "run", help="run a pipeline task (classification, NER, QA, summarization, ...) on inputs; JSON lines out",
+        description=run_cli.__doc__.split("\n\n")[0]))
+    from trifuse import serve
+
+    serve.add_arguments(sub.add_parser(
+        "serve", help="serve a pipeline over HTTP on Ray Serve, with dynamic batching",
+        description="Serve trifuse.pipeline(TASK, CHECKPOINT) over HTTP on Ray Serve (local Ray, or --address)."))
     return p
 
 
@@ -45,7 +82,16 @@ def main(argv=None) -> int:
 
         use_interpreter_without_gpu(argv)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if os.environ.get("TRIFUSE_TRACEBACK") == "1":
+            raise
+        print(f"trifuse {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"trifuse {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Reference semantics: Hugging Face transformers' ``modeling_gpt2.py`` and
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple, Union
 
@@ -34,7 +35,7 @@ from trifuse import kernels
 from .. import generation as gen
 from ..cache import KVCache
 from ..layers import LayerNorm, PreLNBlock, check_activation
-from ..loading import assemble_state, load_into, module_keys
+from ..loading import assemble_state, load_into, module_keys, uses_generation_config
 from ..outputs import ModelOutput
 
 TASKS = ("causal-lm", "feature-extraction")
@@ -169,11 +170,14 @@ class GPT2Model(nn.Module):
 
     def _check(self, input_ids, attention_mask, position_ids, cache: Optional[KVCache]) -> None:
         c = self.config
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError("input_ids must be an integer tensor of shape [batch, seq]")
+        if (not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point()
+                or input_ids.dtype == torch.bool):
+            got = (f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor)
+                   else type(input_ids).__name__)
+            raise ValueError(f"input_ids must be an integer tensor of shape [batch, seq], got {got}")
         b, n = input_ids.shape
-        if n == 0:
-            raise ValueError("input_ids must hold at least one token")
+        if b == 0 or n == 0:
+            raise ValueError(f"input_ids is empty (shape {(b, n)}): batch size and sequence length must be >= 1")
         start = 0
         if cache is not None:
             if not isinstance(cache, KVCache):
@@ -297,25 +301,33 @@ class GPT2Model(nn.Module):
 
     # -- generation -----------------------------------------------------------
 
-    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
+    @uses_generation_config
+    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: Optional[int] = None,
                do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                repetition_penalty: float = 1.0, eos_token_id: gen.TokenIds = None,
-               pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Iterator[Tensor]:
-        """Like :meth:`generate`, but an iterator over each step's new tokens ``[B]``.
+               pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               min_length: Optional[int] = None, min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0,
+               num_return_sequences: int = 1, max_length: Optional[int] = None) -> Iterator[Tensor]:
+        """Like :meth:`generate`, but an iterator over each step's new tokens ``[B * num_return_sequences]``.
 
         The arguments are checked (and the prompt run) before the iterator is returned.
         """
         return self._stream(self._session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                            top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator)
+                            top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator, min_length,
+                            min_new_tokens, no_repeat_ngram_size, num_return_sequences, max_length)
 
     def _stream(self, session, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                repetition_penalty, eos_token_id, pad_token_id, generator) -> Iterator[Tensor]:
+                repetition_penalty, eos_token_id, pad_token_id, generator, min_length=None, min_new_tokens=None,
+                no_repeat_ngram_size=0, num_return_sequences=1, max_length=None) -> Iterator[Tensor]:
         """The decoding loop over any ``session(input_ids, mask, max_new_tokens) -> (first logits, step)``:
         :meth:`_session` here, CUDA graphs in :class:`engine.graphs.CUDAGraphDecoder`."""
+        input_ids, attention_mask = gen.expand_for_return(num_return_sequences, 1, do_sample, input_ids,
+                                                          attention_mask)
         cfg, mask, ignore = self._generation_setup(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                                                   top_k, top_p, repetition_penalty, eos_token_id, pad_token_id)
+                                                   top_k, top_p, repetition_penalty, eos_token_id, pad_token_id,
+                                                   min_length, min_new_tokens, no_repeat_ngram_size, max_length)
         with torch.no_grad():
-            first, step = session(input_ids, mask, max_new_tokens)
+            first, step = session(input_ids, mask, cfg.max_new_tokens)
         return gen.decode_stream(first, step, input_ids, cfg, generator=generator, prompt_ignore_length=ignore)
 
     def _session(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int):
@@ -331,33 +343,54 @@ class GPT2Model(nn.Module):
         return first, step
 
     def _generation_setup(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                          repetition_penalty, eos_token_id, pad_token_id):
+                          repetition_penalty, eos_token_id, pad_token_id, min_length=None, min_new_tokens=None,
+                          no_repeat_ngram_size=0, max_length=None):
         """Check a generation request: ``(config, prompt mask (bool), repetition-penalty skip lengths or None)``."""
         if not self.has_lm_head:
             raise ValueError("this GPT-2 was loaded for feature-extraction; load it with task='causal-lm' to generate")
         c = self.config
+        self._check(input_ids, attention_mask, None, None)
+        n = input_ids.shape[1]
+        max_new_tokens, min_length = gen.resolve_lengths(n, max_new_tokens, max_length, min_length, min_new_tokens)
         cfg = gen.GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty,
             eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id)
-        self._check(input_ids, attention_mask, None, None)
-        n = input_ids.shape[1]
+            pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id,
+            min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size)
+        if cfg.eos_token_id and not 0 <= cfg.pad_token_id < c.vocab_size:  # checked here, not mid-loop
+            raise ValueError(f"pad_token_id={cfg.pad_token_id} is outside the vocabulary [0, {c.vocab_size}); "
+                             "it fills finished rows and is fed back to the model")
         if n + max_new_tokens > c.n_positions:
             raise ValueError(f"prompt length {n} + max_new_tokens {max_new_tokens} exceeds the position table "
                              f"({c.n_positions} positions)")
         if attention_mask is None:
             attention_mask = gen.default_attention_mask(input_ids, cfg)
         mask = attention_mask.ne(0)
+        if not torch.compiler.is_compiling() and not bool(mask[:, -1].all()):
+            # Hugging Face warns too: the next token would be predicted from a padding position.
+            warnings.warn("right-padding detected in a decoder-only prompt (attention_mask ends in 0): the rows "
+                          "continue from their padding and the tokens differ from the unpadded prompt's; pad on the "
+                          "left (tokenizer.padding_side = 'left')", stacklevel=4)
         # Hugging Face's repetition penalty skips the left padding of the prompt.
         ignore = mask.int().argmax(dim=1) if cfg.repetition_penalty != 1.0 else None
         return cfg, mask, ignore
 
-    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, eos_token_id: gen.TokenIds = None,
-                 pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
-        """``[B, L + n]`` token ids: the prompt and ``n <= max_new_tokens`` new tokens.
+    @uses_generation_config
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                 max_new_tokens: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 eos_token_id: gen.TokenIds = None, pad_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, min_length: Optional[int] = None,
+                 min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
+                 max_length: Optional[int] = None) -> Tensor:
+        """``[B * num_return_sequences, L + n]`` token ids: the prompt and ``n <= max_new_tokens`` new tokens.
+
+        Lengths as in Hugging Face: ``max_new_tokens`` (default 20) or ``max_length``
+        (prompt included); EOS is banned before ``min_new_tokens`` new tokens or a
+        total of ``min_length``. ``no_repeat_ngram_size`` bans repeated n-grams (the
+        prompt counts); ``num_return_sequences`` samples that many rows per prompt
+        (consecutive rows, as Hugging Face orders them).
 
         Greedy (``do_sample=False``) or sampling with Hugging Face's temperature,
         top-k, top-p and repetition penalty. Rows stop independently at
@@ -367,15 +400,21 @@ class GPT2Model(nn.Module):
         left-padded (pass its ``attention_mask``). ``generator`` seeds sampling.
         """
         return self._generate(self._session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                              top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator)
+                              top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator, min_length,
+                              min_new_tokens, no_repeat_ngram_size, num_return_sequences, max_length)
 
     def _generate(self, session, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: gen.TokenIds = None,
-                  pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+                  max_new_tokens: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                  eos_token_id: gen.TokenIds = None, pad_token_id: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None, min_length: Optional[int] = None,
+                  min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
+                  max_length: Optional[int] = None) -> Tensor:
         tokens = list(self._stream(session, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                                   top_p, repetition_penalty, eos_token_id, pad_token_id, generator))
-        return torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
+                                   top_p, repetition_penalty, eos_token_id, pad_token_id, generator, min_length,
+                                   min_new_tokens, no_repeat_ngram_size, num_return_sequences, max_length))
+        prompt = input_ids.repeat_interleave(num_return_sequences, dim=0) if num_return_sequences > 1 else input_ids
+        return torch.cat([prompt, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
 
 
 # ----------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from trifuse import kernels
 from .. import generation as gen
 from ..cache import KVCache
 from ..layers import bias_act, check_activation
-from ..loading import assemble_state, load_into
+from ..loading import assemble_state, load_into, uses_generation_config
 from ..outputs import EncoderOutput, ModelOutput
 
 TASKS = ("text2text-generation", "feature-extraction", "encoder")
@@ -152,6 +152,8 @@ Seq2SeqLMOutput = Seq2SeqOutput  # Hugging Face's name for the generation head's
 
 # ----------------------------------------------------------------------------
 # The cache.
+
+_CACHE_CHUNK = 64  # decoder positions a generation cache starts with; it doubles from there
 
 
 class T5Cache(KVCache):
@@ -423,8 +425,8 @@ class T5Model(nn.Module):
     def _check_ids(self, name: str, ids) -> None:
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor of shape [batch, seq]")
-        if ids.shape[1] == 0:
-            raise ValueError(f"{name} must hold at least one token")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): batch size and length must be >= 1")
         if torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
             return  # the value check would synchronize or break the graph
         v = self.config.vocab_size
@@ -602,7 +604,11 @@ class T5Model(nn.Module):
     def _prepare_generation(self, input_ids, attention_mask, max_new_tokens, num_beams, cfg, start_token):
         """Run the encoder once and set up the cache: ``(cache, start ids, first logits)``."""
         enc, attention_mask = self._encode_for_generation(input_ids, attention_mask, cfg)
-        cache = self.new_cache(input_ids.shape[0] * num_beams, 1 + max_new_tokens)
+        # Memory follows the work done: the cache starts at most _CACHE_CHUNK positions long and
+        # doubles as decoding goes (_step_logits), so max_new_tokens=10**8 with an early EOS costs
+        # what the tokens actually decoded cost. (CUDAGraphDecoder preallocates on purpose.)
+        cache = self.new_cache(input_ids.shape[0] * num_beams, 1 + min(max_new_tokens, _CACHE_CHUNK - 1))
+        cache.growable = True
         cache.cross_kv = self.decoder.project_encoder(enc)  # once; beams share it (see CrossAttention)
         cache.encoder_mask = self._kernel_mask(attention_mask)
         cache.encoder_hidden_state = enc
@@ -634,24 +640,34 @@ class T5Model(nn.Module):
 
     def _step_logits(self, ids: Tensor, cache: T5Cache) -> Tensor:
         """Feed ``ids`` ``[B, n]`` through the cache; the last position's logits ``[B, V]``."""
+        cache.ensure_capacity(cache.length + ids.shape[1])
         x, _ = self._decode(ids, None, cache.cross_kv, cache.encoder_mask, cache, cache.length)
         return self._logits(x[:, -1])
 
-    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
+    @uses_generation_config
+    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: Optional[int] = None,
                do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                eos_token_id: gen.TokenIds = None, pad_token_id: Optional[int] = None,
                decoder_start_token_id: Optional[int] = None,
-               generator: Optional[torch.Generator] = None) -> Iterator[Tensor]:
-        """Greedy or sampled decoding as an iterator over each step's tokens ``[B]``
+               generator: Optional[torch.Generator] = None, min_length: Optional[int] = None,
+               min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
+               max_length: Optional[int] = None) -> Iterator[Tensor]:
+        """Greedy or sampled decoding as an iterator over each step's tokens ``[B * num_return_sequences]``
         (the decoder start token not included). Arguments are checked and the encoder
         run before the iterator is returned."""
         return self._stream(self._session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                            top_k, top_p, eos_token_id, pad_token_id, decoder_start_token_id, generator)
+                            top_k, top_p, eos_token_id, pad_token_id, decoder_start_token_id, generator, min_length,
+                            min_new_tokens, no_repeat_ngram_size, num_return_sequences, max_length)
 
     def _stream(self, session, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                eos_token_id, pad_token_id, decoder_start_token_id, generator) -> Iterator[Tensor]:
+                eos_token_id, pad_token_id, decoder_start_token_id, generator, min_length=None, min_new_tokens=None,
+                no_repeat_ngram_size=0, num_return_sequences=1, max_length=None) -> Iterator[Tensor]:
+        input_ids, attention_mask = gen.expand_for_return(num_return_sequences, 1, do_sample, input_ids,
+                                                          attention_mask)
+        # The decoder starts from one id (the start token): Hugging Face's lengths count it.
+        max_new_tokens, min_length = gen.resolve_lengths(1, max_new_tokens, max_length, min_length, min_new_tokens)
         cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                                      pad_token_id)
+                                      pad_token_id, min_length, no_repeat_ngram_size)
         start_token = self._start_token(decoder_start_token_id)
         with torch.no_grad():
             start, first, step = session(input_ids, attention_mask, max_new_tokens, 1, cfg, start_token)
@@ -672,23 +688,38 @@ class T5Model(nn.Module):
         return start, first, step
 
     def _generation_config(self, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                           pad_token_id) -> gen.GenerationConfig:
+                           pad_token_id, min_length=0, no_repeat_ngram_size=0) -> gen.GenerationConfig:
         if self.task != "text2text-generation":
             raise ValueError(f"this T5 was loaded for {self.task!r}; load T5ForConditionalGeneration "
                              f"(task='text2text-generation') to generate")
         c = self.config
-        return gen.GenerationConfig(
+        cfg = gen.GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id)
+            pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id,
+            min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size)
+        if cfg.eos_token_id and not 0 <= cfg.pad_token_id < c.vocab_size:  # checked here, not mid-loop
+            raise ValueError(f"pad_token_id={cfg.pad_token_id} is outside the vocabulary [0, {c.vocab_size}); "
+                             "it fills finished rows and is fed back to the decoder")
+        return cfg
 
-    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
-                 num_beams: int = 1, length_penalty: float = 1.0, early_stopping: Union[bool, str] = False,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: gen.TokenIds = None, pad_token_id: Optional[int] = None,
-                 decoder_start_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
-        """``[B, 1 + n]`` decoder token ids, starting with the decoder start token, as Hugging Face returns.
+    @uses_generation_config
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                 max_new_tokens: Optional[int] = None, num_beams: int = 1, length_penalty: float = 1.0,
+                 early_stopping: Union[bool, str] = False, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, eos_token_id: gen.TokenIds = None,
+                 pad_token_id: Optional[int] = None, decoder_start_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, min_length: Optional[int] = None,
+                 min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
+                 max_length: Optional[int] = None) -> Tensor:
+        """``[B * num_return_sequences, 1 + n]`` decoder token ids, starting with the decoder start token,
+        as Hugging Face returns.
+
+        Lengths count the decoder ids, start token included, as in Hugging Face:
+        ``max_new_tokens`` (default 20) or ``max_length``; EOS is banned before
+        ``min_length`` ids (or ``min_new_tokens`` new ones). ``no_repeat_ngram_size``
+        bans repeated n-grams; ``num_return_sequences`` returns that many rows per
+        input (beam search: its best hypotheses, best first; sampling: draws).
 
         ``num_beams == 1``: greedy (or, ``do_sample``, sampling with temperature /
         top-k / top-p); rows stop at ``eos_token_id`` and are padded with
@@ -700,24 +731,31 @@ class T5Model(nn.Module):
         """
         return self._generate(self._session, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty,
                               early_stopping, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id,
-                              decoder_start_token_id, generator)
+                              decoder_start_token_id, generator, min_length, min_new_tokens, no_repeat_ngram_size,
+                              num_return_sequences, max_length)
 
     def _generate(self, session, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                  max_new_tokens: int = 20, num_beams: int = 1, length_penalty: float = 1.0,
+                  max_new_tokens: Optional[int] = None, num_beams: int = 1, length_penalty: float = 1.0,
                   early_stopping: Union[bool, str] = False, do_sample: bool = False, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0, eos_token_id: gen.TokenIds = None,
                   pad_token_id: Optional[int] = None, decoder_start_token_id: Optional[int] = None,
-                  generator: Optional[torch.Generator] = None) -> Tensor:
+                  generator: Optional[torch.Generator] = None, min_length: Optional[int] = None,
+                  min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
+                  max_length: Optional[int] = None) -> Tensor:
         from .. import beam_search as bs
 
+        gen.expand_for_return(num_return_sequences, num_beams, do_sample)  # the checks alone
+        max_new_tokens, min_length = gen.resolve_lengths(1, max_new_tokens, max_length, min_length, min_new_tokens)
         cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                                      pad_token_id)
-        bcfg = bs.BeamConfig(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+                                      pad_token_id, min_length, no_repeat_ngram_size)
+        bcfg = bs.BeamConfig(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                             num_return_sequences=num_return_sequences if num_beams > 1 else 1)
         start_token = self._start_token(decoder_start_token_id)
         if bcfg.num_beams == 1:
             tokens = list(self._stream(session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                                       top_k, top_p, eos_token_id, pad_token_id, start_token, generator))
-            start = torch.full((input_ids.shape[0], 1), start_token, dtype=torch.long, device=input_ids.device)
+                                       top_k, top_p, eos_token_id, pad_token_id, start_token, generator, min_length,
+                                       None, no_repeat_ngram_size, num_return_sequences))
+            start = torch.full((tokens[0].shape[0], 1), start_token, dtype=torch.long, device=input_ids.device)
             return torch.cat([start, torch.stack(tokens, dim=1).to(start.dtype)], dim=1)
         with torch.no_grad():
             start, first, step = session(input_ids, attention_mask, max_new_tokens, bcfg.num_beams, cfg, start_token)
