@@ -88,6 +88,14 @@ def _warp(log_probs: Tensor, cfg: gen.GenerationConfig, min_keep: int) -> Tensor
     return log_probs
 
 
+_FIRST_CHUNK = 64  # positions the sequence buffers start with before they double
+
+
+def _grow(t: Tensor, width: int, fill: int) -> Tensor:
+    """``t`` ``[B, k, w]`` padded with ``fill`` to ``[B, k, width]``."""
+    return torch.cat((t, t.new_full((*t.shape[:2], width - t.shape[2]), fill)), dim=2)
+
+
 def _gather(t: Tensor, idx: Tensor) -> Tensor:
     """``t[b, idx[b, j], ...]``: beams of each batch item picked by ``idx`` ``[B, k]``."""
     while idx.dim() < t.dim():
@@ -124,7 +132,10 @@ def beam_search(first_logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], 
     top_nb[:nb] = True
     lp, early = beams.length_penalty, beams.early_stopping
 
-    running = torch.full((b, nb, max_length), fill_value(cfg), dtype=torch.long, device=device)
+    # The sequence buffers start at a few dozen positions and double as decoding goes, so
+    # memory follows the tokens decoded, not max_new_tokens (which may be huge with EOS).
+    cap = min(max_length, prompt_len + _FIRST_CHUNK)
+    running = torch.full((b, nb, cap), fill_value(cfg), dtype=torch.long, device=device)
     running[:, :, :prompt_len] = prompt.view(b, nb, prompt_len)
     finished_seqs = running.clone()
     running_scores = torch.zeros(b, nb, dtype=torch.float32, device=device)
@@ -132,13 +143,18 @@ def beam_search(first_logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], 
     finished_scores = torch.full((b, nb), _NEG, dtype=torch.float32, device=device)
     is_finished = torch.zeros(b, nb, dtype=torch.bool, device=device)
     can_improve = torch.ones(b, 1, dtype=torch.bool, device=device)
-    running_src = torch.full((b, nb, max_length - prompt_len), -1, dtype=torch.long, device=device)
+    running_src = torch.full((b, nb, cap - prompt_len), -1, dtype=torch.long, device=device)
     finished_src = running_src.clone()
     offsets = torch.arange(b, device=device)[:, None] * nb
 
     cur = prompt_len
     logits = first_logits
     while True:
+        if cur >= cap:
+            cap = min(max_length, 2 * cap)
+            running, finished_seqs = _grow(running, cap, fill_value(cfg)), _grow(finished_seqs, cap, fill_value(cfg))
+            running_src = _grow(running_src, cap - prompt_len, -1)
+            finished_src = _grow(finished_src, cap - prompt_len, -1)
         log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
         if cfg.no_repeat_ngram_size or cfg.min_length:
             log_probs = gen.constrain(log_probs, running[:, :, :cur].reshape(rows, cur), cur, cfg)

@@ -311,7 +311,7 @@ def decode_stream(first_logits: Tensor, step: Callable[[Tensor], Tensor], prompt
     n0 = prompt.shape[1]
     seq = None
     if cfg.no_repeat_ngram_size:  # the n-gram ban reads the whole sequence: one buffer, filled in place
-        seq = torch.empty(b, n0 + cfg.max_new_tokens, dtype=torch.long, device=device)
+        seq = torch.empty(b, n0 + min(cfg.max_new_tokens, 64), dtype=torch.long, device=device)  # grows below
         seq[:, :n0] = prompt
     logits = first_logits
     for i in range(cfg.max_new_tokens):
@@ -327,6 +327,9 @@ def decode_stream(first_logits: Tensor, step: Callable[[Tensor], Tensor], prompt
         if seen is not None:
             seen[rows, tokens.clamp(max=vocab)] = True
         if seq is not None:
+            if n0 + i >= seq.shape[1]:  # double it: memory follows the tokens decoded
+                extra = min(seq.shape[1], n0 + cfg.max_new_tokens - seq.shape[1])
+                seq = torch.cat((seq, seq.new_empty(b, extra)), dim=1)
             seq[:, n0 + i] = tokens
         yield tokens
         if eos is not None:

@@ -639,3 +639,39 @@ def test_t5_cache_grows_with_the_work_done(reference_backend, monkeypatch):
     for beams in (1, 2):
         want = hf.generate(ids, attention_mask=mask, max_new_tokens=150, num_beams=beams, do_sample=False)
         assert torch.equal(ours.generate(ids, mask, max_new_tokens=150, num_beams=beams, eos_token_id=[]), want)
+
+
+def test_sequence_buffers_follow_the_tokens_decoded(monkeypatch):
+    """Beam search and the n-gram ban keep the sequences decoded so far; with max_new_tokens=10**8 and
+    an early EOS they hold a few dozen positions, never 10**8 (which would be GBs per row)."""
+    from trifuse.engine import beam_search as bs
+    from trifuse.engine import generation as gen
+
+    vocab, eos, steps = 11, 3, []
+    widths = []
+    real_full = torch.full
+
+    def recording_full(size, *args, **kwargs):
+        widths.append(size[-1] if isinstance(size, (tuple, list)) else size)
+        return real_full(size, *args, **kwargs)
+
+    def logits_for(rows: int) -> torch.Tensor:  # EOS certain from the fourth step on
+        out = torch.randn(rows, vocab)
+        if len(steps) >= 3:
+            out[:, eos] = 100.0
+        return out
+
+    def step(tokens, beam_idx=None):
+        steps.append(tokens.clone())
+        return logits_for(tokens.shape[0])
+
+    monkeypatch.setattr(torch, "full", recording_full)
+    cfg = gen.GenerationConfig(max_new_tokens=10**8, eos_token_id=(eos,), pad_token_id=0)
+    prompt = torch.randint(4, vocab, (4, 5))
+    out = bs.beam_search(logits_for(4), step, prompt, cfg, bs.BeamConfig(num_beams=2, early_stopping=True))
+    assert out.shape[0] == 2 and out.shape[1] <= 5 + 8 and (out == eos).any(dim=1).all()
+    assert widths and max(widths) <= 5 + 64
+    steps.clear()
+    ngram = gen.GenerationConfig(max_new_tokens=10**8, eos_token_id=(eos,), pad_token_id=0, no_repeat_ngram_size=2)
+    out = gen.generate(logits_for(4), step, prompt, ngram)
+    assert out.shape[1] <= 5 + 8 and (out[:, 5:] == eos).any(dim=1).all()
