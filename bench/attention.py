@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from trifuse import kernels
 from trifuse.kernels import RelativeBias, _dispatch
 
-from .suite import DTYPE_NAMES, Options, SuiteResult, check_and_time, pick_backends
+from .suite import DTYPE_NAMES, Options, SuiteResult, check_and_time, pick_backends, step
 from .timing import copy_bandwidth, matmul_peak
 
 BACKENDS = ("trifuse", "trifuse-nosplit", "reference", "sdpa", "sdpa-flash", "sdpa-efficient",
@@ -220,6 +220,7 @@ def _measure_problem(op: str, B: int, H: int, Lq: int, Lk: int, D: int, causal: 
     kv_bytes = 2 * B * H * Lk * D * q.element_size()
     out_rows = []
     for name, fn in _backend_fns(op, q, k, v, causal, rel, backends, gpu, compiled_flex).items():
+        step(opts, f"{op} {base['shape']} {name}")
         if isinstance(fn, str):
             out_rows.append({**base, "backend": name, "status": fn})
             continue
@@ -243,15 +244,16 @@ def _measure_problem(op: str, B: int, H: int, Lq: int, Lk: int, D: int, causal: 
 def run(opts: Options) -> SuiteResult:
     gpu = opts.on_gpu
     backends = pick_backends(opts, BACKENDS, GPU_DEFAULT if gpu else CPU_DEFAULT)
-    head_dims = opts.head_dims or ([64, 128] if gpu else [64])
+    # Sizes given on the command line are run as given; --quick shortens only the defaults.
+    head_dims = opts.head_dims or ([64, 128] if gpu else [64])[-1 if opts.quick else 0:]
     if gpu:
-        seqs = opts.seq or [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+        seqs = opts.seq or ([1024, 4096] if opts.quick else [128, 256, 512, 1024, 2048, 4096, 8192, 16384])
         decode_lens = [512, 1024, 2048, 4096, 8192, 16384]
     else:  # the interpreter runs the kernel one program at a time: tiny shapes only
         seqs = opts.seq or [128, 256]
         decode_lens = [512, 1024]
     if opts.quick:
-        head_dims, seqs, decode_lens = head_dims[-1:], seqs[:2] if not gpu else [1024, 4096], decode_lens[-1:]
+        decode_lens = decode_lens[-1:]
 
     notes = []
     triton_here = _dispatch.triton_runnable(opts.device)

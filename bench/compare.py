@@ -4,7 +4,8 @@ Rows are matched on what was measured (suite, op, shape, dtype, backend, phase).
 A change counts only when it is larger than the noise both runs measured: the
 new run's p10..p90 band must lie wholly beyond the old one's, and the medians
 must differ by more than ``--threshold`` (default 2%). Everything else is
-"within noise". The exit status is 1 when anything regressed, so CI can gate on it.
+"within noise". A row either run flagged noisy (``status: noisy: ...``) is not compared
+at all: its verdict is "noisy". The exit status is 1 when anything regressed, so CI can gate on it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def compare(old_rows: list[dict], new_rows: list[dict], threshold: float = 0.02)
         if o is None or not r.get("median_ms"):
             continue
         change = r["median_ms"] / o["median_ms"] - 1
+        if any(str(x.get("status", "")).startswith("noisy") for x in (r, o)):
+            out.append({**{k: r.get(k) for k in KEY}, "old_ms": o["median_ms"], "new_ms": r["median_ms"],
+                        "change": change, "verdict": "noisy"})
+            continue
         separated_up = r.get("p10_ms", r["median_ms"]) > o.get("p90_ms", o["median_ms"])
         separated_down = r.get("p90_ms", r["median_ms"]) < o.get("p10_ms", o["median_ms"])
         if change > threshold and separated_up:
@@ -60,14 +65,15 @@ def print_comparison(entries: list[dict], old_env: dict, new_env: dict) -> None:
     table = Table(title_justify="left")
     for col in ("op", "shape", "dtype", "backend", "old ms", "new ms", "change", "verdict"):
         table.add_column(col, justify="right" if col.endswith(("ms", "change")) else "left")
-    colour = {"regression": "red", "improvement": "green", "within noise": "dim"}
+    colour = {"regression": "red", "improvement": "green", "within noise": "dim", "noisy": "yellow"}
     for e in entries:
         op = e["op"] + (f" ({e['phase']})" if e.get("phase") else "")
         table.add_row(op, str(e["shape"]), str(e["dtype"]), e["backend"], f"{e['old_ms']:.4f}",
                       f"{e['new_ms']:.4f}", f"{e['change']:+.1%}", f"[{colour[e['verdict']]}]{e['verdict']}[/]")
     console.print(table)
     counts = {v: sum(e["verdict"] == v for e in entries) for v in colour}
-    console.print(", ".join(f"{n} {v}" for v, n in counts.items()) + f" (of {len(entries)} matched rows)")
+    console.print(", ".join(f"{n} {v}" for v, n in counts.items() if n or v != "noisy")
+                  + f" (of {len(entries)} matched rows)")
 
 
 def add_arguments(p) -> None:

@@ -2,14 +2,20 @@
 
 1. the kernel suites (norms, GELU, attention): each kernel checked against a float64
    reference, then timed against PyTorch;
-2. every model family at a small and a base size (random weights from the named
-   configs): each backend checked against Hugging Face eager, then timed;
-3. each small model (and, on a GPU, each base model) exported to ONNX and verified
-   in ONNX Runtime against PyTorch.
+2. every model family (random weights from the named configs): each backend checked
+   against Hugging Face eager, then timed; then the family's small model exported to
+   ONNX and verified in ONNX Runtime against PyTorch (on a GPU, ``--full``: the base
+   size too). The ONNX files are deleted once verified unless ``--keep-onnx``.
 
-Everything lands in one folder: each suite's JSON/CSV/markdown/PNG and an index,
-``report.md``. On a machine without a GPU the Triton kernels are checked under
-Triton's interpreter rather than timed, and the report says which figures need a GPU.
+``--quick`` (the default without a GPU) checks every kernel and family at one small
+size and times briefly; ``--full`` (the default on a GPU) runs every suite's sweep
+and each family at a small and a base size.
+
+Everything lands in one folder, written as each part finishes (an interrupted run keeps
+what it did): each suite's JSON/CSV/markdown/PNG and an index, ``report.md``, whose
+headline says what ran, what passed, what was timed and the figures that matter.
+On a machine without a GPU the Triton kernels are checked under Triton's interpreter
+rather than timed, and the headline says that their timing needs a GPU.
 """
 
 from __future__ import annotations
@@ -17,16 +23,20 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib
+import math
 import os
+import resource
 import shutil
+import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from . import report
 from .env import device_slug, environment
-from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note, onnx_export
+from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note, error_status, onnx_export, release_exports
 
 # (family, suite module, (small size, base size)): the named sizes live in the suites.
 PLAN = [
@@ -40,6 +50,21 @@ PLAN = [
     ("vit", "vit", ("vit-small-patch16-224", "vit-base-patch16-224")),
 ]
 
+# A --quick run without a GPU checks these families at a toy size (the same code paths: T5's
+# relative buckets, ViT's patching), because Triton's interpreter takes minutes over t5-small's
+# decoder or vit-small's 197 tokens; the other families' small sizes take seconds.
+QUICK_CPU_SIZES = {"t5": "t5-tiny", "vit": "vit-tiny"}
+
+# Seconds of each part of a --quick CPU run (its CPU time, measured on a shared 2-core machine,
+# which is about its wall time on 2 idle cores), for the progress display's estimate; a part not
+# listed counts as DEFAULT_WEIGHT. The estimate is rescaled by how the finished parts compared.
+WEIGHTS = {"kernels": 18, "attention": 13, "bert": 20, "roberta": 20, "distilbert": 17, "albert": 14,
+           "electra": 18, "gpt2": 15, "t5": 27, "vit": 14}
+DEFAULT_WEIGHT = 20
+FULL_FACTOR = 3  # --full on a CPU: base sizes and whole sweeps
+
+DEVICE_CHECK = "scripts/device-check.sh"
+
 
 def _suite(module: str):
     try:
@@ -48,43 +73,41 @@ def _suite(module: str):
         return None
 
 
-def _export_rows(opts: Options, folder: Path, names: list[tuple[str, str]]) -> tuple[list[dict], list[str]]:
-    """Export each (suite, model name) to ONNX and verify it in ONNX Runtime.
+# ----------------------------------------------------------------------------
+# ONNX export and verification of one model
 
-    A model a suite's onnxruntime backend has exported already is not exported again:
-    its files are linked into ``folder/onnx/<name>/`` and ``export_s`` is that export's time.
-    """
+
+def _export_row(opts: Options, module: str, name: str, onnx_dir: Path, keep: bool) -> dict:
+    """Export ``name`` to ONNX (or reuse the export its suite's onnxruntime backend made) and
+    verify it in ONNX Runtime against PyTorch; the files are deleted unless ``keep``."""
+    row = {"suite": "onnx", "op": name, "shape": "-", "dtype": "fp32", "backend": "onnxruntime"}
     try:
-        from trifuse import export
-        verify = export.verify
-    except (ImportError, AttributeError):
-        return [], ["ONNX export is not available in this build: export and verification skipped."]
-    from trifuse import engine, kernels
+        from trifuse import engine, export, kernels
 
-    rows = []
-    onnx_dir = folder / "onnx"
-    onnx_dir.mkdir(exist_ok=True)
-    for module, name in names:
-        suite = _suite(module)
-        row = {"suite": "onnx", "op": name, "shape": "-", "dtype": DTYPE_NAMES[opts.dtype],
-               "backend": "onnxruntime"}
-        try:
-            cpu = torch.device("cpu")  # exported in fp32 from the CPU; verified on ONNX Runtime's CPU provider
-            hf = suite.build_hf(name, torch.float32, cpu, "eager")
-            model = engine.from_pretrained(hf, dtype=torch.float32, device="cpu")
-            paths, row["export_s"] = onnx_export(hf, model.task, model=model)
-            paths = _link_files(paths, onnx_dir / Path(name).name)  # name may be a checkpoint path
-            t0 = time.perf_counter()
-            # PyTorch's side on the reference ops, as it is on a GPU machine (the model is on the CPU):
-            # without a GPU the kernels would run interpreted, which the model suites check already.
-            with kernels.use_backend("reference"):
-                result = verify(paths, model)  # T5: the (encoder, decoder) pair to_onnx wrote
-            row["verify_s"] = time.perf_counter() - t0
-            row.update(_verification_fields(result))
-        except Exception as e:  # noqa: BLE001 - a model that does not export is a result
-            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        rows.append(row)
-    return rows, []
+        verify = export.verify
+    except (ImportError, AttributeError) as e:
+        return {**row, "status": f"skipped: ONNX export is not available in this build ({e})"}
+    folder = onnx_dir / Path(name).name  # name may be a checkpoint path
+    try:
+        cpu = torch.device("cpu")  # exported in fp32 from the CPU; verified on ONNX Runtime's CPU provider
+        hf = _suite(module).build_hf(name, torch.float32, cpu, "eager")
+        model = engine.from_pretrained(hf, dtype=torch.float32, device="cpu")
+        paths, row["export_s"] = onnx_export(hf, model.task, model=model)
+        paths = _link_files(paths, folder)
+        row["onnx_mb"] = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+        t0 = time.perf_counter()
+        # PyTorch's side on the reference ops, as it is on a GPU machine (the model is on the CPU):
+        # without a GPU the kernels would run interpreted, which the model suites check already.
+        with kernels.use_backend("reference"):
+            result = verify(paths, model)  # T5: the (encoder, decoder) pair to_onnx wrote
+        row["verify_s"] = time.perf_counter() - t0
+        row.update(_verification_fields(result))
+    except Exception as e:  # noqa: BLE001 - a model that does not export is a result
+        row["status"] = error_status(e)
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    return row
 
 
 def _link_files(paths: tuple[Path, ...], folder: Path) -> tuple[Path, ...]:
@@ -100,82 +123,367 @@ def _link_files(paths: tuple[Path, ...], folder: Path) -> tuple[Path, ...]:
     return tuple(folder / p.name for p in paths)
 
 
-def _verification_fields(report) -> dict:
+def _verification_fields(result) -> dict:
     """Status and worst errors of an ``export.VerifyReport``."""
-    fields = {"status": "verified" if report.ok else "mismatch"}
-    if report.rows:
-        fields["max_abs_err"] = max(r.max_abs for r in report.rows)
-        fields["rel_err"] = max(r.max_rel for r in report.rows)
+    fields = {"status": "verified" if result.ok else "mismatch"}
+    if result.rows:
+        fields["max_abs_err"] = max(r.max_abs for r in result.rows)
+        fields["rel_err"] = max(r.max_rel for r in result.rows)
     return fields
 
 
-def _took(took: dict, name: str, t0: float) -> None:
-    took[name] = time.perf_counter() - t0
-    report.console.print(f"[dim]{name}: {took[name]:.0f} s[/dim]")
+# ----------------------------------------------------------------------------
+# Progress: a live display on a terminal, plain lines otherwise
 
 
-def run_main_job(opts: Options, out_root: Path) -> tuple[Path, bool]:
-    """Run everything; return the report folder and whether any check failed."""
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """What runs, how far (parts done of all), elapsed and an estimate of what is left.
+
+    On a terminal a ``rich`` live display (a bar over the parts and a line naming the step
+    that runs); otherwise one line when a part starts or ends and, while a part runs, one line
+    (the step that runs now) every ``heartbeat_s``, so a log shows the run is alive without
+    drowning in it.
+    """
+
+    def __init__(self, parts: list[tuple[str, float]], heartbeat_s: float = 30.0):
+        self.parts = parts
+        self.total = sum(w for _, w in parts)
+        self.done_weight = 0.0
+        self.done_expected, self.done_actual = 0.0, 0.0
+        self.index, self.name, self.part_t0 = 0, "", 0.0
+        self.t0 = time.perf_counter()
+        self.heartbeat_s, self.what = heartbeat_s, ""
+        self.live = self.ticker = None
+        self.stopped = threading.Event()
+        if report.console.is_terminal:
+            from rich.progress import BarColumn, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
+            from rich.text import Text
+
+            outer = self
+
+            class Eta(ProgressColumn):  # recomputed at every refresh, not only when a step starts
+                def render(self, task):
+                    return Text(outer.eta() if task.id == outer.bar else "", style="cyan")
+
+            self.live = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
+                                     TextColumn("{task.fields[count]}"), TimeElapsedColumn(), Eta(),
+                                     console=report.console, transient=True)
+            self.bar = self.live.add_task("main job", total=self.total, count="")
+            self.now = self.live.add_task("", total=None, count="", visible=False)
+
+    def __enter__(self) -> "Progress":
+        if self.live is not None:
+            self.live.start()
+        else:
+            self.ticker = threading.Thread(target=self._tick, name="trifuse-progress", daemon=True)
+            self.ticker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        if self.live is not None:
+            self.live.stop()
+        if self.ticker is not None:
+            self.ticker.join()
+
+    def _tick(self) -> None:
+        """Plain output: the step that runs now, every ``heartbeat_s`` while a part runs."""
+        while not self.stopped.wait(self.heartbeat_s):
+            if self.name:
+                report.console.print(f"[{_clock(time.perf_counter() - self.t0)}]   {self.name}: "
+                                     f"{self.what or 'starting'} ({self.eta()})")
+
+    def eta(self) -> str:
+        """Time left: the parts to come by their weights and the current part's weight less its time
+        so far (not below zero), scaled by how the finished parts compared with their weights."""
+        # 60 s of prior belief in the weights, so that one fast or slow part does not swing the estimate.
+        scale = (self.done_actual + 60) / (self.done_expected + 60)
+        current = self.parts[self.index][1] if self.name and self.index < len(self.parts) else 0.0
+        later = self.total - self.done_weight - current
+        in_part = time.perf_counter() - self.part_t0 if self.name else 0.0
+        left = later * scale + max(current * scale - in_part, 0.0)
+        return f"about {_clock(left)} left"
+
+    def start(self, name: str) -> None:
+        self.name, self.part_t0, self.what = name, time.perf_counter(), ""
+        self.part_cpu0 = _cpu_seconds()
+        n = f"{self.index + 1}/{len(self.parts)}"
+        if self.live is not None:
+            self.live.update(self.bar, description=f"[bold]{name}", count=f"part {n}")
+            self.live.update(self.now, description=f"  {name}: starting", visible=True)
+        else:
+            report.console.print(f"[{_clock(time.perf_counter() - self.t0)}] part {n}: {name} ({self.eta()})")
+
+    def step(self, what: str) -> None:
+        """The callback the suites call (``Options.progress``) with what they run now."""
+        self.what = what
+        if self.live is not None:
+            self.live.update(self.now, description=f"  {what}")
+
+    def finish(self, summary: str) -> tuple[float, float]:
+        """End the current part: ``(wall seconds, CPU seconds)`` it took."""
+        took = time.perf_counter() - self.part_t0
+        cpu = _cpu_seconds() - self.part_cpu0
+        weight = self.parts[self.index][1]
+        self.done_weight += weight
+        self.done_expected += weight
+        self.done_actual += took
+        self.index += 1
+        if self.live is not None:
+            self.live.update(self.bar, completed=self.done_weight)
+            self.live.update(self.now, visible=False)
+        report.console.print(f"[{_clock(time.perf_counter() - self.t0)}] {self.name}: {summary} "
+                             f"({took:.0f} s, {cpu:.0f} s of CPU)")
+        self.name = ""
+        return took, cpu
+
+
+# ----------------------------------------------------------------------------
+# The headline
+
+
+def _passed(row: dict) -> Optional[bool]:
+    """True: the check passed (checked, timed, noisy, verified); False: a mismatch or an error;
+    None: nothing was checked (skipped)."""
+    status = str(row.get("status", ""))
+    if status in ("ok", "checked", "verified") or status.startswith("noisy"):
+        return True
+    if status == "mismatch" or status.startswith("error"):
+        return False
+    return None
+
+
+def _ours(row: dict) -> bool:
+    """A row of trifuse's own code: its kernels, its reference path, its ONNX export."""
+    b = row.get("backend", "")
+    return b.startswith("trifuse") or b in ("reference", "onnxruntime", "suite") or row.get("suite") == "onnx"
+
+
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def _speedup_figure(rows: list[dict], backend: str, label: str) -> Optional[str]:
+    sp = [r["speedup_vs_hf_eager"] for r in rows if r.get("backend") == backend and r.get("speedup_vs_hf_eager")]
+    if not sp:
+        return None
+    rng = f" (from {min(sp):.2f}x to {max(sp):.2f}x)" if len(sp) > 1 else ""
+    return f"{label} against Hugging Face eager: {_geomean(sp):.2f}x, geometric mean of {len(sp)} clean timing(s){rng}."
+
+
+def _gpu_figures(results: dict) -> list[str]:
+    figures = []
+    models = [r for n, res in results.items() if n not in ("kernels", "attention", "onnx") for r in res.rows]
+    fig = _speedup_figure(models, "trifuse", "Models, trifuse")
+    if fig:
+        figures.append(fig)
+    for name, what in (("kernels", "norm/GELU kernels"), ("attention", "attention")):
+        res = results.get(name)
+        mine = [r for r in (res.rows if res else []) if r.get("backend") == "trifuse" and report.is_result(r)
+                and r.get("frac_of_peak") is not None]
+        if mine:
+            best = max(mine, key=lambda r: r["frac_of_peak"])
+            worst = min(mine, key=lambda r: r["frac_of_peak"])
+            figures.append(f"{what[0].upper() + what[1:]}: {worst['frac_of_peak']:.0%} to "
+                           f"{best['frac_of_peak']:.0%} of the "
+                           f"measured ceiling (best: {best['op']} {best['shape']}).")
+    decode = [r for r in models if r.get("backend") == "trifuse" and r.get("phase") == "decode" and report.is_result(r)]
+    if decode:
+        r = min(decode, key=lambda r: (r["batch"], r["seq"]))
+        figures.append(f"Decode: {r['op'].removesuffix(' decode')} {r['median_ms']:.3f} ms/token at batch "
+                       f"{r['batch']}, context {r['seq']}.")
+    return figures
+
+
+def headline(results: dict, env: dict, opts: Options, state: str, wall_s: float, cpu_s: float) -> list[str]:
+    """The lines a reader needs first: machine, what was checked and passed, what was timed, the
+    figures that matter. ``state``: "finished", "still running (...)" or "interrupted during <part>"."""
+    rows = [r for res in results.values() for r in res.rows]
+    checked = [r for r in rows if _passed(r) is not None]
+    failed = [r for r in checked if _passed(r) is False]
+    ours_failed = [r for r in failed if _ours(r)]
+    timed = [r for r in rows if r.get("median_ms") and not str(r.get("status", "")).startswith("error")]
+    noisy = [r for r in timed if str(r.get("status", "")).startswith("noisy")]
+    gpu = opts.on_gpu
+    cpus = os.cpu_count()
+    machine = (f"{env['device']}" + (f" ({cpus} CPUs; CPU timings on {opts.cpu_threads} intra-op "
+                                     f"thread{'s' if opts.cpu_threads > 1 else ''})" if not gpu else ""))
+    lines = [f"**{state[0].upper() + state[1:]}** after {_clock(wall_s)} of wall time and {_clock(cpu_s)} of CPU "
+             f"time (all threads), a {'quick' if opts.quick else 'full'} run on {machine}."]
+    per_part = ", ".join(f"{n} {sum(_passed(r) is True for r in res.rows)}/"
+                         f"{sum(_passed(r) is not None for r in res.rows)}" for n, res in results.items())
+    if not failed:
+        lines.append(f"**All {len(checked)} checks passed** ({per_part}).")
+    else:
+        who = "trifuse's own" if ours_failed else "peers' only (trifuse's passed)"
+        worst = "; ".join(f"{r['backend']} {r['op']} {r['shape']}: {r['status'][:60]}" for r in failed[:3])
+        lines.append(f"**{len(failed)} of {len(checked)} checks FAILED**, {who}: {worst}"
+                     f"{' ...' if len(failed) > 3 else ''} ({per_part}).")
+    onnx = results.get("onnx")
+    if onnx and onnx.rows:
+        ok = sum(r.get("status") == "verified" for r in onnx.rows)
+        lines.append(f"ONNX: {ok} of {len(onnx.rows)} models exported and verified in ONNX Runtime against PyTorch.")
+    if timed:
+        load = [r.get("load_after") for r in noisy if r.get("load_after") is not None]
+        why = f" (load average up to {max(load):.1f} on {cpus} CPUs)" if load else ""
+        lines.append(f"Timed: {len(timed)} measurements" + (
+            f", **{len(noisy)} flagged noisy**{why}: shown as noisy, never as a result or in a speedup."
+            if noisy else ", none noisy."))
+    if gpu:
+        lines += _gpu_figures(results)
+    else:
+        lines.append(f"**Timing of the Triton kernels needs a GPU; see {DEVICE_CHECK}.** Here they are checked "
+                     "under Triton's interpreter, and only the PyTorch paths are timed, on the CPU.")
+        models = [r for n, res in results.items() if n not in ("kernels", "attention", "onnx") for r in res.rows]
+        fig = _speedup_figure(models, "reference", "On this CPU, trifuse's own path (its reference ops)")
+        if fig:
+            lines.append(fig)
+    return lines
+
+
+# ----------------------------------------------------------------------------
+# The job
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its children, every thread: what the run cost the machine."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _merge(prev: Optional[SuiteResult], res: SuiteResult) -> SuiteResult:
+    if prev is None:
+        return res
+    return SuiteResult(prev.title, prev.rows + res.rows, {**prev.ceilings, **res.ceilings},
+                       prev.notes + [n for n in res.notes if n not in prev.notes])
+
+
+def _run_part(part: str, run, *args) -> SuiteResult:
+    """A suite's result, or one error row when the suite itself raised (the run goes on)."""
+    try:
+        return run(*args)
+    except Exception as e:  # noqa: BLE001 - a suite that crashes is a failed result, not a lost run
+        return SuiteResult(f"{part} (crashed)", [{"suite": part, "op": part, "shape": "-", "backend": "suite",
+                                                   "status": error_status(e)}])
+
+
+def summary(rows: list[dict]) -> str:
+    """``12/12 passed, 3 noisy timing(s)``: one part's outcome in a line."""
+    passed = sum(_passed(r) is True for r in rows)
+    checked = sum(_passed(r) is not None for r in rows)
+    noisy = sum(str(r.get("status", "")).startswith("noisy") for r in rows)
+    text = f"{passed}/{checked} passed"
+    return text + (f", {noisy} noisy timing(s)" if noisy else "")
+
+
+def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
+                 wide: bool = False) -> tuple[Path, bool]:
+    """Run everything; return the report folder and whether any of trifuse's checks failed.
+
+    ``opts.quick``: the short run (see the module docstring). Results are written as each part
+    finishes; on Ctrl-C the report says where the run stopped, and KeyboardInterrupt propagates.
+    """
     env = environment(str(opts.device))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = out_root / f"{stamp}-{device_slug(env)}-{DTYPE_NAMES[opts.dtype]}"
+    dtype = DTYPE_NAMES[opts.dtype]
+    folder = out_root / f"{stamp}-{device_slug(env)}-{dtype}"
     folder.mkdir(parents=True, exist_ok=True)
-    gpu = opts.on_gpu
-    if not gpu:  # a CPU run checks everything but keeps the timings short
-        opts = dataclasses.replace(opts, warmup=min(opts.warmup, 3), min_time_s=min(opts.min_time_s, 0.1))
+    gpu, quick = opts.on_gpu, opts.quick
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     results: dict[str, SuiteResult] = {}
-    took: dict[str, float] = {}  # wall seconds per part, for the index
+    took: dict[str, tuple[float, float]] = {}  # (wall, CPU) seconds per part, for the index
+    missing: list[str] = []
+    onnx_dir = folder / "onnx"
+    scale = 1 if (quick or gpu) else FULL_FACTOR
+    plan = [(f, m, s) for f, m, s in PLAN if _suite(m) is not None]
+    missing = [f for f, m, _ in PLAN if _suite(m) is None]
+    parts = [(n, WEIGHTS.get(n, DEFAULT_WEIGHT) * scale) for n in ("kernels", "attention")]
+    parts += [(f, WEIGHTS.get(f, DEFAULT_WEIGHT) * scale) for f, _, _ in plan]
 
-    for name in ("kernels", "attention"):
-        report.console.rule(f"[bold]{name}")
-        t0 = time.perf_counter()
-        results[name] = importlib.import_module(f"trifuse.bench.{name}").run(dataclasses.replace(opts, quick=not gpu))
-        _took(took, name, t0)
+    report.console.print(
+        f"[bold]Main job[/] ({'quick' if quick else 'full'}"
+        f"{', the default without a GPU; --full for base sizes and whole sweeps' if quick and not gpu else ''}"
+        f"{', the default on a GPU' if not quick and gpu else ''}): every kernel and model family checked, "
+        f"ONNX exported and verified, then timed"
+        f"{' briefly on the CPU (Triton timings need a GPU)' if not gpu else ''}. Writing to {folder}")
 
-    exported, missing = [], []
-    for family, module, sizes in PLAN:
-        suite = _suite(module)
-        if suite is None:
-            missing.append(family)
-            continue
-        report.console.rule(f"[bold]{family}")
-        t0 = time.perf_counter()
-        res = suite.run(opts, list(sizes))
-        _took(took, family, t0)
-        prev = results.get(module)
-        results[module] = res if prev is None else SuiteResult(
-            prev.title, prev.rows + res.rows, {**prev.ceilings, **res.ceilings},
-            prev.notes + [n for n in res.notes if n not in prev.notes])
-        exported += [(module, sizes[0])] + ([(module, sizes[1])] if gpu else [])
+    def write(name: str) -> None:
+        res = results[name]
+        stem = f"{name}-{device_slug(env)}-{dtype}"
+        report.write_results(res.rows, env, res.ceilings, folder, stem, res.title, res.notes)
 
-    report.console.rule("[bold]ONNX export")
-    t0 = time.perf_counter()
-    onnx_rows, onnx_notes = _export_rows(opts, folder, exported)
-    _took(took, "ONNX export", t0)
-    if not gpu:
-        onnx_notes.append("Without a GPU only the small sizes are exported (the base ones take minutes each).")
-    results["onnx"] = SuiteResult("ONNX export, verified in ONNX Runtime against PyTorch", onnx_rows, {}, onnx_notes)
+    def write_index(state: str) -> None:
+        lines = [f"# trifuse main job on {env['device']} ({dtype})", ""]
+        lines += [f"- {line}" for line in headline(results, env, opts, state, time.perf_counter() - t0,
+                                                    _cpu_seconds() - cpu0)]
+        lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if v is not None]
+        if not gpu:
+            lines += ["", f"**No GPU here.** {cpu_note(opts.device)} Every speed goal needs a GPU."]
+        if missing:
+            lines += ["", f"Not in this build: {', '.join(missing)}."]
+        if took:
+            lines += ["", "Wall (CPU) seconds per part: " + ", ".join(f"{k} {w:.0f} ({c:.0f})" for k, (w, c) in
+                                                                      took.items()) + "."]
+        lines += ["", "ONNX files were " + (f"kept in `{onnx_dir.name}/`." if keep_onnx else
+                                            "deleted after verification (`--keep-onnx` keeps them).")]
+        for name, res in results.items():
+            stem = f"{name}-{device_slug(env)}-{dtype}"
+            lines += ["", f"## {res.title}", ""]
+            lines += [f"- note: {n}" for n in res.notes]
+            lines += ["", report.markdown_table(res.rows, wide=wide) if res.rows else "(nothing ran)", ""]
+            lines += [f"![{res.title}]({p.name})" for p in sorted(folder.glob(f"{stem}*.png"))]
+            lines += ["", f"All columns: [{stem}.md]({stem}.md), rows: [json]({stem}.json), [csv]({stem}.csv)"]
+        (folder / "report.md").write_text("\n".join(lines) + "\n")
 
-    failed = False
-    index = [f"# trifuse main job on {env['device']} ({DTYPE_NAMES[opts.dtype]})", "",
-             "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if v is not None]
-    if not gpu:
-        index += ["", f"**No GPU here.** {cpu_note(opts.device)} Every speed goal needs a GPU."]
-    if missing:
-        index += ["", f"Not in this build: {', '.join(missing)}."]
-    index += ["", "Wall time per part: " + ", ".join(f"{k} {v:.0f} s" for k, v in took.items()) + "."]
-    for name, res in results.items():
-        report.print_table(res.rows, res.title)
-        stem = f"{name}-{device_slug(env)}-{DTYPE_NAMES[opts.dtype]}"
-        paths = report.write_results(res.rows, env, res.ceilings, folder, stem, res.title, res.notes)
-        bad = [r for r in res.rows if r.get("status") in ("mismatch",) or str(r.get("status")).startswith("error")]
-        failed |= any(r["backend"].startswith("trifuse") or r["backend"] in ("reference", "onnxruntime")
-                      for r in bad)
-        index += ["", f"## {res.title}", ""]
-        index += [f"- note: {n}" for n in res.notes]
-        index += ["", report.markdown_table(res.rows) if res.rows else "(nothing ran)", ""]
-        index += [f"![{res.title}]({p.name})" for p in paths if p.suffix == ".png"]
-        links = [f"[{p.suffix[1:]}]({p.name})" for p in paths if p.suffix in (".json", ".csv")]
-        index += ["", "Rows: " + ", ".join(links)]
-    (folder / "report.md").write_text("\n".join(index) + "\n")
+    run_opts = dataclasses.replace(opts, quick=quick)
+    part = ""
+    with Progress(parts) as progress:
+        run_opts = dataclasses.replace(run_opts, progress=progress.step)
+        try:
+            for part in ("kernels", "attention"):
+                progress.start(part)
+                results[part] = _run_part(part, _suite(part).run, run_opts)
+                write(part)
+                took[part] = progress.finish(summary(results[part].rows))
+                report.print_table(results[part].rows, results[part].title, wide=wide)
+                write_index(f"still running ({part} done)")
+            for family, module, sizes in plan:
+                part = family
+                progress.start(family)
+                names = list(sizes[:1] if quick else sizes)
+                if quick and not gpu and family in QUICK_CPU_SIZES:
+                    names = [QUICK_CPU_SIZES[family]]
+                res = _run_part(family, _suite(module).run, run_opts, names)
+                results[module] = _merge(results.get(module), res)
+                write(module)
+                progress.step("ONNX export and verification")
+                exported = [_export_row(run_opts, module, n, onnx_dir, keep_onnx) for n in names[:1 if not gpu else 2]]
+                release_exports()  # the suites' cached exports (temporary files) are not needed again
+                results["onnx"] = _merge(results.get("onnx"), SuiteResult(
+                    "ONNX export, verified in ONNX Runtime against PyTorch", exported, {},
+                    [] if gpu else ["Without a GPU only the small sizes are exported (the base ones take "
+                                    "20-40 s each on 2 cores)."]))
+                write("onnx")
+                took[family] = progress.finish(summary(res.rows + exported))
+                report.print_table(res.rows + exported, f"{family}: {res.title}", wide=wide)
+                write_index(f"still running ({family} done)")
+        except KeyboardInterrupt:
+            write_index(f"interrupted during {part}")
+            report.console.print(f"[bold red]Interrupted during {part}[/]; what finished is in {folder}")
+            raise
+    if not keep_onnx:
+        shutil.rmtree(onnx_dir, ignore_errors=True)
+    write_index("finished")
+    lines = headline(results, env, opts, "finished", time.perf_counter() - t0, _cpu_seconds() - cpu0)
+    report.console.rule("[bold]trifuse main job")
+    for line in lines:
+        report.console.print(line.replace("**", ""))
+    failed = any(_passed(r) is False and _ours(r) for res in results.values() for r in res.rows)
     return folder, failed

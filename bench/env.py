@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import importlib.metadata
+import os
 import platform
 import re
 import subprocess
@@ -72,7 +73,7 @@ def environment(device: str) -> dict:
         }
     else:
         name = _cpu_name()
-        extra = {"cpu_threads": torch.get_num_threads()}
+        extra = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}  # rows: threads while timing
     commit = _git("rev-parse", "--short=12", "HEAD")
     if commit and _git("status", "--porcelain", "--untracked-files=no"):
         commit += "-dirty"
@@ -85,7 +86,7 @@ def environment(device: str) -> dict:
         "triton": _module_version("triton"),
         "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
         "transformers": _version("transformers"),
-        "trifuse": _module_version("engine"),
+        "trifuse": _module_version("trifuse"),
         "git_commit": commit,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -52,6 +52,7 @@ from .suite import (
     model_backends,
     ort_models,
     pick_backends,
+    step,
     time_decoder_backends,
 )
 
@@ -172,11 +173,13 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     unknown = [m for m in models if not is_model(m)]
     if unknown:
         raise SystemExit(f"unknown GPT-2 model(s) {unknown}; choose from {list(NAMED)} or a gpt2 checkpoint directory")
-    batches = opts.batch or ([1, 8] if gpu else [1])
-    contexts = opts.seq or ([128, 256, 512, 1024] if gpu else [32])
-    new = 4 if (opts.quick or not gpu) else 32
+    # Sizes given on the command line are run as given; --quick shortens only the defaults.
     if opts.quick:
-        batches, contexts = batches[:1], [min(contexts[0], 32 if not gpu else 128)]
+        default_batches, default_contexts = [1], [128 if gpu else 32]
+    else:
+        default_batches, default_contexts = ([1, 8], [128, 256, 512, 1024]) if gpu else ([1], [32])
+    batches, contexts = opts.batch or default_batches, opts.seq or default_contexts
+    new = 4 if (opts.quick or not gpu) else 32
     notes = [f"decode: greedy generate of {new} tokens after a (ctx - {new}) token prompt; per-token latency "
              f"= (t({new}) - t(1)) / {new - 1}; tok/s = batch / per-token latency.",
              "prefill: one forward over the whole context into a KV cache, last-position logits."]
@@ -184,6 +187,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     rows = []
     for name in models:
         dtype, dev = opts.dtype, opts.device
+        step(opts, f"{name}: building the models")
         hf_eager = build_hf(name, dtype, dev, "eager")
         mine = model_backends(opts, backends, hf_eager)
         n_pos = hf_eager.config.n_positions
@@ -194,7 +198,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
             if "torch-compile" in mine:
                 compiled = torch.compile(hf_sdpa)
         ours = engine.from_pretrained(hf_eager, task="causal-lm", dtype=dtype, device=dev)
-        ort = ort_models(hf_eager, "causal-lm", mine)
+        ort = ort_models(hf_eager, "causal-lm", mine, opts.threads)
         graphed = graph_decoder(ours, max_len=min(n_pos, max(contexts))) if "trifuse-graphs" in mine else None
         for b in batches:
             for ctx in contexts:

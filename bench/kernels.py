@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from trifuse import kernels
 from trifuse.kernels import _dispatch
 
-from .suite import DTYPE_NAMES, Options, SuiteResult, check_and_time, pick_backends
+from .suite import DTYPE_NAMES, Options, SuiteResult, check_and_time, pick_backends, step
 from .timing import copy_bandwidth
 
 BACKENDS = ("trifuse", "reference", "eager", "torch-compile")
@@ -88,13 +88,17 @@ def _traffic_bytes(args: list[torch.Tensor], ref) -> int:
 
 def run(opts: Options) -> SuiteResult:
     gpu = opts.on_gpu
-    backends = pick_backends(opts, BACKENDS, BACKENDS)
-    rows_sweep = opts.rows or ([2048, 16384] if gpu else [512])
-    widths = opts.widths or [768, 1024, 4096, 8192]
-    if opts.quick:
-        rows_sweep, widths = rows_sweep[:1], widths[:2]
+    # Inductor compiles every op at every shape: on a CPU that is minutes, so a quick CPU run leaves it out.
+    quick_cpu = opts.quick and not gpu
+    backends = pick_backends(opts, BACKENDS, BACKENDS[:-1] if quick_cpu else BACKENDS)
+    # Sizes given on the command line are run as given; --quick shortens only the defaults.
+    rows_sweep = opts.rows or ([2048, 16384] if gpu else [512])[:1 if opts.quick else None]
+    widths = opts.widths or [768, 1024, 4096, 8192][:2 if opts.quick else None]
 
     notes = []
+    if quick_cpu and opts.backends is None:
+        notes.append("torch-compile is left out of a quick CPU run (Inductor compiles each op at each shape, "
+                     "minutes on 2 cores); --full or --backends ... torch-compile runs it.")
     triton_here = _dispatch.triton_runnable(opts.device)
     if not gpu:
         notes.append("No GPU: Triton kernels are checked for correctness under Triton's interpreter "
@@ -113,6 +117,7 @@ def run(opts: Options) -> SuiteResult:
                 base = {"suite": "kernels", "op": op_name, "shape": f"{n_rows}x{width}",
                         "numel": n_rows * width, "dtype": DTYPE_NAMES[opts.dtype]}
                 for backend in backends:
+                    step(opts, f"{op_name} {n_rows}x{width} {backend}")
                     if backend == "trifuse":
                         fn = lambda: op.ours(*args)  # noqa: E731
                         res = check_and_time(fn, ref, opts, time_it=gpu or not triton_here)

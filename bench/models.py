@@ -31,6 +31,7 @@ from .suite import (
     encoder_backend_fns,
     model_backends,
     pick_backends,
+    step,
     time_model_backends,
 )
 
@@ -88,7 +89,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
         return model
 
     fns = encoder_backend_fns(ours, hf_eager, build_sdpa, {"input_ids": ids, "attention_mask": mask}, backends,
-                              batch=batch, seq=seq)
+                              batch=batch, seq=seq, threads=opts.threads)
     base = {"suite": "models", "op": name, "shape": f"{batch}x{seq}", "batch": batch, "seq": seq,
             "dtype": DTYPE_NAMES[dtype]}
     return time_model_backends(fns, ref, backends, opts, base, items=batch, tokens=batch * seq)
@@ -98,17 +99,20 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     gpu = opts.on_gpu
     backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else ENCODER_CPU_DEFAULT)
     models = models or ["bert-base"]
-    batches = opts.batch or ([1, 8, 32] if gpu else [1])
     # On the CPU the trifuse check runs interpreted Triton, whose attention cost grows with seq^2.
-    seqs = opts.seq or ([128, 384] if gpu else [64])
+    # Sizes given on the command line are run as given; --quick shortens only the defaults.
     if opts.quick:
-        batches, seqs = batches[:1], [min(seqs[0], 32)]
+        default_batches, default_seqs = [1], [128 if gpu else 32]
+    else:
+        default_batches, default_seqs = ([1, 8, 32], [128, 384]) if gpu else ([1], [64])
+    batches, seqs = opts.batch or default_batches, opts.seq or default_seqs
     notes = []
     notes += cpu_notes(opts)
     rows = []
     for name in models:
         for b in batches:
             for n in seqs:
+                step(opts, f"{name} {b}x{n}")
                 rows += _bench_one(name, opts, backends, b, n)
     title = f"trifuse models on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"
     return SuiteResult(title, rows, {}, notes)

@@ -4,7 +4,8 @@ check-then-time step each backend goes through.
 A suite is a module with ``run(opts: Options) -> SuiteResult``. A backend's
 output is compared with the float64 reference before it is timed; one that does
 not match is reported as a mismatch and not timed, so a fast wrong answer never
-shows up as a speed-up.
+shows up as a speed-up. A timing that :mod:`.timing` finds noisy is reported as
+``noisy: <why>`` and never enters a speedup.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .timing import measure
+from .timing import DEFAULT_CPU_THREADS, Timing, measure
 
 # Largest |out - ref| <= atol + rtol * |ref| a backend may show against the float64
 # reference; loose enough for any correct kernel in that dtype, tight enough to
@@ -44,10 +45,23 @@ class Options:
     batch: Optional[list[int]] = None
     seq: Optional[list[int]] = None
     head_dims: Optional[list[int]] = None
+    threads: Optional[int] = None  # CPU: torch (and ONNX Runtime) intra-op threads while timing
+    # Told what runs now ("bert-small 1x64 hf-eager"), for a progress display; None: silent.
+    progress: Optional[Callable[[str], None]] = None
 
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.threads or DEFAULT_CPU_THREADS
+
+
+def step(opts: Options, what: str) -> None:
+    """Tell the progress display (if any) what runs now."""
+    if opts.progress is not None:
+        opts.progress(what)
 
 
 @dataclass
@@ -84,15 +98,26 @@ def check_and_time(fn: Callable[[], object], ref, opts: Options, *, time_it: boo
     try:
         out = fn()
     except Exception as e:  # noqa: BLE001 - a backend that fails is a result, not a crash
-        return {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+        return {"status": error_status(e)}
     err = max_abs_error(out, ref)
     if not matches(out, ref, opts.dtype):
         return {"status": "mismatch", "max_abs_err": err}
     if not time_it:
         return {"status": "checked", "max_abs_err": err}
     t = measure(fn, device or opts.device, warmup=2 if opts.quick else opts.warmup,
-                min_time_s=0.02 if opts.quick else opts.min_time_s)
-    return {"status": "ok", "max_abs_err": err, **t.summary()}
+                min_time_s=0.02 if opts.quick else opts.min_time_s, threads=opts.threads)
+    return {"status": t.status(), "max_abs_err": err, **t.summary()}
+
+
+def error_status(e: BaseException, limit: int = 120) -> str:
+    """A row's status for an exception: ``error: Type: first line of the message``."""
+    first = (str(e).splitlines() or [""])[0]
+    return f"error: {type(e).__name__}: {first[:limit]}"
+
+
+def is_timed_result(row: dict) -> bool:
+    """A timing that may be shown as a result: timed and not flagged noisy."""
+    return row.get("status") == "ok" and bool(row.get("median_ms"))
 
 
 def pick_backends(opts: Options, available: Sequence[str], default: Sequence[str]) -> list[str]:
@@ -172,6 +197,7 @@ def time_model_backends(fns: dict, ref: torch.Tensor, backends: Sequence[str], o
     rows = []
     for backend in backends:
         row = {**base_row, "backend": backend}
+        step(opts, f"{base_row['op']} {base_row['shape']} {backend}")
         try:
             with torch.no_grad():
                 if dev.type == "cuda":
@@ -184,13 +210,14 @@ def time_model_backends(fns: dict, ref: torch.Tensor, backends: Sequence[str], o
                     rows.append({**row, "status": untimed})
                     continue
                 t = measure(fns[backend], dev, warmup=2 if opts.quick else opts.warmup,
-                            min_time_s=0.05 if opts.quick else opts.min_time_s, min_iters=5, flush_l2=False)
+                            min_time_s=0.05 if opts.quick else opts.min_time_s, min_iters=6, flush_l2=False,
+                            threads=opts.threads)
         except Exception as e:  # noqa: BLE001 - a failing backend is a result
-            rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+            rows.append({**row, "status": error_status(e, 100)})
             continue
         s = t.summary()
         seconds = s["median_ms"] * 1e-3
-        row.update(status="ok", **s, **{f"{item_name}_per_s": items / seconds}, tokens_per_s=tokens / seconds)
+        row.update(status=t.status(), **s, **{f"{item_name}_per_s": items / seconds}, tokens_per_s=tokens / seconds)
         if dev.type == "cuda":
             row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
         rows.append(row)
@@ -198,10 +225,11 @@ def time_model_backends(fns: dict, ref: torch.Tensor, backends: Sequence[str], o
 
 
 def add_speedups(rows: list[dict], baseline: str = "hf-eager") -> list[dict]:
-    """``speedup_vs_hf_eager`` for every timed row of one shape."""
-    base = next((r.get("median_ms") for r in rows if r["backend"] == baseline), None)
+    """``speedup_vs_hf_eager`` for every timed row of one shape; never from a noisy row or against
+    a noisy baseline (a ratio of two noises is not a speedup)."""
+    base = next((r["median_ms"] for r in rows if r["backend"] == baseline and is_timed_result(r)), None)
     for r in rows:
-        if r.get("median_ms") and base:
+        if base and is_timed_result(r):
             r[f"speedup_vs_{baseline.replace('-', '_')}"] = base / r["median_ms"]
     return rows
 
@@ -257,13 +285,23 @@ def onnx_export(hf_model, task: str, model=None) -> tuple[tuple[Path, ...], floa
     return entry[1], entry[2]
 
 
+def release_exports() -> None:
+    """Delete every export :func:`onnx_export` holds (its temporary files); later calls export again."""
+    for entry in _EXPORTS.values():
+        if not isinstance(entry, Exception):
+            entry[0].cleanup()
+    _EXPORTS.clear()
+
+
 class OrtModel:
     """Our export of a Hugging Face model (:func:`onnx_export`) in ONNX Runtime on one provider
     (``"cpu"`` or ``"cuda"``). Exported and loaded on first use, so that a failure is the
     row's error, not a crash; the sessions are then reused by every shape."""
 
-    def __init__(self, hf_model, task: str, provider: str):
+    def __init__(self, hf_model, task: str, provider: str, threads: Optional[int] = None):
         self.hf_model, self.task, self.provider = hf_model, task, ORT_PROVIDERS[provider]
+        # On the CPU, ONNX Runtime's intra-op pool gets the threads torch times with: a fair race.
+        self.threads = (threads or DEFAULT_CPU_THREADS) if provider == "cpu" else None
         self._paths: tuple[Path, ...] | None = None
         self._runners: tuple | None = None
 
@@ -282,7 +320,7 @@ class OrtModel:
 
             if self.provider not in onnxruntime.get_available_providers():
                 raise RuntimeError(f"this onnxruntime build has no {self.provider}")
-            runners = tuple(OrtRunner(p, providers=[self.provider]) for p in self.paths)
+            runners = tuple(OrtRunner(p, providers=[self.provider], threads=self.threads) for p in self.paths)
             loaded = runners[0].session.get_providers()
             if self.provider not in loaded:  # ONNX Runtime falls back to the CPU with only a log line
                 raise RuntimeError(f"{self.provider} did not load; the session runs on {loaded}")
@@ -290,9 +328,9 @@ class OrtModel:
         return self._runners
 
 
-def ort_models(hf_model, task: str, backends: Sequence[str]) -> dict[str, OrtModel]:
+def ort_models(hf_model, task: str, backends: Sequence[str], threads: Optional[int] = None) -> dict[str, OrtModel]:
     """An :class:`OrtModel` for each ``onnxruntime-<provider>`` backend in ``backends``."""
-    return {b: OrtModel(hf_model, task, b.removeprefix("onnxruntime-"))
+    return {b: OrtModel(hf_model, task, b.removeprefix("onnxruntime-"), threads)
             for b in backends if b.startswith("onnxruntime-")}
 
 
@@ -349,7 +387,7 @@ def _ort_backend(ort: OrtModel, inputs: dict) -> Callable:
 
 
 def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs: dict, backends: Sequence[str],
-                        *, batch: int, seq: int = 0) -> dict:
+                        *, batch: int, seq: int = 0, threads: Optional[int] = None) -> dict:
     """Zero-argument callables returning ``last_hidden_state``, one per backend.
 
     ``inputs`` are keyword inputs both models take (``input_ids``/``attention_mask``
@@ -381,7 +419,7 @@ def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs
             return graphed[0](**inputs).last_hidden_state
 
         fns["trifuse-graphs"] = run_graphed
-    for backend, ort in ort_models(hf_eager, "feature-extraction", backends).items():
+    for backend, ort in ort_models(hf_eager, "feature-extraction", backends, threads).items():
         fns[backend] = _ort_backend(ort, inputs)
     if {"hf-sdpa", "torch-compile", "torch-compile-max-autotune"} & set(backends):
         hf_sdpa = build_sdpa()
@@ -397,11 +435,21 @@ def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs
 # Decoders (GPT-2, T5): a first pass, then per-token decoding.
 
 
-def _time_decoder(fn: Callable[[], object], opts: Options, *, slow: bool = False):
+def _time_decoder(fn: Callable[[], object], opts: Options, *, slow: bool = False) -> Timing:
     """Median and spread of ``fn``; ``slow``: a whole generate call, so fewer samples."""
     warmup = 1 if (opts.quick or slow) else opts.warmup
     return measure(fn, opts.device, warmup=warmup, min_time_s=0.05 if opts.quick else opts.min_time_s,
-                   min_iters=3 if slow else 5, max_iters=50 if slow else 1000, flush_l2=False)
+                   min_iters=6, max_iters=50 if slow else 1000, flush_l2=False, threads=opts.threads)
+
+
+def _decode_noise(one: Timing, full: Timing) -> Optional[str]:
+    """Why ``(t(G) - t(1)) / (G - 1)`` is not a per-token latency, or None."""
+    if full.median <= one.median:  # timing noise swamped the steps (tiny models, CPU)
+        return "t(G) <= t(1)"
+    why = [f"t({n}) {w}" for n, w in (("1", one.noise()), ("G", full.noise())) if w]
+    if full.median - one.median < full.percentile(90) - full.percentile(10):
+        why.append("the G-1 steps take less time than t(G)'s p10-p90 spread")
+    return "; ".join(why) or None
 
 
 # Decoders (GPT-2, T5): the backends side by side.
@@ -458,6 +506,7 @@ def time_decoder_backends(first: dict, generate: dict, ref_first: torch.Tensor, 
             if phase == first_phase and backend not in first:
                 continue
             row = {**base_row, "op": f"{base_row['op']} {phase}", "phase": phase, "backend": backend}
+            step(opts, f"{row['op']} {base_row['shape']} {backend}")
             if phase == "decode":
                 row["new_tokens"] = new
             try:
@@ -471,25 +520,27 @@ def time_decoder_backends(first: dict, generate: dict, ref_first: torch.Tensor, 
                         rows.append({**row, "status": untimed})
                         continue
                     if phase == first_phase:
-                        s = _time_decoder(fn, opts).summary()
-                        row.update(s, tokens_per_s=tokens / (s["median_ms"] * 1e-3),
+                        t = _time_decoder(fn, opts)
+                        s = t.summary()
+                        row.update(s, status=t.status(), tokens_per_s=tokens / (s["median_ms"] * 1e-3),
                                    seq_per_s=batch / (s["median_ms"] * 1e-3))
                     else:
                         one = _time_decoder(generate[backend](1), opts, slow=True)
                         full = _time_decoder(fn, opts, slow=True)
-                        if full.median <= one.median:  # timing noise swamped the steps (tiny models, CPU)
-                            rows.append({**row, "status": "noisy: t(G) <= t(1)", "generate_ms": full.median,
+                        noise = _decode_noise(one, full)
+                        if noise and full.median <= one.median:
+                            rows.append({**row, "status": f"noisy: {noise}", "generate_ms": full.median,
                                          "first_token_ms": one.median})
                             continue
                         per_token = (full.median - one.median) / (new - 1)
                         row.update(full.summary(), generate_ms=full.median, first_token_ms=one.median,
-                                   median_ms=per_token, tokens_per_s=batch / (per_token * 1e-3))
-                        for k in ("p10_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms"):
+                                   median_ms=per_token, tokens_per_s=batch / (per_token * 1e-3),
+                                   status=f"noisy: {noise}" if noise else "ok")
+                        for k in ("p10_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "spread"):
                             row.pop(k)  # the spread is of the whole generate call, not of one step
             except Exception as e:  # noqa: BLE001 - a failing backend is a result
-                rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+                rows.append({**row, "status": error_status(e, 100)})
                 continue
-            row["status"] = "ok"
             if dev.type == "cuda":
                 row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
             rows.append(row)

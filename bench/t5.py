@@ -52,6 +52,7 @@ from .suite import (
     model_backends,
     ort_models,
     pick_backends,
+    step,
     time_decoder_backends,
 )
 
@@ -163,11 +164,13 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     unknown = [m for m in models if not is_model(m)]
     if unknown:
         raise SystemExit(f"unknown T5 model(s) {unknown}; choose from {list(NAMED)} or a t5 checkpoint directory")
-    batches = opts.batch or ([1, 8] if gpu else [1])
-    seqs = opts.seq or ([128, 512] if gpu else [32])
-    new = 4 if (opts.quick or not gpu) else 32
+    # Sizes given on the command line are run as given; --quick shortens only the defaults.
     if opts.quick:
-        batches, seqs = batches[:1], [min(seqs[0], 32 if not gpu else 128)]
+        default_batches, default_seqs = [1], [128 if gpu else 32]
+    else:
+        default_batches, default_seqs = ([1, 8], [128, 512]) if gpu else ([1], [32])
+    batches, seqs = opts.batch or default_batches, opts.seq or default_seqs
+    new = 4 if (opts.quick or not gpu) else 32
     notes = ["encoder: one encoder forward over a [batch, seq] source; tok/s = batch * seq / latency.",
              f"decode: greedy generate of {new} tokens (no EOS stop) from that source; per-token latency "
              f"= (t({new}) - t(1)) / {new - 1}; tok/s = batch / per-token latency."]
@@ -175,6 +178,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     rows = []
     for name in models:
         dtype, dev = opts.dtype, opts.device
+        step(opts, f"{name}: building the models")
         hf_eager = build_hf(name, dtype, dev, "eager")
         mine = model_backends(opts, backends, hf_eager)
         hf_sdpa = compiled_encoder = None
@@ -184,7 +188,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
             if "torch-compile" in mine:
                 compiled_encoder = torch.compile(hf_sdpa.get_encoder())
         ours = engine.from_pretrained(hf_eager, task="text2text-generation", dtype=dtype, device=dev)
-        ort = ort_models(hf_eager, "text2text-generation", mine)
+        ort = ort_models(hf_eager, "text2text-generation", mine, opts.threads)
         graphed = graph_decoder(ours, max_len=1 + new) if "trifuse-graphs" in mine else None
         for b in batches:
             for n in seqs:

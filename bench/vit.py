@@ -34,6 +34,7 @@ from .suite import (
     encoder_backend_fns,
     model_backends,
     pick_backends,
+    step,
     time_model_backends,
 )
 
@@ -45,6 +46,10 @@ NAMED = {
     "vit-base-patch16-224": VIT_BASE,
     "vit-large-patch16-224": {**VIT_BASE, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                               "intermediate_size": 4096},
+    # For smoke runs, tests and the main job's quick CPU check: 16-pixel patches of a 64-pixel image
+    # (17 tokens), a toy body.
+    "vit-tiny": {**VIT_BASE, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "intermediate_size": 128, "image_size": 64},
 }
 BACKENDS = ENCODER_BACKENDS
 
@@ -82,7 +87,8 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int) -> lis
         model.load_state_dict(hf_eager.state_dict())
         return model
 
-    fns = encoder_backend_fns(ours, hf_eager, build_sdpa, {"pixel_values": pixels}, backends, batch=batch)
+    fns = encoder_backend_fns(ours, hf_eager, build_sdpa, {"pixel_values": pixels}, backends, batch=batch,
+                              threads=opts.threads)
     base = {"suite": "vit", "op": name, "shape": f"{batch}x{c}x{h}x{w}", "batch": batch, "seq": seq,
             "image_size": f"{h}x{w}", "dtype": DTYPE_NAMES[dtype]}
     return time_model_backends(fns, ref, backends, opts, base, items=batch, tokens=batch * seq,
@@ -102,14 +108,13 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     if unknown:
         raise SystemExit(f"unknown ViT model(s) {unknown}; choose from {list(NAMED)} or a vit/deit checkpoint "
                          "directory")
-    batches = opts.batch or ([1, 8, 32] if gpu else [1])
-    if opts.quick:
-        batches = batches[:1]
+    batches = opts.batch or ([1, 8, 32] if gpu else [1])[:1 if opts.quick else None]  # given sizes run as given
     notes = ["Images at the checkpoint's size; seq = patches + special tokens; seq/s = images/s."]
     notes += cpu_notes(opts)
     rows = []
     for name in models:
         for b in batches:
+            step(opts, f"{name} batch {b}")
             rows += _bench_one(name, opts, backends, b)
     title = f"trifuse ViT on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"
     return SuiteResult(title, rows, {}, notes)

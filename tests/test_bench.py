@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -26,11 +27,42 @@ def test_timing_statistics():
 
 
 def test_measure_cpu_counts_and_orders():
-    calls = []
-    t = measure(lambda: calls.append(1), "cpu", warmup=3, min_time_s=0.0, min_iters=12)
+    calls, threads = [], []
+    before = torch.get_num_threads()
+    t = measure(lambda: calls.append(1) or threads.append(torch.get_num_threads()), "cpu", warmup=3,
+                min_time_s=0.0, min_iters=12, threads=1)
     assert len(t.samples_ms) == 12
     assert len(calls) == 1 + 3 + 12  # cold call, warm-up, samples
     assert (t.samples_ms >= 0).all() and t.cold_ms is not None
+    assert set(threads) == {1} and torch.get_num_threads() == before  # pinned while timing, restored after
+    s = t.summary()
+    assert s["threads"] == 1 and s["load_before"] >= 0 and s["load_after"] >= 0
+
+
+def test_timing_flags_noise():
+    """Each reason alone makes a measurement noisy, and the status says which."""
+    steady = np.full(30, 2.0) + np.linspace(0, 0.02, 30)
+    assert Timing(steady).noise() is None and Timing(steady).status() == "ok"
+    spread = np.tile([1.0, 1.0, 1.0, 4.0], 8)  # p10..p90 band wider than the median
+    assert "spread" in Timing(spread).status()
+    drift = np.concatenate([np.full(10, 1.0), np.full(10, 1.0), np.full(10, 2.0)])  # the last run is slower
+    t = Timing(drift)
+    assert t.status().startswith("noisy") and "repeats disagree" in t.noise()
+    loaded = Timing(steady, load=(0.5, 5.0), cpus=2)
+    assert loaded.noise() == "load average 0.5 -> 5.0 on 2 CPUs"
+    assert Timing(steady, load=(1.5, 1.9), cpus=2).noise() is None
+
+
+def test_speedups_never_from_noisy_rows():
+    from trifuse.bench.suite import add_speedups
+
+    def row(backend, ms, status="ok"):
+        return {"backend": backend, "median_ms": ms, "status": status}
+
+    rows = add_speedups([row("hf-eager", 10.0), row("reference", 5.0), row("hf-sdpa", 1.0, "noisy: spread")])
+    assert rows[1]["speedup_vs_hf_eager"] == 2.0 and "speedup_vs_hf_eager" not in rows[2]
+    rows = add_speedups([row("hf-eager", 10.0, "noisy: load"), row("reference", 5.0)])
+    assert all("speedup_vs_hf_eager" not in r for r in rows)  # no ratio against a noisy baseline
 
 
 def test_copy_bandwidth_is_positive():
@@ -43,7 +75,7 @@ def test_check_and_time_refuses_to_time_a_wrong_answer():
     assert check_and_time(lambda: torch.ones(8) * 1.01, ref, opts) == {
         "status": "mismatch", "max_abs_err": pytest.approx(0.01)}
     ok = check_and_time(lambda: torch.ones(8), ref, opts)
-    assert ok["status"] == "ok" and ok["median_ms"] >= 0
+    assert bench_row_passed(ok) and ok["median_ms"] >= 0 and ok["threads"] >= 1
     err = check_and_time(lambda: 1 / 0, ref, opts)
     assert err["status"].startswith("error: ZeroDivisionError")
     assert matches((torch.ones(2), torch.zeros(2)), (torch.ones(2), torch.zeros(2)), torch.float32)
@@ -80,9 +112,102 @@ def test_cli_bench_kernels_smoke(tmp_path, capsys):
     assert "layer_norm" in capsys.readouterr().out
 
 
-def test_cli_rejects_unknown_suite():
-    with pytest.raises(SystemExit, match="unknown suite"):
+def test_cli_rejects_unknown_suite(capsys):
+    with pytest.raises(SystemExit) as e:
         trifuse_main(["bench", "nope", "--quick"])
+    assert e.value.code == 2 and "unknown suite(s) ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "argument --batch: must be > 0, got 0"),
+    (["--seq", "16", "-3"], "argument --seq: must be > 0, got -3"),
+    (["--rows", "two"], "argument --rows: 'two' is not a whole number"),
+    (["--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+    (["--min-time", "0"], "argument --min-time: must be > 0, got 0"),
+    (["--min-time", "nan"], "argument --min-time: must be > 0, got nan"),
+    (["--threads", "0"], "argument --threads: must be > 0, got 0"),
+    (["--quick", "--full"], "argument --full: not allowed with argument --quick"),
+    (["kernels", "--keep-onnx"], "--keep-onnx applies to the main job"),
+])
+def test_cli_refuses_bad_arguments_in_one_line(args, message, capsys):
+    """Out-of-range sizes are refused (exit status 2, one error line), never clamped."""
+    with pytest.raises(SystemExit) as e:
+        trifuse_main(["bench", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err, err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+def test_tables_fit_80_columns_without_cutting_names(monkeypatch):
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=open(os.devnull, "w"), highlight=False)
+    monkeypatch.setattr(report, "console", console)
+    rows = [{"suite": "models", "op": "distilbert-small prefill", "shape": "1x64", "dtype": "fp32",
+             "backend": "torch-compile-max-autotune", "median_ms": 12.3456, "p10_ms": 12.0, "p90_ms": 13.0,
+             "spread": 0.08, "cv": 0.03, "tokens_per_s": 5184.0, "speedup_vs_hf_eager": 1.04, "rel_err": 1e-6,
+             "max_abs_err": 1e-6, "cold_ms": 80.0, "threads": 1,
+             "status": "noisy: p10-p90 spread 80% of the median; load average 2.5 -> 3.1 on 2 CPUs"}]
+    report.print_table(rows, "a title")
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in "".join(lines)
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("op "))
+    starts = [lines[header].index(h) for h in ("op", "shape", "backend", "status", "median")]
+    body = [line for line in lines[header + 2:] if line.strip()]
+    cells = ["".join(line[a:b] for line in body).replace(" ", "") for a, b in zip(starts, starts[1:])]
+    # every name whole, wrapped over lines, never cut
+    assert cells == ["distilbert-smallprefill", "1x64", "torch-compile-max-autotune", "noisy:spread,load"], body
+    assert "12.35 ±4%" in body[0]
+    report.print_table(rows, "wide", wide=True)
+    assert "rel err" in console.export_text()
+
+
+def test_matplotlib_missing_is_said_once(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    monkeypatch.setattr(report, "_warned", [])
+    rows = [{"op": "layer_norm", "shape": "2x8", "numel": 16, "backend": "eager", "status": "ok",
+             "median_ms": 0.5, "gbps": 1.0}]
+    for stem in ("a", "b"):
+        paths = report.write_results(rows, {"device": "cpu"}, {}, tmp_path, stem, "t")
+        assert not [p for p in paths if p.suffix == ".png"]
+    out = capsys.readouterr().out
+    assert out.count("matplotlib is not installed") == 1 and "pip install 'trifuse[bench]'" in out
+    assert "matplotlib is not installed" in (tmp_path / "a.md").read_text()
+
+
+def test_plots_show_trifuse_and_fall_back_to_bars(tmp_path):
+    """One point per backend: bars, with trifuse's CPU path named as such; several batches: lines."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    real = plt.Figure.savefig
+
+    def spy(fig, path, **kw):
+        drawn.append((path, [ax for ax in fig.axes if ax.get_visible()]))
+        return real(fig, path, **kw)
+
+    rows = [{"op": "bert-small", "shape": f"{b}x32", "batch": b, "seq": 32, "backend": be, "status": st,
+             "median_ms": ms * b, "p10_ms": 0.9 * ms * b, "p90_ms": 1.1 * ms * b}
+            for b in (1,) for be, ms, st in (("reference", 9.0, "ok"), ("hf-eager", 9.5, "ok"),
+                                              ("hf-sdpa", 8.0, "noisy: load"))]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(plt.Figure, "savefig", spy)
+        assert report.plot_latency(rows, tmp_path / "bars.png", "t", "cpu")
+        (_, (ax,)), = drawn
+        assert len(ax.patches) == 3 and ax.get_legend() is None and ax.get_yscale() == "linear"
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert labels[0] == "trifuse on CPU\n(reference ops)", labels
+        drawn.clear()
+        more = rows + [{**r, "batch": 8, "shape": "8x32", "median_ms": 8 * r["median_ms"]} for r in rows]
+        assert report.plot_latency(more, tmp_path / "lines.png", "t", "cpu")
+        (_, (ax,)), = drawn
+        assert ax.get_yscale() == "log" and not ax.patches
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend[0] == "trifuse on CPU (reference ops)", legend
+    assert (tmp_path / "bars.png").stat().st_size > 0
 
 
 def test_cli_bench_model_checkpoint_dir(tmp_path, capsys):
@@ -164,6 +289,56 @@ def test_compare_flags_only_changes_beyond_noise(tmp_path, capsys):
         trifuse_main(["compare", str(a), str(bad)])
 
 
+def test_compare_never_judges_a_noisy_row():
+    from trifuse.bench.compare import compare
+
+    old = [_row("a", 1.0, 0.98, 1.02), _row("b", 1.0, 0.98, 1.02)]
+    new = [{**_row("a", 2.0, 1.9, 2.1), "status": "noisy: load average 5.0 -> 5.2 on 2 CPUs"},
+           _row("b", 2.0, 1.9, 2.1)]
+    assert {e["op"]: e["verdict"] for e in compare(old, new)} == {"a": "noisy", "b": "regression"}
+
+
+def test_headline_on_a_gpu_names_the_figures_that_matter():
+    """The headline from a GPU run's rows (no GPU needed): failures named, then the figures."""
+    from trifuse.bench.default import headline
+    from trifuse.bench.suite import SuiteResult
+
+    def ok(**row):
+        return {"status": "ok", **row}
+
+    results = {
+        "kernels": SuiteResult("k", [
+            ok(op="layer_norm", shape="16384x4096", backend="trifuse", median_ms=0.1, frac_of_peak=0.88),
+            ok(op="bias_gelu", shape="2048x768", backend="trifuse", median_ms=0.1, frac_of_peak=0.61),
+            {"op": "layer_norm", "shape": "2048x768", "backend": "eager", "status": "mismatch"}]),
+        "models": SuiteResult("m", [
+            ok(op="bert-base", shape="1x128", backend="trifuse", median_ms=0.4, speedup_vs_hf_eager=3.0),
+            ok(op="bert-base", shape="8x128", backend="trifuse", median_ms=1.4, speedup_vs_hf_eager=2.0),
+            {"op": "bert-base", "shape": "8x128", "backend": "hf-sdpa", "status": "noisy: spread", "median_ms": 1.0}]),
+        "gpt2": SuiteResult("g", [ok(op="gpt2 decode", phase="decode", shape="1x128", backend="trifuse",
+                                     median_ms=0.35, batch=1, seq=128)]),
+    }
+    opts = Options(device=torch.device("cuda"), dtype=torch.float16)
+    lines = headline(results, {"device": "NVIDIA H200"}, opts, "finished", 300, 320)
+    assert lines[0].startswith("**Finished** after 5:00 of wall time and 5:20 of CPU time") and "full run" in lines[0]
+    assert lines[1].startswith("**1 of 7 checks FAILED**, peers' only (trifuse's passed): eager layer_norm")
+    assert "6 measurements, **1 flagged noisy**" in lines[2]
+    assert "Models, trifuse against Hugging Face eager: 2.45x, geometric mean of 2" in lines[3]
+    assert lines[4] == "Norm/GELU kernels: 61% to 88% of the measured ceiling (best: layer_norm 16384x4096)."
+    assert lines[5] == "Decode: gpt2 0.350 ms/token at batch 1, context 128."
+    assert not any("needs a GPU" in line for line in lines)
+
+    cpu = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True, threads=2)
+    results = {"models": SuiteResult("m", [
+        ok(op="bert-small", shape="1x32", backend="reference", median_ms=9.0, speedup_vs_hf_eager=1.1),
+        {"op": "bert-small", "shape": "1x32", "backend": "trifuse", "status": "checked"}])}
+    lines = headline(results, {"device": "AMD EPYC"}, cpu, "finished", 200, 190)
+    assert "a quick run on AMD EPYC" in lines[0] and "CPU timings on 2 intra-op threads" in lines[0]
+    assert lines[1] == "**All 2 checks passed** (models 2/2)."
+    assert "**Timing of the Triton kernels needs a GPU; see scripts/device-check.sh.**" in lines[3]
+    assert lines[4].startswith("On this CPU, trifuse's own path (its reference ops) against Hugging Face eager: 1.10x")
+
+
 def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     """`trifuse bench` with no suite: kernels, families, export; one folder with an index."""
     from tests.test_bert import hf_model
@@ -185,16 +360,54 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     index = (folder / "report.md").read_text()
     assert "report:" in out and str(folder) in out.replace("\n", "")
     assert "Not in this build: nope." in index and "No GPU here" in index
+    # The headline comes first, in the console (last thing printed) and at the top of report.md.
+    head = index.split("## Environment")[0]
+    assert "Finished" in head and "a quick run on" in head and "checks" in head and "ONNX: 2 of 2" in head
+    assert "Timing of the Triton kernels needs a GPU; see scripts/device-check.sh" in head
+    assert "checks" in out.split("trifuse main job")[-1]
     for name in ("kernels", "attention", "models", "gpt2", "onnx"):
         assert list(folder.glob(f"{name}-*.json")), name
     rows = json.loads(next(folder.glob("models-*.json")).read_text())["rows"]
-    assert {r["status"] for r in rows} <= {"ok", "checked"}
+    assert rows and all(bench_row_passed(r) for r in rows), rows
+    assert all(r["threads"] == 1 for r in rows if r.get("median_ms"))  # pinned, recorded
     rows = json.loads(next(folder.glob("gpt2-*.json")).read_text())["rows"]
     assert {r["phase"] for r in rows if r["backend"] == "onnxruntime-cpu"} == {"prefill", "decode"}
     # One export per model: the suites' onnxruntime backends and the export step share it.
     assert len(exported) == len(set(exported)), exported
-    assert list((folder / "onnx" / "gpt2-tiny").glob("*.onnx"))
+    onnx = json.loads(next(folder.glob("onnx-*.json")).read_text())["rows"]
+    assert [r["status"] for r in onnx] == ["verified", "verified"] and all(r["onnx_mb"] > 0 for r in onnx)
+    assert not (folder / "onnx").exists()  # deleted once verified (no --keep-onnx)
     assert rc == 0, index
+
+
+def test_main_job_writes_each_part_and_survives_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C during the second part: the first part's files and a report saying where it stopped."""
+    from trifuse.bench import default
+    from trifuse.bench.suite import SuiteResult
+
+    class Kernels:
+        @staticmethod
+        def run(opts):
+            opts.progress("layer_norm 4x32 eager")
+            return SuiteResult("kernels", [{"suite": "kernels", "op": "layer_norm", "shape": "4x32",
+                                            "backend": "eager", "status": "ok", "median_ms": 1.0,
+                                            "p10_ms": 0.9, "p90_ms": 1.1, "numel": 128, "gbps": 1.0}])
+
+    class Attention:
+        @staticmethod
+        def run(opts):
+            raise KeyboardInterrupt
+
+    fakes, real = {"kernels": Kernels, "attention": Attention}, default._suite
+    monkeypatch.setattr(default, "_suite", lambda name: fakes.get(name) or real(name))
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True)
+    with pytest.raises(KeyboardInterrupt):
+        default.run_main_job(opts, tmp_path)
+    (folder,) = list(tmp_path.iterdir())
+    index = (folder / "report.md").read_text()
+    assert "Interrupted during attention" in index and "All 1 checks passed** (kernels 1/1)" in index
+    assert list(folder.glob("kernels-*.json")) and list(folder.glob("kernels-*.md"))
+    assert not list(folder.glob("attention-*"))
 
 
 def test_cli_bench_t5_smoke(tmp_path):
