@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -303,15 +302,40 @@ if HAS_TRITON:
         tl.store(OUT + b * stride_ob + h * stride_oh + m * stride_om + offs_d * stride_od,
                  out.to(OUT.dtype.element_ty), mask=offs_d < D)
 
+    def _hopper_fits(c, block_d: int, rel: bool, bias: bool) -> bool:
+        # Whether ptxas holds this config for sm_90 without spilling registers and within
+        # 227 KB of shared memory, as measured on the launches the engine and benchmarks make
+        # (tests/aot_hopper.py, table in bench/static/hopper-sm90.md; Triton 3.9). CI
+        # (tests/test_compile_hopper.py) fails when a config kept here spills, so the rules
+        # follow the compiler, not a guess.
+        bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        if rel:  # the per-element T5 gather: 182-255 registers where plain attention needs 120
+            if bm <= 32:
+                return (bm, bn) == (16, 64)  # 16x128, 32x64+ spill at head dim 64
+            if block_d > 64:
+                return (bm, bn, w) == (64, 32, 4)  # every larger tile spills at head dim 128
+            return (bm, bn, w) in ((64, 32, 4), (64, 64, 4), (128, 64, 8))
+        if block_d <= 64 and (bm, bn) == (16, 256):
+            return False  # 4 bytes of spill at head dim 64
+        if block_d > 64 and (bm, bn, w) == (128, 64, 4):
+            return False  # spills at head dim 128 (the 8-warp 128x64 does not)
+        if bias and block_d > 64 and (bm, bn) == (128, 128):
+            return False  # the bias tile's stages overflow shared memory at head dim 128
+        return True
+
     def _prune_configs(configs, named_args, **kwargs):
         # Short query blocks for decode (a 128-row block would be 127/128 padding),
-        # full-size blocks otherwise.
-        lq = kwargs.get("LQ_KEY", named_args.get("LQ_KEY"))
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        # full-size blocks otherwise; then only configs Hopper holds without spilling.
+        def arg(name):
+            return kwargs.get(name, named_args.get(name))
+
+        lq, block_d = arg("LQ_KEY"), arg("BLOCK_D")
         want_small = lq is not None and lq <= 32
         kept = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == want_small]
         if block_d is not None and block_d >= 256:  # K/V stages of 256-wide rows overflow shared memory
             kept = [c for c in kept if c.kwargs["BLOCK_N"] <= (128 if c.kwargs["BLOCK_M"] <= 32 else 64)] or kept
+        if block_d is not None:
+            kept = [c for c in kept if _hopper_fits(c, block_d, bool(arg("HAS_REL")), bool(arg("HAS_BIAS")))] or kept
         return kept or configs
 
     _GPU_CONFIGS = [
@@ -498,23 +522,21 @@ def relative_position_bucket(relative_position: Tensor, bidirectional: bool = Tr
     return buckets + torch.where(is_small, distance, if_large)
 
 
-# Lookup tables already built, by id(table): (weakref to the table, its _version, settings, table).
-# A decoder calls attention with the same table every layer and step; the lookup table
-# depends only on the weights and the bucket settings, so it is built once.
-_LUT_CACHE: dict = {}
+# The lookup table is gathered from the live ``table`` on every call, never cached by the
+# tensor's identity: a cache keyed on ``id``/``_version`` goes stale when weights are swapped
+# by ``.data =`` (as ``nn.Module._apply`` does) and cannot be read at all for tensors made
+# under ``torch.inference_mode()`` (no version counter). What is cached is the part that
+# depends only on the settings: which table entry each (head, distance) cell reads.
 
 
-def _cached_relative_lut(table: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
-    key = (bidirectional, num_buckets, max_distance)
-    hit = _LUT_CACHE.get(id(table))
-    if hit is not None and hit[0]() is table and hit[1] == table._version and hit[2] == key:
-        return hit[3]
-    lut = _relative_lut(table, bidirectional, num_buckets, max_distance)
-    if len(_LUT_CACHE) > 64:  # tables of models long gone: drop the dead entries
-        for k in [k for k, v in _LUT_CACHE.items() if v[0]() is None]:
-            del _LUT_CACHE[k]
-    _LUT_CACHE[id(table)] = (weakref.ref(table), table._version, key, lut)
-    return lut
+@functools.lru_cache(maxsize=64)
+def _relative_lut_index(reach: int, bidirectional: bool, num_buckets: int, max_distance: int, heads: int,
+                        device: torch.device) -> Tensor:
+    """``[H, 2*reach+1]`` flat indices into a ``[num_buckets, H]`` table (row-major), by signed distance."""
+    with torch.inference_mode(False):  # a plain tensor, usable in and out of inference mode
+        rp = torch.arange(-reach, reach + 1, device=device)
+        buckets = relative_position_bucket(rp, bidirectional, num_buckets, max_distance)  # [2*reach+1]
+        return (buckets[None, :] * heads + torch.arange(heads, device=device)[:, None]).contiguous()
 
 
 def _relative_lut(table: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
@@ -522,12 +544,13 @@ def _relative_lut(table: Tensor, bidirectional: bool, num_buckets: int, max_dist
 
     Independent of the sequence length. The kernel reads it only for key blocks
     within ``max_distance + BLOCK_M + BLOCK_N`` of the diagonal; farther blocks take
-    the edge value, exact because buckets saturate at ``+-max_distance``.
+    the edge value, exact because buckets saturate at ``+-max_distance``. Built from
+    ``table`` as it is now (one gather and one scale), so it follows every weight change.
     """
-    reach = max_distance + _REL_PAD
-    rp = torch.arange(-reach, reach + 1, device=table.device)
-    buckets = relative_position_bucket(rp, bidirectional, num_buckets, max_distance)
-    return (table.float()[buckets].t() * LOG2E).contiguous()
+    index = _relative_lut_index(max_distance + _REL_PAD, bool(bidirectional), num_buckets, max_distance,
+                                table.shape[1], table.device)
+    lut = torch.take(table, index)  # [H, 2c+1], contiguous
+    return lut.float().mul_(LOG2E) if lut.dtype != torch.float32 else lut.mul_(LOG2E)
 
 
 # ----------------------------------------------------------------------------
@@ -675,7 +698,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tens
     if _kernel_takes(q):
         lut = None
         if rel_table is not None:
-            lut = _cached_relative_lut(rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance)
+            lut = _relative_lut(rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance)
         return _launch(q, k, v, attention_mask, bias, lut, rel_query_offset, rel_max_distance,
                        causal, scale, num_splits)
     return _reference(q, k, v, attention_mask, bias, rel_table, rel_bidirectional, rel_num_buckets,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_eps, check_float, check_like, rows_view
@@ -214,17 +215,25 @@ def _check(op: str, x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     check_eps(op, eps)
 
 
+def _fused_reference(x, residual, weight, bias, eps, rms):
+    """The references' contract (fp32 math, fp64 for fp64) through PyTorch's fused native norms:
+    what the ops run where Triton does not. Same result to rounding, several times faster on the
+    CPU than the step-by-step specification above."""
+    ct = _compute_dtype(x)
+    h = x.to(ct) if residual is None else x.to(ct) + residual.to(ct)
+    w = None if weight is None else weight.to(ct)
+    if rms:
+        y = F.rms_norm(h, (h.shape[-1],), w, eps)
+    else:
+        y = F.layer_norm(h, (h.shape[-1],), w, None if bias is None else bias.to(ct), eps)
+    return y.to(x.dtype).contiguous(), None if residual is None else h.to(x.dtype).contiguous()
+
+
 def _run(op, x, residual, weight, bias, eps, rms):
     _check(op, x, residual, weight, bias, eps)
     if use_triton(x) and x.dtype != torch.float64:
         return _launch(x, residual, weight, bias, eps, rms)
-    if rms:
-        out = rms_norm_reference(x, weight, eps, residual)
-    else:
-        out = layer_norm_reference(x, weight, bias, eps, residual)
-    if residual is None:
-        return out.contiguous(), None
-    return out[0].contiguous(), out[1].contiguous()
+    return _fused_reference(x, residual, weight, bias, eps, rms)
 
 
 @torch.library.custom_op("trifuse::layer_norm", mutates_args=())

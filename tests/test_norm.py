@@ -139,7 +139,8 @@ def test_triton_path_is_taken_under_interpreter(monkeypatch, device):
     with kernels.use_backend("reference"):
         y_ref = kernels.layer_norm(x, w, b)
     assert calls == [1]
-    torch.testing.assert_close(y_ref, kernels.layer_norm_reference(x, w, b), atol=0, rtol=0)
+    # the reference backend runs PyTorch's fused norm on the specification's fp32 contract
+    torch.testing.assert_close(y_ref, kernels.layer_norm_reference(x, w, b))
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -197,3 +198,22 @@ def test_empty_rows(device):
     assert kernels.layer_norm(x).shape == (0, 16)
     y, h = kernels.rms_norm(x, residual=x)
     assert y.shape == h.shape == (0, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", [1, 63, 768, 5120])
+def test_reference_backend_matches_the_specification(width, dtype):
+    """Where Triton does not run, the ops take PyTorch's fused norms on the references' contract
+    (fp32 math): checked against the float64 specification like the kernels are."""
+    x, r, w, b = _inputs(7, width, dtype, "cpu")
+    with kernels.use_backend("reference"):
+        y, h = kernels.layer_norm(x, w, b, residual=r)
+        z, g = kernels.rms_norm(x, w, residual=r)
+        plain = kernels.layer_norm(x, None, None)
+    y64, h64 = kernels.layer_norm_reference(x.double(), w.double(), b.double(), residual=r.double())
+    z64, _ = kernels.rms_norm_reference(x.double(), w.double(), residual=r.double())
+    assert_matches_reference(y, y64, dtype, F.layer_norm((x.float() + r.float()).to(dtype), (width,), w, b), scale=4)
+    assert_matches_reference(z, z64, dtype, scale=4)
+    assert_matches_reference(plain, kernels.layer_norm_reference(x.double()), dtype, scale=4)
+    assert torch.equal(h, g) and torch.equal(h, (x.float() + r.float()).to(dtype))
+    assert y.dtype == z.dtype == h.dtype == dtype
