@@ -959,6 +959,39 @@ class TextGeneration(_Generation):
             base.setdefault("pad_token_id", self.config["eos_token_id"])
         return base
 
+    def stream(self, text: str, **options) -> Iterator[str]:
+        """The generated text of one prompt, piece by piece as tokens are decoded (what ``trifuse
+        serve`` streams); the pieces joined equal ``pipe(text, return_full_text=False, **options)``'s
+        ``generated_text`` for the same draws. One sequence: no beams, ``num_return_sequences`` 1."""
+        opts = self._options(options)
+        if (opts.get("num_beams") or 1) != 1 or (opts.get("num_return_sequences") or 1) != 1:
+            raise ValueError("streaming decodes one sequence: num_beams and num_return_sequences must be 1")
+        (unit,) = self._prepare(0, text, opts)
+        if not unit.enc.ids:
+            raise ValueError("streaming needs a non-empty prompt")
+        accepted = inspect.signature(self.model.stream).parameters
+        kw = {k: v for k, v in self._generate_kwargs(opts, self._base()).items() if k in accepted}
+        ids = torch.tensor([unit.enc.ids], dtype=torch.long, device=self.device)
+        skip = opts.get("skip_special_tokens", True)
+        eos = kw.get("eos_token_id", self.config.get("eos_token_id"))
+        eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        tokens: list[int] = []
+        said = ""
+        with torch.inference_mode():
+            for step in self.model.stream(ids, torch.ones_like(ids), **kw):
+                tokens.append(int(step[0]))
+                text_now = self.tokenizer.decode(tokens, skip_special_tokens=skip)
+                if text_now.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                    continue
+                if len(text_now) > len(said):
+                    yield text_now[len(said):]
+                said = text_now
+                if tokens[-1] in eos:
+                    break
+        rest = self.tokenizer.decode(tokens, skip_special_tokens=skip)[len(said):]
+        if rest:
+            yield rest
+
     def _prepare(self, i, x, opts):
         x = _text_input(x, self.task)
         enc, = self.tokenizer.encode([(opts.get("prefix") or "") + x])

