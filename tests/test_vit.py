@@ -243,6 +243,8 @@ def test_bad_pixel_values(reference_backend):
         model((x * 50).to(torch.uint8))
     with pytest.raises(ValueError, match="got ndarray"):
         model(x.numpy())
+    with pytest.raises(ValueError, match="empty batch"):
+        model(x[:0])
 
 
 def test_bad_checkpoints(tmp_path):

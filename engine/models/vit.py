@@ -210,9 +210,11 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pixel_values must be a float tensor of shape [batch, channels, height, width]; "
                              f"got {shape}")
         if not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values must be a float tensor (normalized images, see engine.images); "
+            raise ValueError(f"pixel_values must be a float tensor (normalized images, see trifuse.engine.images); "
                              f"got {pixel_values.dtype}")
-        _, ch, h, w = pixel_values.shape
+        n, ch, h, w = pixel_values.shape
+        if n == 0:
+            raise ValueError("pixel_values is an empty batch (batch size 0)")
         if ch != c.num_channels:
             raise ValueError(f"pixel_values have {ch} channels; this checkpoint expects {c.num_channels}")
         (ph, pw), (ih, iw) = c.patch_size, c.image_size
