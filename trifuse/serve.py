@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any, Optional
 
+from trifuse.cli import positive_int
 from trifuse.engine.extras import require
 
 #: largest request body accepted, in bytes (a larger one is answered 413)
@@ -302,10 +303,10 @@ def add_arguments(p) -> None:
                    "feature-extraction, question-answering, text-generation")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, metavar="N", help="HTTP port (default 8000)")
-    p.add_argument("--replicas", type=_positive_int, default=1, metavar="N", help="replicas of the model (default 1)")
+    p.add_argument("--replicas", type=positive_int, default=1, metavar="N", help="replicas of the model (default 1)")
     p.add_argument("--gpus-per-replica", type=_non_negative_float, default=None, metavar="F",
                    help="GPUs Ray reserves per replica (default: 1 with --device cuda, else 0)")
-    p.add_argument("--max-batch-size", type=_positive_int, default=32, metavar="N",
+    p.add_argument("--max-batch-size", type=positive_int, default=32, metavar="N",
                    help="requests per batch (default 32)")
     p.add_argument("--batch-wait-ms", type=_non_negative_float, default=5.0, metavar="MS",
                    help="how long a batch waits to fill, in ms (default 5)")
@@ -317,22 +318,10 @@ def add_arguments(p) -> None:
     p.set_defaults(func=main)
 
 
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _port(text: str) -> int:
     import argparse
 
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"a port is 1..65535, got {text!r}")
     return value
