@@ -101,8 +101,8 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
     cache = ours.new_cache(batch, ctx)
 
     def ours_prefill():
-        cache.reset()
-        return ours._forward(ids, mask, None, cache, logits_to_keep=1).logits[:, -1]  # generate's path
+        # generate's own prefill, into the one cache
+        return ours.start_decoding(ids, mask.ne(0), num_beams=1, max_new_tokens=0, cache=cache).logits
 
     def ours_generate(n):
         return lambda: ours.generate(prompt, pmask, max_new_tokens=n, eos_token_id=[], pad_token_id=0)

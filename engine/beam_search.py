@@ -21,8 +21,8 @@ The algorithm is the vectorized one of transformers 5.x
   hypotheses; ``False`` once the best running beam, scored at the current length,
   cannot beat the worst finished one; ``"never"`` scores it at ``max_length`` when
   ``length_penalty > 0`` (the canonical bound);
-* the logits processors (no-repeat n-grams over each beam's sequence, minimum
-  length) act on the log-probabilities before the running scores are added, then
+* the logits processors (repetition penalty, no-repeat n-grams over each beam's
+  sequence, minimum length) act on the log-probabilities before the running scores are added, then
   the sampling warpers, as in Hugging Face;
 * the output is each item's best ``num_return_sequences`` hypotheses (best first),
   right-padded to the longest with
@@ -105,7 +105,7 @@ def _gather(t: Tensor, idx: Tensor) -> Tensor:
 
 def beam_search(first_logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], prompt: Tensor,
                 cfg: gen.GenerationConfig, beams: BeamConfig,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+                generator: Optional[torch.Generator] = None, prompt_ignore_length: Optional[Tensor] = None) -> Tensor:
     """``[B * num_return_sequences, L0 + n]``: each batch item's best hypotheses (best
     first) after its ``L0``-token prompt.
 
@@ -113,6 +113,7 @@ def beam_search(first_logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], 
     item's prompt repeated ``nb`` times). ``step(tokens [B*nb], beam_idx [B*nb])``:
     reorder the cache rows by ``beam_idx``, feed ``tokens``, return ``[B*nb, V]``.
     ``cfg`` gives ``max_new_tokens``, EOS, pad and the sampling options.
+    ``prompt_ignore_length`` ``[B*nb]``: leading prompt positions the repetition penalty skips.
     """
     nb = beams.num_beams
     rows, prompt_len = prompt.shape
@@ -156,6 +157,9 @@ def beam_search(first_logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], 
             running_src = _grow(running_src, cap - prompt_len, -1)
             finished_src = _grow(finished_src, cap - prompt_len, -1)
         log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+        if cfg.repetition_penalty != 1.0:
+            log_probs = gen.repetition_penalty(log_probs, running[:, :, :cur].reshape(rows, cur),
+                                               cfg.repetition_penalty, prompt_ignore_length)
         if cfg.no_repeat_ngram_size or cfg.min_length:
             log_probs = gen.constrain(log_probs, running[:, :, :cur].reshape(rows, cur), cur, cfg)
         if cfg.do_sample:

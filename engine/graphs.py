@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import inspect
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .cache import KVCache
+from .decoding import Decoding, Prefill
 
 # Output fields that carry a sequence axis (dim 1) for text models.
 _SEQ_FIELDS = ("last_hidden_state", "start_logits", "end_logits")
@@ -196,48 +195,41 @@ def _powers_of_two_up_to(limit: int, lowest: int = 32) -> Tuple[int, ...]:
 class _DecodeState:
     """The static buffers of one batch shape: what a captured step reads and writes."""
 
-    cache: object  # KVCache / T5Cache, fixed capacity
+    cache: object  # the model's static cache (new_static_cache), fixed capacity
     tokens: Tensor  # [rows, 1] the token fed at the next step
     slot: Tensor  # [1] the cache slot it is written to
-    positions: Optional[Tensor] = None  # GPT-2: [rows, 1] its position id
-    cross_kv: Optional[Tensor] = None  # T5: [B_enc, enc_len, ...] the encoder's keys/values, padded
-    encoder_mask: Optional[Tensor] = None  # T5: [B_enc, enc_len] bool, False on the padding
+    positions: Tensor  # [rows, 1] its position id (models with learned positions read it)
     graphs: dict = dataclasses.field(default_factory=dict)  # kv bucket -> (graph, logits)
 
 
 class StaticDecoder:
-    """GPT-2 / T5 ``generate`` whose per-token step runs on static buffers, bucketed by cache length.
+    """A decoder's ``generate`` / ``stream`` whose per-token step runs on static buffers, bucketed by
+    cache length.
 
-    The prompt (GPT-2's prefill, T5's encoder and its first decoder step) runs
-    eagerly; every later step is ``model.decode_step``: the new token is written at
-    a cache slot held in a device tensor, and attention reads the first ``kv``
-    cache slots, ``kv`` being the smallest of ``kv_buckets`` that holds the
-    sequence so far, with the slots not yet written masked. Shapes then depend only
-    on (rows, bucket), so each pair is one graph in :class:`CUDAGraphDecoder`;
-    this class runs the same steps eagerly (any device; what the CPU tests check
-    against ``model.generate``).
+    Any model with :mod:`engine.decoding`'s contract works (GPT-2, T5, ...). The prompt
+    (a decoder-only model's prefill; an encoder-decoder's encoder and first decoder step)
+    runs eagerly; every later step is ``model.decode_step``: the new token is written at a
+    cache slot held in a device tensor, and attention reads the first ``kv`` cache slots,
+    ``kv`` being the smallest of ``kv_buckets`` that holds the sequence so far, with the
+    slots not yet written masked. Shapes then depend only on (rows, bucket), so each pair is
+    one graph in :class:`CUDAGraphDecoder`; this class runs the same steps eagerly (any
+    device; what the CPU tests check against ``model.generate``).
 
-    ``generate`` / ``stream`` take the model's own arguments (GPT-2: greedy and
-    sampling; T5: beams too) and return what the model's return. Buffers are kept
-    per batch shape (T5: also per ``encoder_lengths`` bucket the prompt is padded
-    to), sized for ``max_len`` positions (GPT-2: prompt + new tokens, default the
-    position table; T5: decoder positions, start token included, default 512).
+    ``generate`` / ``stream`` take the model's own options (``engine.decoding.OPTIONS``,
+    the checkpoint's generation config as defaults) and return what the model's return.
+    Buffers are kept per batch shape (encoder-decoders: also per ``encoder_lengths``
+    bucket the prompt is padded to), sized for ``max_len`` positions (decoder-only: prompt
+    + new tokens, default the position table; encoder-decoders: decoder positions, start
+    token included, default the position table or 512).
     """
 
     def __init__(self, model: nn.Module, max_len: Optional[int] = None, kv_buckets: Optional[Sequence[int]] = None,
                  encoder_lengths: Sequence[int] = (16, 32, 64, 128, 256, 512)):
-        from .models.gpt2 import GPT2Model
-        from .models.t5 import T5Model
-
-        if isinstance(model, GPT2Model):
-            self.seq2seq = False
-            limit = model.config.n_positions
-        elif isinstance(model, T5Model):
-            self.seq2seq = True
-            limit = None
-        else:
-            raise TypeError(f"static decoding supports GPT-2 and T5 models, not {type(model).__name__}")
+        if not (isinstance(model, Decoding) and hasattr(model, "decode_step") and hasattr(model, "new_static_cache")):
+            raise TypeError(f"static decoding needs a trifuse decoder (GPT-2, T5, ...), not {type(model).__name__}")
         self.model = model
+        self.seq2seq = model.is_encoder_decoder
+        limit = model.max_decoder_positions
         self.max_len = (limit or 512) if max_len is None else max_len
         if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 2 or (
                 limit is not None and self.max_len > limit):
@@ -255,8 +247,6 @@ class StaticDecoder:
 
     def _decode_step(self, state: _DecodeState, kv: int) -> Tensor:
         with torch.no_grad():
-            if self.seq2seq:
-                return self.model.decode_step(state.tokens, state.slot, state.cache, kv)
             return self.model.decode_step(state.tokens, state.positions, state.slot, state.cache, kv)
 
     def _stepper(self, state: _DecodeState, length: int):
@@ -281,78 +271,47 @@ class StaticDecoder:
 
     # -- buffers --------------------------------------------------------------
 
-    def _state(self, key: tuple, rows: int) -> _DecodeState:
+    def _state(self, key: tuple, rows: int, encoder_length: int) -> _DecodeState:
         state = self.states.get(key)
         if state is None:
             m, dev = self.model, self.model.device
-            if self.seq2seq:
-                cache = m.new_cache(rows, self.max_len)
-            else:
-                c = m.config
-                cache = KVCache(rows, c.n_layer, c.n_head, self.max_len, c.head_dim, m.dtype, dev, growable=False)
-            # Masked slots still meet the kernel's dot products (0 * NaN = NaN): no uninitialized memory.
-            cache.keys.zero_()
-            cache.values.zero_()
+            cache = m.new_static_cache(rows, self.max_len, encoder_length=encoder_length)
             zeros = lambda n: torch.zeros(n, 1, dtype=torch.long, device=dev)  # noqa: E731
-            state = _DecodeState(cache, zeros(rows), torch.zeros(1, dtype=torch.long, device=dev),
-                                 None if self.seq2seq else zeros(rows))
+            state = _DecodeState(cache, zeros(rows), torch.zeros(1, dtype=torch.long, device=dev), zeros(rows))
             self.states[key] = state
         return state
 
-    # -- GPT-2 ----------------------------------------------------------------
-
-    def _gpt2_session(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int):
+    def _session(self, input_ids: Tensor, mask: Tensor, *, num_beams: int, max_new_tokens: int,
+                 start_token: Optional[int] = None) -> Prefill:
+        """``model.start_decoding`` on this shape's static buffers, stepping through ``decode_step``."""
         b, n = input_ids.shape
-        if n + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt length {n} + max_new_tokens {max_new_tokens} exceeds this decoder's "
+        counted = 1 if self.seq2seq else n
+        if counted + max_new_tokens > self.max_len:
+            what = "the decoder start token" if self.seq2seq else f"prompt length {n}"
+            raise ValueError(f"{what} + max_new_tokens {max_new_tokens} exceeds this decoder's "
                              f"max_len={self.max_len}")
-        state = self._state((b,), b)
-        cache = state.cache
-        cache.reset()
-        first = self.model._forward(input_ids, mask, None, cache, logits_to_keep=1).logits[:, -1]
-        state.positions.copy_(cache.mask[:, :n].sum(dim=1, keepdim=True))  # the next position of each row
-        step = self._stepper(state, n)
-        return first, lambda tokens: step(tokens)
-
-    # -- T5 -------------------------------------------------------------------
-
-    def _t5_session(self, input_ids, attention_mask, max_new_tokens, num_beams, cfg, start_token):
-        m = self.model
-        if 1 + max_new_tokens > self.max_len:
-            raise ValueError(f"1 + max_new_tokens {max_new_tokens} decoder positions exceed this decoder's "
-                             f"max_len={self.max_len}")
-        enc, attention_mask = m._encode_for_generation(input_ids, attention_mask, cfg)
-        b, n = input_ids.shape
-        i = bisect.bisect_left(self.encoder_lengths, n)
-        enc_len = self.encoder_lengths[i] if i < len(self.encoder_lengths) else n  # longer: its own buffers
-        state = self._state((b * num_beams, b, enc_len), b * num_beams)
-        cache = state.cache
-        cache.reset()
-        kv = m.decoder.project_encoder(enc)
-        if state.cross_kv is None:
-            state.cross_kv = kv.new_zeros(b, enc_len, kv.shape[2])
-            state.encoder_mask = torch.zeros(b, enc_len, dtype=torch.bool, device=kv.device)
-        state.cross_kv[:, :n] = kv
-        state.cross_kv[:, n:] = 0
-        state.encoder_mask[:, :n] = attention_mask.ne(0)
-        state.encoder_mask[:, n:] = False  # the padding up to enc_len
-        cache.cross_kv, cache.encoder_mask, cache.encoder_hidden_state = state.cross_kv, state.encoder_mask, enc
-        start, first = m._start_decoding(cache, start_token)
-        return start, first, self._stepper(state, 1)
+        enc_len = 0
+        if self.seq2seq:
+            i = bisect.bisect_left(self.encoder_lengths, n)
+            enc_len = self.encoder_lengths[i] if i < len(self.encoder_lengths) else n  # longer: its own buffers
+        rows = b * num_beams
+        state = self._state((rows, b, enc_len), rows, enc_len)
+        pre = self.model.start_decoding(input_ids, mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                        start_token=start_token, cache=state.cache)
+        if pre.positions is not None:
+            state.positions.copy_(pre.positions)
+        pre.step = self._stepper(state, state.cache.length)
+        return pre
 
     # -- the public calls ----------------------------------------------------
 
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
         """``model.generate`` with the same arguments and result, decoded on static buffers."""
-        session = self._t5_session if self.seq2seq else self._gpt2_session
-        return self.model._generate(session, input_ids, attention_mask, **kwargs)
+        return self.model.generate_with(self._session, input_ids, attention_mask, **kwargs)
 
     def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
         """``model.stream`` (greedy or sampling): an iterator over each step's tokens ``[B]``."""
-        session = self._t5_session if self.seq2seq else self._gpt2_session
-        args = inspect.signature(self.model.stream).bind(input_ids, attention_mask, **kwargs)
-        args.apply_defaults()
-        return self.model._stream(session, *args.args)
+        return self.model.stream_with(self._session, input_ids, attention_mask, **kwargs)
 
 
 class CUDAGraphDecoder(StaticDecoder):

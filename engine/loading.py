@@ -10,8 +10,6 @@ anything else is an error that names the tensors.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import os
 import warnings
@@ -86,25 +84,6 @@ def generation_defaults(gen_cfg: dict, what: str = "generation_config.json") -> 
         warnings.warn(f"{what} sets {', '.join(unsupported)}, which trifuse's generate does not implement; "
                       "ignored (Hugging Face's generate would apply them)", stacklevel=3)
     return {k: gen_cfg[k] for k in GENERATION_KEYS if gen_cfg.get(k) is not None}
-
-
-def uses_generation_config(method):
-    """Make the checkpoint's generation config (``self.generation_config``) the defaults of a
-    ``generate``/``stream`` method, as Hugging Face does: arguments passed explicitly win."""
-    sig = inspect.signature(method)
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        defaults = getattr(self, "generation_config", None)
-        if defaults:
-            given = set(sig.bind_partial(self, *args, **kwargs).arguments)
-            for pair in _LENGTH_PAIRS:
-                if pair & given:
-                    given |= pair
-            kwargs.update({k: v for k, v in defaults.items() if k in sig.parameters and k not in given})
-        return method(self, *args, **kwargs)
-
-    return wrapper
 
 
 def _read_weights(path: Path) -> dict:

@@ -38,7 +38,6 @@ L, L]}``; :func:`plot_attention` draws one layer/head as a labelled heatmap.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import sys
@@ -51,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .decoding import OPTIONS
 from .registry import from_pretrained, resolve_dtype
 from .tokenization import Tokenizer
 
@@ -930,14 +930,10 @@ class _Generation(Pipeline):
 
     def _generate_kwargs(self, opts: dict, base: dict) -> dict:
         asked = {k: v for k, v in opts.items() if k in _GENERATE and v is not None}
-        accepted = inspect.signature(self.model.generate).parameters
-        unsupported = sorted(set(asked) - set(accepted))
-        if unsupported:
-            raise ValueError(f"{self.model_type} generation does not support {', '.join(unsupported)}")
         kw = {**base, **asked}
         if opts.get("max_length") is not None and opts.get("max_new_tokens") is None:
             kw.pop("max_new_tokens", None)  # a total length asked for: the default new-token count gives way
-        return {k: v for k, v in kw.items() if k in accepted}  # a config's settings this model lacks: dropped
+        return {k: v for k, v in kw.items() if k in OPTIONS}  # every decoder takes engine.decoding's options
 
 
 class TextGeneration(_Generation):
@@ -969,8 +965,7 @@ class TextGeneration(_Generation):
         (unit,) = self._prepare(0, text, opts)
         if not unit.enc.ids:
             raise ValueError("streaming needs a non-empty prompt")
-        accepted = inspect.signature(self.model.stream).parameters
-        kw = {k: v for k, v in self._generate_kwargs(opts, self._base()).items() if k in accepted}
+        kw = self._generate_kwargs(opts, self._base())
         ids = torch.tensor([unit.enc.ids], dtype=torch.long, device=self.device)
         skip = opts.get("skip_special_tokens", True)
         eos = kw.get("eos_token_id", self.config.get("eos_token_id"))

@@ -52,7 +52,7 @@ def test_gpt2_greedy_equals_generate_across_buckets(gpt2, reference_backend):
     ids2, mask2 = left_padded([3, 5, 2], seed=4)
     torch.testing.assert_close(dec.generate(ids2, mask2, max_new_tokens=6),
                                gpt2.generate(ids2, mask2, max_new_tokens=6), rtol=0, atol=0)
-    assert list(dec.states) == [(3,)]
+    assert list(dec.states) == [(3, 3, 0)]  # (rows, input rows, encoder bucket)
 
 
 def test_gpt2_sampling_eos_and_penalty_equal_generate(gpt2, reference_backend):
@@ -73,17 +73,18 @@ def test_gpt2_step_logits_match_eager(gpt2):
     dec = StaticDecoder(gpt2, kv_buckets=(8, 16))
     bmask = mask.ne(0)
     with torch.no_grad():
-        first, step = gpt2._session(ids, bmask, 12)
-        first_s, step_s = dec._gpt2_session(ids, bmask, 12)
-        torch.testing.assert_close(first_s, first)
+        eager = gpt2.start_decoding(ids, bmask, num_beams=1, max_new_tokens=12)
+        static = dec._session(ids, bmask, num_beams=1, max_new_tokens=12)
+        torch.testing.assert_close(static.logits, eager.logits)
+        torch.testing.assert_close(static.positions, eager.positions)
         for tokens in forced:
-            torch.testing.assert_close(step_s(tokens), step(tokens), atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(static.step(tokens, None), eager.step(tokens, None), atol=2e-5, rtol=2e-5)
 
 
 def test_gpt2_step_reads_nothing_back():
     model = engine.from_pretrained(test_gpt2.hf_model())
     dec = StaticDecoder(model)
-    state = dec._state((2,), 2)
+    state = dec._state((2, 2, 0), 2, 0)
     logits = _no_host_reads(lambda: dec._decode_step(state, 16))
     assert tuple(logits.shape) == (2, model.config.vocab_size)
     # The check bites: the model's own input validation reads the token ids back.
@@ -97,7 +98,7 @@ def test_gpt2_static_decoder_limits(gpt2):
         StaticDecoder(gpt2, max_len=8).generate(ids, mask, max_new_tokens=3)
     with pytest.raises(ValueError, match="max_len must be an int in"):
         StaticDecoder(gpt2, max_len=65)
-    with pytest.raises(TypeError, match="GPT-2 and T5"):
+    with pytest.raises(TypeError, match="needs a trifuse decoder"):
         StaticDecoder(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
         CUDAGraphDecoder(gpt2)
@@ -128,31 +129,31 @@ def test_t5_sampling_and_long_prompt(t5, reference_backend):
     torch.testing.assert_close(dec.generate(ids, mask, generator=torch.Generator().manual_seed(5), **kw), want,
                                rtol=0, atol=0)
     assert list(dec.states) == [(2, 2, 40)]
-    with pytest.raises(ValueError, match="exceed this decoder's max_len=16"):
+    with pytest.raises(ValueError, match="exceeds this decoder's max_len=16"):
         dec.generate(ids, mask, max_new_tokens=16)
 
 
 def test_t5_step_logits_match_eager(t5):
     model = t5["gated-gelu"]
     ids, mask = encoder_batch(b=2, n=13)
-    cfg = model._generation_config(10, False, 1.0, 0, 1.0, [], None)
     dec = StaticDecoder(model, max_len=16, kv_buckets=(2, 4, 8), encoder_lengths=(16,))
     forced = torch.randint(2, 98, (10, 2), generator=torch.Generator().manual_seed(3))
+    kw = dict(num_beams=1, max_new_tokens=10, start_token=0)
     with torch.no_grad():
-        _, first, step = model._session(ids, mask, 10, 1, cfg, 0)
-        _, first_s, step_s = dec._t5_session(ids, mask, 10, 1, cfg, 0)
-        torch.testing.assert_close(first_s, first, atol=2e-5, rtol=2e-5)
+        eager = model.start_decoding(ids, mask.ne(0), **kw)
+        static = dec._session(ids, mask.ne(0), **kw)
+        torch.testing.assert_close(static.ids, eager.ids)
+        torch.testing.assert_close(static.logits, eager.logits, atol=2e-5, rtol=2e-5)
         for tokens in forced:  # past max_distance-free buckets: the dense bias must match the in-kernel one
-            torch.testing.assert_close(step_s(tokens, None), step(tokens, None), atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(static.step(tokens, None), eager.step(tokens, None), atol=2e-5, rtol=2e-5)
 
 
 def test_t5_step_reads_nothing_back(t5):
     model = t5["relu"]
     dec = StaticDecoder(model, max_len=16)
     ids, mask = encoder_batch(b=2, n=9)
-    cfg = model._generation_config(4, False, 1.0, 0, 1.0, [], None)
-    with torch.no_grad():
-        dec._t5_session(ids, mask, 4, 2, cfg, 0)  # fills the encoder buffers of a 2-beam state
+    with torch.no_grad():  # fills the encoder buffers of a 2-beam state
+        dec._session(ids, mask.ne(0), num_beams=2, max_new_tokens=4, start_token=0)
     state = dec.states[(4, 2, 16)]
     logits = _no_host_reads(lambda: dec._decode_step(state, 8))
     assert tuple(logits.shape) == (4, model.config.vocab_size)

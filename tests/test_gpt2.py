@@ -233,6 +233,47 @@ def test_generation_with_repetition_penalty_matches_hf(lm, reference_backend):
     assert torch.equal(model.generate(ids, max_new_tokens=10, eos_token_id=[], pad_token_id=0), ref)
 
 
+def test_beam_search_matches_hf(lm, reference_backend):
+    """The shared decoding front-end gives GPT-2 beam search (and beam sampling): Hugging Face's tokens,
+    left-padded prompts, EOS, length penalty, early stopping, the processors and several returns."""
+    hf, model = lm
+    ids, mask = left_padded([7, 3, 5], pad=1)
+    free = _hf_greedy(hf, ids, mask, 8, [], 1)
+    eos = int(free[0, ids.shape[1] + 2])  # a token the model emits: hypotheses finish early
+    cases = [dict(num_beams=nb, early_stopping=es, length_penalty=lp)
+             for nb in (2, 4) for es in (False, True, "never") for lp in (1.0, 0.5)]
+    cases += [dict(num_beams=3, num_return_sequences=2), dict(num_beams=3, repetition_penalty=1.6),
+              dict(num_beams=2, no_repeat_ngram_size=2, min_new_tokens=5), dict(num_beams=3, eos_token_id=[eos, 9])]
+    for kw in cases:
+        kw = {"eos_token_id": eos, **kw}
+        with torch.no_grad():
+            want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                               pad_token_id=1, **kw)
+        got = model.generate(ids, mask, max_new_tokens=8, pad_token_id=1, **kw)
+        assert got.shape == want.shape and torch.equal(got, want), kw
+    torch.manual_seed(3)
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=True, num_beams=2,
+                       top_k=0, pad_token_id=1, eos_token_id=eos)
+    torch.manual_seed(3)
+    got = model.generate(ids, mask, max_new_tokens=6, do_sample=True, num_beams=2, pad_token_id=1,
+                         eos_token_id=eos)
+    assert torch.equal(got, want)
+
+
+def test_one_decoding_front_end_checks_its_options(lm, reference_backend):
+    _, model = lm
+    ids = torch.randint(0, 96, (2, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'num_beam'"):
+        model.generate(ids, num_beam=2)
+    with pytest.raises(ValueError, match=r"stream\(\) decodes greedily or by sampling"):
+        model.stream(ids, num_beams=2)
+    with pytest.raises(ValueError, match=r"num_return_sequences \(3\) must be an int in \[1, num_beams=2\]"):
+        model.generate(ids, num_beams=2, num_return_sequences=3)
+    # decoder_start_token_id means nothing to a decoder-only model: ignored, as in Hugging Face.
+    assert torch.equal(model.generate(ids, max_new_tokens=3, decoder_start_token_id=5),
+                       model.generate(ids, max_new_tokens=3))
+
+
 def _hf_warpers(temperature=1.0, top_k=0, top_p=1.0, penalty=1.0, ignore=None):
     procs = LP.LogitsProcessorList()
     if penalty != 1.0:

@@ -457,8 +457,9 @@ def test_text_generation(ckpt, hf_pipe, reference_backend):
     assert len(ours("", do_sample=False, max_new_tokens=4)[0]["generated_text"]) > 0  # from BOS, as transformers
     with pytest.raises(ValueError, match="position table"):
         ours("word " * 70, max_new_tokens=4, do_sample=False)
-    with pytest.raises(ValueError, match="does not support num_beams"):
-        ours("x", num_beams=2)
+    # Every decoder has every generation feature (one decoding front-end): GPT-2 beams, as transformers.
+    kw = dict(num_beams=3, do_sample=False, max_new_tokens=6, num_return_sequences=2, repetition_penalty=1.4)
+    assert_same(ours(prompts[:2], **kw), hf(prompts[:2], **kw))
     long = "one two three four five six " * 12  # over 64 positions with the new tokens: keep its end
     kw = dict(max_new_tokens=5, do_sample=False, handle_long_generation="hole")
     assert_same(ours(long, **kw), hf(long, **kw))

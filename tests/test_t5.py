@@ -329,6 +329,22 @@ def test_sampling_matches_hf(gen_pairs, reference_backend):
     assert torch.equal(a, ours.generate(ids, mask, max_new_tokens=6, do_sample=True, generator=g2))
 
 
+def test_repetition_penalty_matches_hf(gen_pairs, reference_backend):
+    """The shared decoding front-end gives T5 the repetition penalty: over the decoder ids (start token
+    included), greedy, beams and sampling, as Hugging Face's encoder-decoder generate applies it."""
+    hf, ours, ids, mask = gen_pairs["gated-gelu"]
+    for kw in (dict(num_beams=1), dict(num_beams=3), dict(num_beams=2, no_repeat_ngram_size=2),
+               dict(num_beams=1, repetition_penalty=0.7)):
+        kw = {"repetition_penalty": 1.9, **kw}
+        want = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw)
+        got = ours.generate(ids, mask, max_new_tokens=10, **kw)
+        assert got.shape == want.shape and torch.equal(got, want), kw
+    torch.manual_seed(2)
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=0, repetition_penalty=1.5)
+    torch.manual_seed(2)
+    assert torch.equal(ours.generate(ids, mask, max_new_tokens=8, do_sample=True, repetition_penalty=1.5), want)
+
+
 def test_encoder_and_cross_projection_run_once(gen_pairs, reference_backend, monkeypatch):
     _, ours, ids, mask = gen_pairs["gated-gelu"]
     calls = {"encoder": 0, "cross": 0}

@@ -13,8 +13,8 @@
 * Without ``position_ids``, positions follow the mask as in Hugging Face's
   ``generate``: ``cumsum(mask) - 1`` over everything seen so far, 0 on masked
   slots, so a left-padded row numbers its real tokens from 0.
-* ``generate`` / ``stream`` decode greedily or by sampling with Hugging Face's
-  semantics (see :mod:`engine.generation`).
+* ``generate`` / ``stream`` are :mod:`engine.decoding`'s, shared by every decoder:
+  greedy, sampling, beam search, with Hugging Face's semantics.
 
 Reference semantics: Hugging Face transformers' ``modeling_gpt2.py`` and
 ``generation/utils.py``; the checkpoint names below are theirs.
@@ -22,9 +22,8 @@ Reference semantics: Hugging Face transformers' ``modeling_gpt2.py`` and
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +33,9 @@ from trifuse import kernels
 
 from .. import generation as gen
 from ..cache import KVCache
+from ..decoding import Decoding, Prefill
 from ..layers import LayerNorm, PreLNBlock, check_activation
-from ..loading import assemble_state, load_into, module_keys, uses_generation_config
+from ..loading import assemble_state, load_into, module_keys
 from ..outputs import ModelOutput
 
 TASKS = ("causal-lm", "feature-extraction")
@@ -131,7 +131,7 @@ class CausalSelfAttention(nn.Module):
         return self.out(ctx.transpose(1, 2).reshape(b, n, -1)), None
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(Decoding, nn.Module):
     """GPT-2 (``GPT2LMHeadModel`` / ``GPT2Model``); call it like the Hugging Face model."""
 
     def __init__(self, c: GPT2Config, task: str = "causal-lm", untied_head: bool = False):
@@ -299,122 +299,45 @@ class GPT2Model(nn.Module):
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head)
 
-    # -- generation -----------------------------------------------------------
+    # -- decoding (engine.decoding.Decoding: generate, stream) -------------------
 
-    @uses_generation_config
-    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: Optional[int] = None,
-               do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               repetition_penalty: float = 1.0, eos_token_id: gen.TokenIds = None,
-               pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               min_length: Optional[int] = None, min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0,
-               num_return_sequences: int = 1, max_length: Optional[int] = None) -> Iterator[Tensor]:
-        """Like :meth:`generate`, but an iterator over each step's new tokens ``[B * num_return_sequences]``.
+    @property
+    def max_decoder_positions(self) -> int:
+        return self.config.n_positions
 
-        The arguments are checked (and the prompt run) before the iterator is returned.
-        """
-        return self._stream(self._session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                            top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator, min_length,
-                            min_new_tokens, no_repeat_ngram_size, num_return_sequences, max_length)
-
-    def _stream(self, session, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                repetition_penalty, eos_token_id, pad_token_id, generator, min_length=None, min_new_tokens=None,
-                no_repeat_ngram_size=0, num_return_sequences=1, max_length=None) -> Iterator[Tensor]:
-        """The decoding loop over any ``session(input_ids, mask, max_new_tokens) -> (first logits, step)``:
-        :meth:`_session` here, CUDA graphs in :class:`engine.graphs.CUDAGraphDecoder`."""
-        input_ids, attention_mask = gen.expand_for_return(num_return_sequences, 1, do_sample, input_ids,
-                                                          attention_mask)
-        cfg, mask, ignore = self._generation_setup(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                                                   top_k, top_p, repetition_penalty, eos_token_id, pad_token_id,
-                                                   min_length, min_new_tokens, no_repeat_ngram_size, max_length)
-        with torch.no_grad():
-            first, step = session(input_ids, mask, cfg.max_new_tokens)
-        return gen.decode_stream(first, step, input_ids, cfg, generator=generator, prompt_ignore_length=ignore)
-
-    def _session(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int):
-        """Eager decoding: run the prompt into a new cache; ``(first logits [B, V], step(tokens [B]) -> logits)``."""
-        b, n = input_ids.shape
-        cache = self.new_cache(b, n + max_new_tokens)
-        first = self._forward(input_ids, mask, None, cache, logits_to_keep=1).logits[:, -1]
-
-        def step(tokens: Tensor) -> Tensor:
-            with torch.no_grad():
-                return self._forward(tokens[:, None], None, None, cache, logits_to_keep=1).logits[:, -1]
-
-        return first, step
-
-    def _generation_setup(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                          repetition_penalty, eos_token_id, pad_token_id, min_length=None, min_new_tokens=None,
-                          no_repeat_ngram_size=0, max_length=None):
-        """Check a generation request: ``(config, prompt mask (bool), repetition-penalty skip lengths or None)``."""
+    def _check_generation(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> None:
         if not self.has_lm_head:
             raise ValueError("this GPT-2 was loaded for feature-extraction; load it with task='causal-lm' to generate")
-        c = self.config
         self._check(input_ids, attention_mask, None, None)
-        n = input_ids.shape[1]
-        max_new_tokens, min_length = gen.resolve_lengths(n, max_new_tokens, max_length, min_length, min_new_tokens)
-        cfg = gen.GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id,
-            min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size)
-        if cfg.eos_token_id and not 0 <= cfg.pad_token_id < c.vocab_size:  # checked here, not mid-loop
-            raise ValueError(f"pad_token_id={cfg.pad_token_id} is outside the vocabulary [0, {c.vocab_size}); "
-                             "it fills finished rows and is fed back to the model")
-        if n + max_new_tokens > c.n_positions:
-            raise ValueError(f"prompt length {n} + max_new_tokens {max_new_tokens} exceeds the position table "
-                             f"({c.n_positions} positions)")
-        if attention_mask is None:
-            attention_mask = gen.default_attention_mask(input_ids, cfg)
-        mask = attention_mask.ne(0)
-        if not torch.compiler.is_compiling() and not bool(mask[:, -1].all()):
-            # Hugging Face warns too: the next token would be predicted from a padding position.
-            warnings.warn("right-padding detected in a decoder-only prompt (attention_mask ends in 0): the rows "
-                          "continue from their padding and the tokens differ from the unpadded prompt's; pad on the "
-                          "left (tokenizer.padding_side = 'left')", stacklevel=4)
-        # Hugging Face's repetition penalty skips the left padding of the prompt.
-        ignore = mask.int().argmax(dim=1) if cfg.repetition_penalty != 1.0 else None
-        return cfg, mask, ignore
 
-    @uses_generation_config
-    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                 max_new_tokens: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 eos_token_id: gen.TokenIds = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, min_length: Optional[int] = None,
-                 min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
-                 max_length: Optional[int] = None) -> Tensor:
-        """``[B * num_return_sequences, L + n]`` token ids: the prompt and ``n <= max_new_tokens`` new tokens.
+    def start_decoding(self, input_ids: Tensor, mask: Tensor, *, num_beams: int, max_new_tokens: int,
+                       start_token: Optional[int] = None, cache: Optional[KVCache] = None) -> Prefill:
+        """Run the prompt (each row ``num_beams`` times) into ``cache`` or a new one; see :mod:`engine.decoding`."""
+        if num_beams > 1:
+            input_ids, mask = input_ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
+        b, n = input_ids.shape
+        if cache is None:
+            cache = self.new_cache(b, n + max_new_tokens)
+        else:
+            cache.reset()
+        first = self._forward(input_ids, mask, None, cache, logits_to_keep=1).logits[:, -1]
 
-        Lengths as in Hugging Face: ``max_new_tokens`` (default 20) or ``max_length``
-        (prompt included); EOS is banned before ``min_new_tokens`` new tokens or a
-        total of ``min_length``. ``no_repeat_ngram_size`` bans repeated n-grams (the
-        prompt counts); ``num_return_sequences`` samples that many rows per prompt
-        (consecutive rows, as Hugging Face orders them).
+        def step(tokens: Tensor, beam_idx: Optional[Tensor]) -> Tensor:
+            if beam_idx is not None:
+                cache.reorder(beam_idx)
+            return self._forward(tokens[:, None], None, None, cache, logits_to_keep=1).logits[:, -1]
 
-        Greedy (``do_sample=False``) or sampling with Hugging Face's temperature,
-        top-k, top-p and repetition penalty. Rows stop independently at
-        ``eos_token_id`` (default: the config's; ``[]`` never stops) and are padded
-        with ``pad_token_id`` (default: the config's, else the first EOS id);
-        generation ends early once every row has stopped. The prompt may be
-        left-padded (pass its ``attention_mask``). ``generator`` seeds sampling.
-        """
-        return self._generate(self._session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                              top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator, min_length,
-                              min_new_tokens, no_repeat_ngram_size, num_return_sequences, max_length)
+        positions = cache.mask[:, :n].sum(dim=1, keepdim=True)  # the next position of each row
+        return Prefill(input_ids, first, step, cache, positions)
 
-    def _generate(self, session, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                  max_new_tokens: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                  eos_token_id: gen.TokenIds = None, pad_token_id: Optional[int] = None,
-                  generator: Optional[torch.Generator] = None, min_length: Optional[int] = None,
-                  min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
-                  max_length: Optional[int] = None) -> Tensor:
-        tokens = list(self._stream(session, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                                   top_p, repetition_penalty, eos_token_id, pad_token_id, generator, min_length,
-                                   min_new_tokens, no_repeat_ngram_size, num_return_sequences, max_length))
-        prompt = input_ids.repeat_interleave(num_return_sequences, dim=0) if num_return_sequences > 1 else input_ids
-        return torch.cat([prompt, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
+    def new_static_cache(self, rows: int, max_len: int, **_) -> KVCache:
+        """A fixed-capacity cache for static decoding (:mod:`engine.graphs`), zero-filled: masked slots still
+        meet the kernel's dot products (0 * NaN = NaN)."""
+        c = self.config
+        cache = KVCache(rows, c.n_layer, c.n_head, max_len, c.head_dim, self.dtype, self.device, growable=False)
+        cache.keys.zero_()
+        cache.values.zero_()
+        return cache
 
 
 # ----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ Reference semantics: Hugging Face transformers' ``modeling_t5.py`` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,9 @@ from trifuse import kernels
 
 from .. import generation as gen
 from ..cache import KVCache
+from ..decoding import Decoding, Prefill
 from ..layers import bias_act, check_activation
-from ..loading import assemble_state, load_into, uses_generation_config
+from ..loading import assemble_state, load_into
 from ..outputs import EncoderOutput, ModelOutput
 
 TASKS = ("text2text-generation", "feature-extraction", "encoder")
@@ -384,7 +385,7 @@ class Decoder(nn.Module):
 EncoderOutputs = Union[Tensor, EncoderOutput, Seq2SeqOutput, Sequence[Tensor]]
 
 
-class T5Model(nn.Module):
+class T5Model(Decoding, nn.Module):
     """T5 (``T5ForConditionalGeneration`` / ``T5Model`` / ``T5EncoderModel``); call it like Hugging Face's."""
 
     def __init__(self, c: T5Config, task: str = "text2text-generation", untied_head: bool = False):
@@ -583,53 +584,75 @@ class T5Model(nn.Module):
 
     # -- generation -----------------------------------------------------------
 
-    def _start_token(self, decoder_start_token_id: Optional[int]) -> int:
-        start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
-        if start is None:
-            raise ValueError("decoder_start_token_id is not set: pass decoder_start_token_id= (T5 uses the pad "
-                             "token, 0) or use a checkpoint whose config sets it")
-        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < self.config.vocab_size:
-            raise ValueError(f"decoder_start_token_id must be a token id in [0, {self.config.vocab_size}), "
-                             f"got {start!r}")
-        return start
+    # -- decoding (engine.decoding.Decoding: generate, stream) -------------------
 
-    def _encode_for_generation(self, input_ids, attention_mask, cfg) -> Tuple[Tensor, Tensor]:
-        """Check the prompt and run the encoder: ``(encoder output, the prompt's mask)``."""
+    is_encoder_decoder = True
+
+    def _check_generation(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> None:
+        if self.task != "text2text-generation":
+            raise ValueError(f"this T5 was loaded for {self.task!r}; load T5ForConditionalGeneration "
+                             f"(task='text2text-generation') to generate")
         self._check_ids("input_ids", input_ids)
         self._check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
-        if attention_mask is None:
-            attention_mask = gen.default_attention_mask(input_ids, cfg)
-        return self.encode(input_ids, attention_mask).last_hidden_state, attention_mask
 
-    def _prepare_generation(self, input_ids, attention_mask, max_new_tokens, num_beams, cfg, start_token):
-        """Run the encoder once and set up the cache: ``(cache, start ids, first logits)``."""
-        enc, attention_mask = self._encode_for_generation(input_ids, attention_mask, cfg)
-        # Memory follows the work done: the cache starts at most _CACHE_CHUNK positions long and
-        # doubles as decoding goes (_step_logits), so max_new_tokens=10**8 with an early EOS costs
-        # what the tokens actually decoded cost. (CUDAGraphDecoder preallocates on purpose.)
-        cache = self.new_cache(input_ids.shape[0] * num_beams, 1 + min(max_new_tokens, _CACHE_CHUNK - 1))
-        cache.growable = True
-        cache.cross_kv = self.decoder.project_encoder(enc)  # once; beams share it (see CrossAttention)
-        cache.encoder_mask = self._kernel_mask(attention_mask)
+    def start_decoding(self, input_ids: Tensor, mask: Tensor, *, num_beams: int, max_new_tokens: int,
+                       start_token: int, cache: Optional[T5Cache] = None) -> Prefill:
+        """Run the encoder once and feed the decoder start token (``num_beams`` rows per input, sharing the
+        encoder's keys/values); see :mod:`engine.decoding`. A static ``cache`` (:meth:`new_static_cache`)
+        gets the encoder state copied into its fixed buffers, padded to its encoder length."""
+        enc = self.encode(input_ids, mask).last_hidden_state
+        kv = self.decoder.project_encoder(enc)  # once; beams share it (see CrossAttention)
+        b, n = input_ids.shape
+        if cache is None:
+            # Memory follows the work done: the cache starts at most _CACHE_CHUNK positions long and
+            # doubles as decoding goes (_step_logits), so max_new_tokens=10**8 with an early EOS costs
+            # what the tokens actually decoded cost. (Static decoding preallocates on purpose.)
+            cache = self.new_cache(b * num_beams, 1 + min(max_new_tokens, _CACHE_CHUNK - 1))
+            cache.growable = True
+            cache.cross_kv, cache.encoder_mask = kv, self._kernel_mask(mask)
+        else:
+            cache.reset()
+            if cache.cross_buffer is None:
+                cache.cross_buffer = kv.new_zeros(b, cache.encoder_length, kv.shape[2])
+                cache.encoder_mask_buffer = torch.zeros(b, cache.encoder_length, dtype=torch.bool, device=kv.device)
+            cache.cross_buffer[:, :n] = kv
+            cache.cross_buffer[:, n:] = 0
+            cache.encoder_mask_buffer[:, :n] = mask
+            cache.encoder_mask_buffer[:, n:] = False  # the padding up to the encoder length
+            cache.cross_kv, cache.encoder_mask = cache.cross_buffer, cache.encoder_mask_buffer
         cache.encoder_hidden_state = enc
-        return (cache, *self._start_decoding(cache, start_token))
-
-    def _start_decoding(self, cache: T5Cache, start_token: int) -> Tuple[Tensor, Tensor]:
-        """Feed the decoder start token into an empty cache: ``(start ids [B, 1], first logits)``."""
         start = torch.full((cache.batch_size, 1), start_token, dtype=torch.long, device=cache.keys.device)
-        return start, self._step_logits(start, cache)
+        first = self._step_logits(start, cache)
 
-    def decode_step(self, tokens: Tensor, slot: Tensor, cache: T5Cache, kv_len: int) -> Tensor:
+        def step(tokens: Tensor, beam_idx: Optional[Tensor]) -> Tensor:
+            if beam_idx is not None:
+                cache.reorder(beam_idx)
+            return self._step_logits(tokens[:, None], cache)
+
+        return Prefill(start, first, step, cache)
+
+    def new_static_cache(self, rows: int, max_len: int, *, encoder_length: int) -> T5Cache:
+        """A fixed-capacity cache for static decoding (:mod:`engine.graphs`): ``max_len`` decoder positions,
+        zero-filled (masked slots still meet the kernel's dot products: 0 * NaN = NaN), and encoder
+        buffers padded to ``encoder_length`` (allocated by the first prefill), which keep their addresses."""
+        cache = self.new_cache(rows, max_len)
+        cache.keys.zero_()
+        cache.values.zero_()
+        cache.encoder_length = encoder_length
+        cache.cross_buffer = cache.encoder_mask_buffer = None
+        return cache
+
+    def decode_step(self, tokens: Tensor, positions: Optional[Tensor], slot: Tensor, cache: T5Cache,
+                    kv_len: int) -> Tensor:
         """One decoding step with no host reads, for CUDA graphs: the next-token logits ``[B, V]``.
 
-        ``tokens``: ``[B, 1]`` long; ``slot``: one-element long tensor, the cache
-        position written (also the query's position for the relative bias).
-        Self-attention covers the first ``kv_len`` slots through ``cache.mask``
-        (slots from ``slot`` on must be False on entry); cross-attention reads
-        ``cache.cross_kv`` / ``cache.encoder_mask`` (a mask tensor here, padding
-        included). Sets the mask at ``slot`` and advances ``slot`` in place;
-        ``cache.length`` is the caller's to keep. Driven by
-        :class:`engine.graphs.CUDAGraphDecoder`.
+        ``tokens``: ``[B, 1]`` long; ``positions``: unused (T5's positions are relative: the
+        ``slot``); ``slot``: one-element long tensor, the cache position written (also the
+        query's position for the relative bias). Self-attention covers the first ``kv_len``
+        slots through ``cache.mask`` (slots from ``slot`` on must be False on entry);
+        cross-attention reads ``cache.cross_kv`` / ``cache.encoder_mask`` (a mask tensor
+        here, padding included). Sets the mask at ``slot`` and advances ``slot`` in place;
+        ``cache.length`` is the caller's to keep. Driven by :class:`engine.graphs.StaticDecoder`.
         """
         mask = cache.mask[:, :kv_len]
         mask.index_fill_(1, slot, True)
@@ -643,123 +666,6 @@ class T5Model(nn.Module):
         cache.ensure_capacity(cache.length + ids.shape[1])
         x, _ = self._decode(ids, None, cache.cross_kv, cache.encoder_mask, cache, cache.length)
         return self._logits(x[:, -1])
-
-    @uses_generation_config
-    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: Optional[int] = None,
-               do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               eos_token_id: gen.TokenIds = None, pad_token_id: Optional[int] = None,
-               decoder_start_token_id: Optional[int] = None,
-               generator: Optional[torch.Generator] = None, min_length: Optional[int] = None,
-               min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
-               max_length: Optional[int] = None) -> Iterator[Tensor]:
-        """Greedy or sampled decoding as an iterator over each step's tokens ``[B * num_return_sequences]``
-        (the decoder start token not included). Arguments are checked and the encoder
-        run before the iterator is returned."""
-        return self._stream(self._session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                            top_k, top_p, eos_token_id, pad_token_id, decoder_start_token_id, generator, min_length,
-                            min_new_tokens, no_repeat_ngram_size, num_return_sequences, max_length)
-
-    def _stream(self, session, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                eos_token_id, pad_token_id, decoder_start_token_id, generator, min_length=None, min_new_tokens=None,
-                no_repeat_ngram_size=0, num_return_sequences=1, max_length=None) -> Iterator[Tensor]:
-        input_ids, attention_mask = gen.expand_for_return(num_return_sequences, 1, do_sample, input_ids,
-                                                          attention_mask)
-        # The decoder starts from one id (the start token): Hugging Face's lengths count it.
-        max_new_tokens, min_length = gen.resolve_lengths(1, max_new_tokens, max_length, min_length, min_new_tokens)
-        cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                                      pad_token_id, min_length, no_repeat_ngram_size)
-        start_token = self._start_token(decoder_start_token_id)
-        with torch.no_grad():
-            start, first, step = session(input_ids, attention_mask, max_new_tokens, 1, cfg, start_token)
-        return gen.decode_stream(first, lambda tokens: step(tokens, None), start, cfg, generator=generator)
-
-    def _session(self, input_ids, attention_mask, max_new_tokens, num_beams, cfg, start_token):
-        """Eager decoding: the encoder run and a new cache; ``(start ids, first logits,
-        step(tokens [B], beam_idx [B] or None) -> logits)``. ``CUDAGraphDecoder`` has its own."""
-        cache, start, first = self._prepare_generation(input_ids, attention_mask, max_new_tokens, num_beams, cfg,
-                                                       start_token)
-
-        def step(tokens: Tensor, beam_idx: Optional[Tensor]) -> Tensor:
-            with torch.no_grad():
-                if beam_idx is not None:
-                    cache.reorder(beam_idx)
-                return self._step_logits(tokens[:, None], cache)
-
-        return start, first, step
-
-    def _generation_config(self, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                           pad_token_id, min_length=0, no_repeat_ngram_size=0) -> gen.GenerationConfig:
-        if self.task != "text2text-generation":
-            raise ValueError(f"this T5 was loaded for {self.task!r}; load T5ForConditionalGeneration "
-                             f"(task='text2text-generation') to generate")
-        c = self.config
-        cfg = gen.GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id,
-            min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size)
-        if cfg.eos_token_id and not 0 <= cfg.pad_token_id < c.vocab_size:  # checked here, not mid-loop
-            raise ValueError(f"pad_token_id={cfg.pad_token_id} is outside the vocabulary [0, {c.vocab_size}); "
-                             "it fills finished rows and is fed back to the decoder")
-        return cfg
-
-    @uses_generation_config
-    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                 max_new_tokens: Optional[int] = None, num_beams: int = 1, length_penalty: float = 1.0,
-                 early_stopping: Union[bool, str] = False, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, eos_token_id: gen.TokenIds = None,
-                 pad_token_id: Optional[int] = None, decoder_start_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, min_length: Optional[int] = None,
-                 min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
-                 max_length: Optional[int] = None) -> Tensor:
-        """``[B * num_return_sequences, 1 + n]`` decoder token ids, starting with the decoder start token,
-        as Hugging Face returns.
-
-        Lengths count the decoder ids, start token included, as in Hugging Face:
-        ``max_new_tokens`` (default 20) or ``max_length``; EOS is banned before
-        ``min_length`` ids (or ``min_new_tokens`` new ones). ``no_repeat_ngram_size``
-        bans repeated n-grams; ``num_return_sequences`` returns that many rows per
-        input (beam search: its best hypotheses, best first; sampling: draws).
-
-        ``num_beams == 1``: greedy (or, ``do_sample``, sampling with temperature /
-        top-k / top-p); rows stop at ``eos_token_id`` and are padded with
-        ``pad_token_id``. ``num_beams > 1``: beam search (beam sampling with
-        ``do_sample``) with Hugging Face's scoring, ``length_penalty`` and
-        ``early_stopping`` (``True``, ``False`` or ``"never"``); see
-        :mod:`engine.beam_search`. The encoder runs once; ``eos_token_id`` /
-        ``pad_token_id`` / ``decoder_start_token_id`` default to the config's.
-        """
-        return self._generate(self._session, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty,
-                              early_stopping, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id,
-                              decoder_start_token_id, generator, min_length, min_new_tokens, no_repeat_ngram_size,
-                              num_return_sequences, max_length)
-
-    def _generate(self, session, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                  max_new_tokens: Optional[int] = None, num_beams: int = 1, length_penalty: float = 1.0,
-                  early_stopping: Union[bool, str] = False, do_sample: bool = False, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, eos_token_id: gen.TokenIds = None,
-                  pad_token_id: Optional[int] = None, decoder_start_token_id: Optional[int] = None,
-                  generator: Optional[torch.Generator] = None, min_length: Optional[int] = None,
-                  min_new_tokens: Optional[int] = None, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
-                  max_length: Optional[int] = None) -> Tensor:
-        from .. import beam_search as bs
-
-        gen.expand_for_return(num_return_sequences, num_beams, do_sample)  # the checks alone
-        max_new_tokens, min_length = gen.resolve_lengths(1, max_new_tokens, max_length, min_length, min_new_tokens)
-        cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                                      pad_token_id, min_length, no_repeat_ngram_size)
-        bcfg = bs.BeamConfig(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                             num_return_sequences=num_return_sequences if num_beams > 1 else 1)
-        start_token = self._start_token(decoder_start_token_id)
-        if bcfg.num_beams == 1:
-            tokens = list(self._stream(session, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                                       top_k, top_p, eos_token_id, pad_token_id, start_token, generator, min_length,
-                                       None, no_repeat_ngram_size, num_return_sequences))
-            start = torch.full((tokens[0].shape[0], 1), start_token, dtype=torch.long, device=input_ids.device)
-            return torch.cat([start, torch.stack(tokens, dim=1).to(start.dtype)], dim=1)
-        with torch.no_grad():
-            start, first, step = session(input_ids, attention_mask, max_new_tokens, bcfg.num_beams, cfg, start_token)
-            return bs.beam_search(first, step, start, cfg, bcfg, generator=generator)
 
 
 def _first(encoder_outputs) -> Tensor:

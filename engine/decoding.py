@@ -1,0 +1,246 @@
+"""One decoding front-end for every trifuse decoder: ``generate`` and ``stream``.
+
+A decoder family (decoder-only or encoder-decoder) mixes in :class:`Decoding` and
+implements four things; everything else — option checking, Hugging Face's length
+rules and generation-config defaults, greedy and sampled decoding, beam search,
+the logits processors, streaming — is shared, so every decoder gets every feature:
+
+* ``is_encoder_decoder``: whether the lengths count from the decoder start token
+  (encoder-decoder) or from the prompt (decoder-only), as in Hugging Face.
+* ``_check_generation(input_ids, attention_mask)``: raise ``ValueError`` for a model
+  that cannot generate (no LM head) or ids / a mask it cannot take.
+* ``max_decoder_positions``: the decoder's position limit (``None``: none).
+* ``start_decoding(input_ids, mask, *, num_beams, max_new_tokens, start_token, cache=None)``:
+  run the prompt (a decoder-only model's prefill; an encoder-decoder's encoder and its
+  first decoder step) and return a :class:`Prefill`. ``mask`` is the prompt's bool
+  mask; ``num_beams`` > 1 asks for each input's rows repeated that many times
+  (``repeat_interleave``). ``cache`` (static decoding, :mod:`engine.graphs`) is a
+  fixed-capacity cache from ``new_cache(rows, max_len, static=True, ...)`` to fill
+  instead of allocating one.
+
+plus ``decode_step(tokens, positions, slot, cache, kv_len)``, the host-sync-free step
+:class:`engine.graphs.StaticDecoder` and :class:`~engine.graphs.CUDAGraphDecoder`
+replay.
+
+The options are Hugging Face's ``generate`` keyword names (see :data:`OPTIONS`).
+Semantics and references: :mod:`engine.generation` (processors, the greedy/sampling
+loop) and :mod:`engine.beam_search`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import beam_search as bs
+from . import generation as gen
+from .loading import _LENGTH_PAIRS
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """``generate`` / ``stream`` keyword options, with Hugging Face's names and defaults."""
+
+    max_new_tokens: Optional[int] = None
+    max_length: Optional[int] = None
+    min_length: Optional[int] = None
+    min_new_tokens: Optional[int] = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+    num_return_sequences: int = 1
+    eos_token_id: gen.TokenIds = None
+    pad_token_id: Optional[int] = None
+    decoder_start_token_id: Optional[int] = None  # encoder-decoders; ignored by decoder-only models, as in HF
+    generator: Optional[torch.Generator] = None
+
+
+#: Every keyword ``generate`` and ``stream`` take (after ``input_ids`` and ``attention_mask``).
+OPTIONS = tuple(f.name for f in dataclasses.fields(Options))
+
+
+@dataclasses.dataclass
+class Prefill:
+    """What a model's ``start_decoding`` returns: the decoding state after the prompt."""
+
+    #: ``[rows, L0]`` the ids the processors see so far and the output starts with: a
+    #: decoder-only model's prompt, an encoder-decoder's decoder start ids.
+    ids: Tensor
+    #: ``[rows, V]`` the next-token logits after ``ids``.
+    logits: Tensor
+    #: ``step(tokens [rows], beam_idx [rows] or None) -> [rows, V]``: reorder the cache rows
+    #: by ``beam_idx`` (beam search), feed one token per row, return the next logits.
+    step: Callable[[Tensor, Optional[Tensor]], Tensor]
+    #: The cache the prompt was written to.
+    cache: object = None
+    #: ``[rows, 1]`` the position id the next token takes (learned positions); ``None`` when
+    #: the model's step does not need it.
+    positions: Optional[Tensor] = None
+
+
+Session = Callable[..., Prefill]
+
+
+def options(model, given: dict, what: str = "generate") -> Options:
+    """``given`` keyword options over the model's generation config (``generation_config.json``),
+    as Hugging Face merges them: an explicit length option replaces the file's pair."""
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"{what}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                        f"it takes {', '.join(OPTIONS)}")
+    merged = dict(getattr(model, "generation_config", None) or {})
+    for pair in _LENGTH_PAIRS:
+        if pair & set(given):
+            for k in pair:
+                merged.pop(k, None)
+    merged = {k: v for k, v in merged.items() if k in OPTIONS}
+    merged.update(given)
+    return Options(**merged)
+
+
+class Decoding:
+    """``generate`` and ``stream`` for a decoder model; see the module docstring for what it implements."""
+
+    is_encoder_decoder: bool = False
+    max_decoder_positions: Optional[int] = None
+    #: ``model_type``'s name in messages.
+    generation_name: str = "this model"
+
+    # -- the public calls ----------------------------------------------------
+
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """Token ids ``[B * num_return_sequences, L0 + n]``, as Hugging Face's ``generate`` returns them:
+        a decoder-only model's prompt (an encoder-decoder's decoder start token) and ``n`` new tokens.
+
+        Keyword options are Hugging Face's (:data:`OPTIONS`); the checkpoint's
+        ``generation_config.json`` supplies the ones not passed. Lengths: ``max_new_tokens``
+        (default 20) or ``max_length`` (counting the prompt, or the decoder start token);
+        EOS is banned before ``min_new_tokens`` new tokens or a total of ``min_length``.
+        ``num_beams == 1``: greedy, or with ``do_sample`` sampling after ``temperature`` /
+        ``top_k`` / ``top_p``; rows stop at ``eos_token_id`` (one id or a list; default the
+        config's; ``[]`` never stops) and are padded with ``pad_token_id``.
+        ``num_beams > 1``: beam search (beam sampling with ``do_sample``) with
+        ``length_penalty`` and ``early_stopping`` (``True``, ``False`` or ``"never"``).
+        ``repetition_penalty`` and ``no_repeat_ngram_size`` act on the sequence so far
+        (the prompt's left padding excepted); ``num_return_sequences`` rows per input
+        (sampling: draws; beams: the best hypotheses, best first). ``generator`` seeds sampling.
+        """
+        return self.generate_with(self.start_decoding, input_ids, attention_mask, **kwargs)
+
+    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Iterator[Tensor]:
+        """Like :meth:`generate` (greedy or sampling), as an iterator over each step's new tokens
+        ``[B * num_return_sequences]``. Arguments are checked and the prompt run before it is returned."""
+        return self.stream_with(self.start_decoding, input_ids, attention_mask, **kwargs)
+
+    # -- over any session (eager here; static buffers / CUDA graphs in engine.graphs) --
+
+    def generate_with(self, session: Session, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                      **kwargs) -> Tensor:
+        """:meth:`generate` with the prompt run and the steps taken by ``session`` (a ``start_decoding``)."""
+        o = options(self, kwargs)
+        if o.num_beams == 1 and not isinstance(o.num_beams, bool):
+            prompt, tokens = self._greedy_or_sampled(session, input_ids, attention_mask, o)
+            tokens = list(tokens)
+            if not tokens:
+                return prompt
+            return torch.cat([prompt, torch.stack(tokens, dim=1).to(prompt.dtype)], dim=1)
+        cfg, bcfg, mask, ignore, start = self._setup(input_ids, attention_mask, o)
+        with torch.no_grad():
+            pre = session(input_ids, mask, num_beams=bcfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                          start_token=start)
+            if ignore is not None:
+                ignore = ignore.repeat_interleave(bcfg.num_beams)
+            out = bs.beam_search(pre.logits, pre.step, pre.ids, cfg, bcfg, generator=o.generator,
+                                 prompt_ignore_length=ignore)
+        return out.to(input_ids.dtype) if not self.is_encoder_decoder else out
+
+    def stream_with(self, session: Session, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                    **kwargs) -> Iterator[Tensor]:
+        """:meth:`stream` over ``session``."""
+        o = options(self, kwargs, "stream")
+        if o.num_beams != 1:
+            # Hugging Face's streamers refuse beam search too: its beams are not final until the end.
+            raise ValueError(f"stream() decodes greedily or by sampling (num_beams=1), not num_beams={o.num_beams}; "
+                             "use generate() for beam search")
+        return self._greedy_or_sampled(session, input_ids, attention_mask, o)[1]
+
+    # -- shared setup ---------------------------------------------------------
+
+    def _setup(self, input_ids, attention_mask, o: Options):
+        """Check everything before any work: ``(GenerationConfig, BeamConfig, bool mask, repetition-penalty
+        skip lengths or None, decoder start token or None)``."""
+        self._check_generation(input_ids, attention_mask)
+        bcfg = bs.BeamConfig(num_beams=o.num_beams, length_penalty=o.length_penalty,
+                             early_stopping=o.early_stopping,
+                             num_return_sequences=o.num_return_sequences if o.num_beams != 1 else 1)
+        gen.expand_for_return(o.num_return_sequences, bcfg.num_beams, o.do_sample)  # the checks alone
+        n = input_ids.shape[1]
+        # Hugging Face's lengths count a decoder-only prompt, or an encoder-decoder's start token.
+        counted = 1 if self.is_encoder_decoder else n
+        max_new_tokens, min_length = gen.resolve_lengths(counted, o.max_new_tokens, o.max_length, o.min_length,
+                                                         o.min_new_tokens)
+        c = self.config
+        cfg = gen.GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=o.do_sample, temperature=o.temperature, top_k=o.top_k,
+            top_p=o.top_p, repetition_penalty=o.repetition_penalty,
+            eos_token_id=c.eos_token_id if o.eos_token_id is None else o.eos_token_id,
+            pad_token_id=c.pad_token_id if o.pad_token_id is None else o.pad_token_id,
+            min_length=min_length, no_repeat_ngram_size=o.no_repeat_ngram_size)
+        vocab = c.vocab_size
+        if cfg.eos_token_id and not 0 <= cfg.pad_token_id < vocab:  # checked here, not mid-loop
+            raise ValueError(f"pad_token_id={cfg.pad_token_id} is outside the vocabulary [0, {vocab}); "
+                             "it fills finished rows and is fed back to the model")
+        limit = self.max_decoder_positions
+        if limit is not None and counted + max_new_tokens > limit:
+            what = f"prompt length {n}" if not self.is_encoder_decoder else "the decoder start token"
+            raise ValueError(f"{what} + max_new_tokens {max_new_tokens} exceeds the position table "
+                             f"({limit} positions)")
+        start = self._start_token(o.decoder_start_token_id) if self.is_encoder_decoder else None
+        if attention_mask is None:
+            attention_mask = gen.default_attention_mask(input_ids, cfg)
+        mask = attention_mask.ne(0)
+        ignore = None
+        if not self.is_encoder_decoder:
+            if not torch.compiler.is_compiling() and not bool(mask[:, -1].all()):
+                # Hugging Face warns too: the next token would be predicted from a padding position.
+                warnings.warn("right-padding detected in a decoder-only prompt (attention_mask ends in 0): the rows "
+                              "continue from their padding and the tokens differ from the unpadded prompt's; pad on "
+                              "the left (tokenizer.padding_side = 'left')", stacklevel=4)
+            if cfg.repetition_penalty != 1.0:
+                # Hugging Face's repetition penalty skips the prompt's left padding.
+                ignore = mask.int().argmax(dim=1)
+        return cfg, bcfg, mask, ignore, start
+
+    def _start_token(self, decoder_start_token_id: Optional[int]) -> int:
+        c = self.config
+        start = getattr(c, "decoder_start_token_id", None) if decoder_start_token_id is None \
+            else decoder_start_token_id
+        if start is None:
+            raise ValueError("decoder_start_token_id is not set: pass decoder_start_token_id= or use a checkpoint "
+                             "whose config sets it")
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < c.vocab_size:
+            raise ValueError(f"decoder_start_token_id must be a token id in [0, {c.vocab_size}), got {start!r}")
+        return start
+
+    def _greedy_or_sampled(self, session: Session, input_ids, attention_mask, o: Options):
+        """``(the ids the output starts with, an iterator over each step's tokens)``."""
+        input_ids, attention_mask = gen.expand_for_return(o.num_return_sequences, 1, o.do_sample, input_ids,
+                                                          attention_mask)
+        o = dataclasses.replace(o, num_return_sequences=1)
+        cfg, _, mask, ignore, start = self._setup(input_ids, attention_mask, o)
+        with torch.no_grad():
+            pre = session(input_ids, mask, num_beams=1, max_new_tokens=cfg.max_new_tokens, start_token=start)
+        step = torch.no_grad()(lambda t: pre.step(t, None))  # the loop runs outside this call's no_grad
+        tokens = gen.decode_stream(pre.logits, step, pre.ids, cfg, generator=o.generator,
+                                   prompt_ignore_length=ignore)
+        return pre.ids, tokens
