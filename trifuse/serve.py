@@ -17,9 +17,14 @@ gets exactly its own results back. A bad request (malformed JSON, an input of th
 type, an unknown parameter, an input the model cannot take) is answered 4xx with a one-line
 reason and never fails the other requests of its batch or the replica. Replicas that die
 are restarted by Ray Serve, which fails their in-flight requests with 5xx.
-``PipelineServer.stream`` yields a text-generation answer piece by piece; over HTTP a
-``"stream": true`` request is refused (501) until streaming through Ray Serve's proxy is
-verified.
+A text-generation request with ``"parameters": {..., "stream": true}`` is answered as it is
+decoded, outside the batches: newline-delimited JSON (``application/x-ndjson``), one
+``{"token": PIECE}`` line per piece of new text, then one ``{"generated_text": TEXT}`` line with
+what the pipeline returns for the same prompt and parameters (the prompt included unless
+``return_full_text`` is false), or an ``{"error": ...}`` line if decoding fails midway. A request
+the stream cannot take (not text generation, not one string prompt, beams, clean-up of
+tokenization spaces, bad parameters) is answered 4xx with a one-line reason before anything is
+streamed.
 
 Needs ``pip install 'trifuse[serve]'`` (Ray Serve).
 """
@@ -94,6 +99,22 @@ def parse_request(body: bytes) -> tuple[Any, dict]:
     return inputs, params
 
 
+def stream_option(params: dict) -> tuple[bool, dict]:
+    """``(stream, parameters without 'stream')``: whether a request asks for a streamed answer."""
+    params = dict(params)
+    stream = params.pop("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be true or false, got {json.dumps(stream)[:60]}")
+    return stream, params
+
+
+def _line(obj: dict) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+
+
+_END = object()  # the end of a stream
+
+
 class PipelineServer:
     """One replica: a ``trifuse.pipeline`` and a batching front to it (Ray Serve's ``@serve.batch``).
 
@@ -112,6 +133,7 @@ class PipelineServer:
         self._lock = threading.Lock()  # one forward pass at a time per replica
         self._sizes: collections.Counter = collections.Counter()  # requests per batch -> how many batches
         self._requests = 0
+        self._streams = 0  # streamed requests started (past their first step)
         self._started = time.time()
 
     # -- the batch: several requests' inputs, one pipeline call per parameter set --------------
@@ -179,52 +201,136 @@ class PipelineServer:
             raise RuntimeError(f"the pipeline returned {len(results)} results for {len(items)} inputs")
         return results
 
-    def stream(self, inputs, params: dict):
-        """A text-generation request answered piece by piece: an iterator over the text pieces, or
-        :class:`BadRequest` before anything is sent. The decoding runs in a thread of its own (the
-        model's step state and torch's inference mode stay in one thread) and hands the pieces over
-        a queue; each step holds the replica's lock, so batches interleave with streams. Not batched."""
+    # -- streamed text generation: one request, piece by piece, not batched -------------------
+
+    def _start_stream(self, inputs, params: dict, put) -> threading.Event:
+        """Decode ``inputs`` in a thread of its own (the model's step state and torch's inference
+        mode stay in one thread), handing each piece, then :data:`_END` (or the exception), to
+        ``put``. Each step holds the replica's lock, so batches interleave with streams. Setting
+        the returned event stops the decoding after the current step (the client went away)."""
         if not hasattr(self.pipeline, "stream"):
             raise BadRequest(f"streaming is for text-generation; this server runs {self.task}")
         if not isinstance(inputs, str):
             raise BadRequest("a streamed request takes one prompt (a string) as 'inputs'")
-        pieces: queue.Queue = queue.Queue()
-        end = object()
+        if params.get("return_tensors") or params.get("return_text") is False:
+            raise BadRequest("a streamed request returns text: drop 'return_tensors' / 'return_text'")
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        if params.get("clean_up_tokenization_spaces") or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            # the clean-up removes spaces before punctuation, so it can rewrite text already sent
+            raise BadRequest("streamed text is not cleaned up: clean_up_tokenization_spaces (asked for, or "
+                             "set in this checkpoint's tokenizer config) would rewrite pieces already sent")
+        stop = threading.Event()
 
         def produce():
+            it = None
             try:
                 it = self.pipeline.stream(inputs, **params)
-                while True:
+                while not stop.is_set():
                     with self._lock:
-                        piece = next(it, end)
-                    pieces.put(piece)
-                    if piece is end:
+                        piece = next(it, _END)
+                    put(piece)
+                    if piece is _END:
                         return
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                pieces.put(e)
+                put(e)
+            finally:
+                if it is not None:
+                    it.close()
 
         threading.Thread(target=produce, name="trifuse-stream", daemon=True).start()
-        first = pieces.get()
-        if isinstance(first, (TypeError, ValueError, KeyError, IndexError)):
+        return stop
+
+    def _check_first(self, first):
+        if isinstance(first, (TypeError, ValueError, KeyError, IndexError)):  # bad prompt or parameters
             raise BadRequest(_one_line(first))
         if isinstance(first, BaseException):
             raise first
+        self._streams += 1
+
+    def stream(self, inputs, params: dict):
+        """A text-generation request answered piece by piece: an iterator over the pieces of new
+        text (joined: ``pipe(inputs, return_full_text=False, **params)``'s ``generated_text``), or
+        :class:`BadRequest` before anything is sent. Blocks until the first piece."""
+        pieces: queue.Queue = queue.Queue()
+        stop = self._start_stream(inputs, params, pieces.put)
+        first = pieces.get()
+        self._check_first(first)
 
         def rest(item=first):
-            while item is not end:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                item = pieces.get()
+            try:
+                while item is not _END:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    item = pieces.get()
+            finally:
+                stop.set()
 
         return rest()
+
+    async def astream(self, inputs, params: dict):
+        """:meth:`stream` for an event loop: awaits the first piece (or :class:`BadRequest`) without
+        blocking the loop, then returns an async iterator over the pieces. Closing it early stops
+        the decoding."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        stop: Optional[threading.Event] = None
+
+        def put(item):
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, item)
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                if stop is not None:
+                    stop.set()
+
+        stop = self._start_stream(inputs, params, put)
+        try:
+            first = await pieces.get()
+            self._check_first(first)
+        except BaseException:
+            stop.set()
+            raise
+
+        async def rest(item=first):
+            try:
+                while item is not _END:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    item = await pieces.get()
+            finally:
+                stop.set()
+
+        return rest()
+
+    async def ndjson(self, inputs, params: dict):
+        """A streamed request's response body, after :meth:`astream` has accepted it: one
+        ``{"token": piece}`` line per piece, then ``{"generated_text": ...}`` holding what
+        ``pipe(inputs, **params)[0]["generated_text"]`` returns (an ``{"error": ...}`` line instead
+        if the decoding fails midway). Raises :class:`BadRequest` before the first line."""
+        pieces = await self.astream(inputs, params)
+        full = inputs if params.get("return_full_text", True) else ""
+
+        async def lines():
+            said = []
+            try:
+                async for piece in pieces:
+                    said.append(piece)
+                    yield _line({"token": piece})
+                yield _line({"generated_text": full + "".join(said)})
+            except Exception as e:  # noqa: BLE001 - the status line is sent: report it in the body
+                yield _line({"error": _one_line(e)})
+            finally:
+                await pieces.aclose()
+
+        return lines()
 
     def stats(self) -> dict:
         batches = sum(self._sizes.values())
         return {"task": self.task, "requests": self._requests, "batches": batches,
                 "max_batch_size": self.max_batch_size,
                 "batch_sizes": {str(k): v for k, v in sorted(self._sizes.items())},
-                "mean_batch_size": self._requests / batches if batches else 0.0,
+                "mean_batch_size": self._requests / batches if batches else 0.0, "streams": self._streams,
                 "uptime_s": time.time() - self._started}
 
 
@@ -233,7 +339,7 @@ def _app_class():
     require("trifuse serve", "serve", "ray", "starlette")
     from ray import serve
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, StreamingResponse
 
     class TrifuseDeployment:
         def __init__(self, checkpoint, task, device, dtype, max_batch_size, batch_wait_timeout_s):
@@ -254,11 +360,11 @@ def _app_class():
                 return JSONResponse({"error": f"use POST with a JSON body (got {request.method})"}, status_code=405)
             try:
                 inputs, params = parse_request(await request.body())
-                if params.get("stream"):
-                    # PipelineServer.stream works (tested without Ray); over Ray Serve's HTTP proxy it
-                    # has not been seen to finish yet, so it is refused rather than left to hang
-                    return JSONResponse({"error": "streamed responses are not served over HTTP yet; "
-                                                  "drop 'stream' to get the whole text"}, status_code=501)
+                stream, params = stream_option(params)
+                if stream:  # not batched: decoded step by step in a thread, sent line by line
+                    body = await self.server.ndjson(inputs, params)
+                    return StreamingResponse(body, media_type="application/x-ndjson",
+                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                 result = await self.batched((inputs, params))
             except BadRequest as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status)
