@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from trifuse import kernels
-from trifuse.kernels import RelativeBias, _dispatch
+from trifuse.kernels import RelativeBias, triton_runnable
 
 from .suite import DTYPE_NAMES, Options, SuiteResult, check_and_time, pick_backends, step
 from .timing import copy_bandwidth, matmul_peak
@@ -214,7 +214,7 @@ def _measure_problem(op: str, B: int, H: int, Lq: int, Lk: int, D: int, causal: 
                            T5_BUCKETS, T5_MAX_DISTANCE)
     rows = None if B * H * Lq * Lk <= FULL_CHECK_SCORES else min(CHECK_ROWS, Lq)
     ref = _reference(q, k, v, causal, rel, rows)
-    triton_here = _dispatch.triton_runnable(dev)
+    triton_here = triton_runnable(dev)
     base = _problem_row(op, B, H, Lq, Lk, D, opts)
     flops = 4 * B * H * Lq * Lk * D / (2 if causal and Lq > 1 else 1)
     kv_bytes = 2 * B * H * Lk * D * q.element_size()
@@ -256,7 +256,7 @@ def run(opts: Options) -> SuiteResult:
         decode_lens = decode_lens[-1:]
 
     notes = []
-    triton_here = _dispatch.triton_runnable(opts.device)
+    triton_here = triton_runnable(opts.device)
     if not gpu:
         notes.append("No GPU: the Triton attention kernel is checked for correctness under Triton's "
                      "interpreter on small shapes but not timed; Triton timings need a GPU. Only the "

@@ -17,10 +17,11 @@ SUITES = {
 
 
 def _model_suites() -> list:
-    """Model suites, most specific first: each has ``NAMED`` sizes and ``is_model(name)``."""
-    from . import gpt2, models, t5, vit
+    """Model suites, one per kind of family (engine.family), most specific first: each has ``NAMED`` sizes
+    (its families' contracts) and ``is_model(name)``; ``models``, the text encoders', takes any other checkpoint."""
+    from . import decoder, models, seq2seq, vision
 
-    return [vit, gpt2, t5, models]
+    return [vision, decoder, seq2seq, models]
 
 
 def _model_suite(name: str, suites: list):

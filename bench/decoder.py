@@ -1,7 +1,8 @@
-"""``trifuse bench gpt2``: GPT-2 prefill and decode latency against Hugging Face ``generate``.
+"""``trifuse bench gpt2``: decoder-only prefill and decode latency against Hugging Face ``generate``.
 
-A model is a named size built from a config with random weights (no hub at run
-time) or a local GPT-2 checkpoint directory. For each batch size and context
+A model is a named size of a decoder-only family (GPT-2's: ``gpt2``, ``gpt2-medium``, ...,
+``gpt2-tiny``; :mod:`engine.family`) built from a config with random weights (no hub at run
+time) or a local checkpoint directory of one. For each batch size and context
 length every backend is checked before it is timed, in two phases:
 
 * ``prefill``: one forward over a ``[B, ctx]`` prompt that fills a KV cache and
@@ -38,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from trifuse import engine, kernels
+from trifuse.engine.family import DECODER
 
 from .suite import (
     DECODER_BACKENDS,
@@ -46,9 +48,11 @@ from .suite import (
     Options,
     SuiteResult,
     build_hf_generator,
-    checkpoint_model_type,
     cpu_notes,
     graph_decoder,
+    is_kind_model,
+    kind_model_types,
+    kind_sizes,
     model_backends,
     ort_models,
     pick_backends,
@@ -56,22 +60,14 @@ from .suite import (
     time_decoder_backends,
 )
 
-GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-            bos_token_id=50256, eos_token_id=50256)
-NAMED = {
-    "gpt2": GPT2,
-    "gpt2-medium": {**GPT2, "n_embd": 1024, "n_layer": 24, "n_head": 16},
-    "gpt2-large": {**GPT2, "n_embd": 1280, "n_layer": 36, "n_head": 20},
-    "gpt2-xl": {**GPT2, "n_embd": 1600, "n_layer": 48, "n_head": 25},
-    # For smoke runs and tests: the real vocabulary, a toy body.
-    "gpt2-tiny": {**GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
-}
+#: Named sizes: every decoder-only family's (engine.family contracts), e.g. gpt2, gpt2-medium, gpt2-tiny.
+NAMED = kind_sizes(DECODER)
 BACKENDS = DECODER_BACKENDS
 CPU_DEFAULT = DECODER_CPU_DEFAULT
 
 
 def is_model(name: str) -> bool:
-    return name in NAMED or checkpoint_model_type(name) in ("gpt2",)
+    return is_kind_model(name, DECODER)
 
 
 def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
@@ -133,8 +129,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
         prefill["torch-compile"] = lambda: compiled(input_ids=ids, attention_mask=mask, use_cache=False,
                                                     logits_to_keep=1).logits[:, -1]
         generate["torch-compile"] = lambda n: hf_generate(hf_sdpa, n, cache_implementation="static")
-    heads = hf_eager.config.n_head
-    head_dim = hf_eager.config.n_embd // heads
+    _, heads, head_dim = ours.cache_shape()
 
     def ort_prefill(m):
         def run():
@@ -159,20 +154,21 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
             raise RuntimeError(f"generated shape {tuple(out.shape)}, expected {(batch, ctx)}")
         return _argmax_gap(hf_eager, out, new)
 
-    base = {"suite": "gpt2", "op": name, "shape": f"{batch}x{ctx}", "batch": batch, "seq": ctx,
+    base = {"suite": "decoder", "op": name, "shape": f"{batch}x{ctx}", "batch": batch, "seq": ctx,
             "dtype": DTYPE_NAMES[dtype]}
     return time_decoder_backends(prefill, generate, ref, check_generated, backends, opts, base,
                                  first_phase="prefill", new=new, batch=batch, tokens=batch * ctx)
 
 
 def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
-    """The GPT-2 suite: ``run(opts, ["gpt2", "gpt2-medium", ...])``; default ``["gpt2"]``."""
+    """The decoder-only suite: ``run(opts, ["gpt2", "gpt2-medium", ...])``; default ``["gpt2"]``."""
     gpu = opts.on_gpu
     backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else CPU_DEFAULT)
     models = models or ["gpt2"]
     unknown = [m for m in models if not is_model(m)]
     if unknown:
-        raise SystemExit(f"unknown GPT-2 model(s) {unknown}; choose from {list(NAMED)} or a gpt2 checkpoint directory")
+        raise SystemExit(f"unknown decoder-only model(s) {unknown}; choose from {list(NAMED)} or a checkpoint "
+                         f"directory of one ({', '.join(kind_model_types(DECODER))})")
     # Sizes given on the command line are run as given; --quick shortens only the defaults.
     if opts.quick:
         default_batches, default_contexts = [1], [128 if gpu else 32]
@@ -190,7 +186,6 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
         step(opts, f"{name}: building the models")
         hf_eager = build_hf(name, dtype, dev, "eager")
         mine = model_backends(opts, backends, hf_eager)
-        n_pos = hf_eager.config.n_positions
         hf_sdpa = compiled = None
         if "hf-sdpa" in mine or "torch-compile" in mine:
             hf_sdpa = build_hf(name, dtype, dev, "sdpa")
@@ -198,12 +193,13 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
             if "torch-compile" in mine:
                 compiled = torch.compile(hf_sdpa)
         ours = engine.from_pretrained(hf_eager, task="causal-lm", dtype=dtype, device=dev)
+        n_pos = ours.max_decoder_positions
         ort = ort_models(hf_eager, "causal-lm", mine, opts.threads)
         graphed = graph_decoder(ours, max_len=min(n_pos, max(contexts))) if "trifuse-graphs" in mine else None
         for b in batches:
             for ctx in contexts:
                 if ctx > n_pos or ctx <= new:
-                    rows.append({"suite": "gpt2", "op": name, "shape": f"{b}x{ctx}", "batch": b, "seq": ctx,
+                    rows.append({"suite": "decoder", "op": name, "shape": f"{b}x{ctx}", "batch": b, "seq": ctx,
                                  "dtype": DTYPE_NAMES[dtype], "backend": "-",
                                  "status": f"skipped: context must lie in ({new}, {n_pos}]"})
                     continue
@@ -211,5 +207,5 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
         del hf_eager, hf_sdpa, ours, compiled, ort, graphed
         if opts.device.type == "cuda":
             torch.cuda.empty_cache()
-    title = f"trifuse GPT-2 on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"
+    title = f"trifuse decoder-only models on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"
     return SuiteResult(title, rows, {}, notes)

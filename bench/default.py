@@ -38,28 +38,36 @@ from . import report
 from .env import device_slug, environment
 from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note, error_status, onnx_export, release_exports
 
-# (family, suite module, (small size, base size)): the named sizes live in the suites.
-PLAN = [
-    ("bert", "models", ("bert-small", "bert-base")),
-    ("roberta", "models", ("roberta-small", "roberta-base")),
-    ("distilbert", "models", ("distilbert-small", "distilbert-base")),
-    ("albert", "models", ("albert-small", "albert-base")),
-    ("electra", "models", ("electra-small", "electra-base")),
-    ("gpt2", "gpt2", ("gpt2-tiny", "gpt2")),
-    ("t5", "t5", ("t5-small", "t5-base")),
-    ("vit", "vit", ("vit-small-patch16-224", "vit-base-patch16-224")),
-]
+#: The model suite of each kind of family (engine.family).
+SUITE_OF_KIND = {"encoder": "models", "vision": "vision", "decoder": "decoder", "seq2seq": "seq2seq"}
 
-# A --quick run without a GPU checks these families at a toy size (the same code paths: T5's
-# relative buckets, ViT's patching), because Triton's interpreter takes minutes over t5-small's
-# decoder or vit-small's 197 tokens; the other families' small sizes take seconds.
-QUICK_CPU_SIZES = {"t5": "t5-tiny", "vit": "vit-tiny"}
+
+def _plan() -> list:
+    """``(label, suite module, (small size, base size))`` per row of every family's ``bench_plan``."""
+    from trifuse.engine.registry import families
+
+    return [(label, SUITE_OF_KIND[fam.kind], sizes[:2]) for fam in families()
+            for label, sizes in fam.bench_plan.items()]
+
+
+def _family_seconds() -> dict:
+    from trifuse.engine.registry import families
+
+    return {label: t for fam in families() for label, t in fam.bench_seconds.items()}
+
+
+def _quick_cpu_sizes() -> dict:
+    """A --quick run without a GPU checks each family at its plan's quick size: a toy size where Triton's
+    interpreter would take minutes over the small one (T5's decoder, ViT's 197 tokens), else the small size."""
+    from trifuse.engine.registry import families
+
+    return {label: sizes[2] for fam in families() for label, sizes in fam.bench_plan.items() if sizes[2] != sizes[0]}
+
 
 # Seconds of each part of a --quick CPU run (its CPU time, measured on a shared 2-core machine,
 # which is about its wall time on 2 idle cores), for the progress display's estimate; a part not
 # listed counts as DEFAULT_WEIGHT. The estimate is rescaled by how the finished parts compared.
-WEIGHTS = {"kernels": 18, "attention": 13, "bert": 20, "roberta": 20, "distilbert": 17, "albert": 14,
-           "electra": 18, "gpt2": 15, "t5": 27, "vit": 14}
+WEIGHTS = {"kernels": 18, "attention": 13}  # the families': their contracts' bench_seconds
 DEFAULT_WEIGHT = 20
 FULL_FACTOR = 3  # --full on a CPU: base sizes and whole sweeps
 
@@ -402,10 +410,12 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
     missing: list[str] = []
     onnx_dir = folder / "onnx"
     scale = 1 if (quick or gpu) else FULL_FACTOR
-    plan = [(f, m, s) for f, m, s in PLAN if _suite(m) is not None]
-    missing = [f for f, m, _ in PLAN if _suite(m) is None]
-    parts = [(n, WEIGHTS.get(n, DEFAULT_WEIGHT) * scale) for n in ("kernels", "attention")]
-    parts += [(f, WEIGHTS.get(f, DEFAULT_WEIGHT) * scale) for f, _, _ in plan]
+    full_plan, quick_cpu = _plan(), _quick_cpu_sizes()
+    plan = [(f, m, s) for f, m, s in full_plan if _suite(m) is not None]
+    weights = {**_family_seconds(), **WEIGHTS}
+    missing = [f for f, m, _ in full_plan if _suite(m) is None]
+    parts = [(n, weights.get(n, DEFAULT_WEIGHT) * scale) for n in ("kernels", "attention")]
+    parts += [(f, weights.get(f, DEFAULT_WEIGHT) * scale) for f, _, _ in plan]
 
     report.console.print(
         f"[bold]Main job[/] ({'quick' if quick else 'full'}"
@@ -458,8 +468,8 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
                 part = family
                 progress.start(family)
                 names = list(sizes[:1] if quick else sizes)
-                if quick and not gpu and family in QUICK_CPU_SIZES:
-                    names = [QUICK_CPU_SIZES[family]]
+                if quick and not gpu and family in quick_cpu:
+                    names = [quick_cpu[family]]
                 res = _run_part(family, _suite(module).run, run_opts, names)
                 results[module] = _merge(results.get(module), res)
                 write(module)

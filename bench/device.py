@@ -498,7 +498,6 @@ def _mask_rows(ctx: Ctx, dtype, B: int, H: int, L: int, D: int) -> Callable[[], 
         import torch.nn.functional as F
 
         from trifuse import kernels
-        from trifuse.kernels import _dispatch
 
         from .suite import DTYPE_NAMES, check_and_time
         from .timing import matmul_peak
@@ -511,7 +510,7 @@ def _mask_rows(ctx: Ctx, dtype, B: int, H: int, L: int, D: int) -> Callable[[], 
         ones = torch.ones(B, L, dtype=torch.bool, device=dev)
         peak = matmul_peak(dev, dtype) if dev.type == "cuda" else None
         flops = 4 * B * H * L * L * D
-        triton_here = _dispatch.triton_runnable(dev)
+        triton_here = kernels.triton_runnable(dev)
         rows = []
         for op, mask in (("attn-mask", padded), ("attn-mask-ones", ones), ("attn", None)):
             ref = kernels.attention_reference(q.double(), k.double(), v.double(), attention_mask=mask)
@@ -611,24 +610,25 @@ def stage_models(ctx: Ctx) -> bool:
         cpu = ["trifuse", "hf-eager"]
         items = [
             ("bert tiny B1 S16", 5, _model(ctx, "models", ckpt["bert"], cpu, batch=[1], seq=[16])),
-            ("vit tiny B1", 5, _model(ctx, "vit", ckpt["vit"], cpu, batch=[1])),
-            ("gpt2-tiny B1 ctx16", 10, _model(ctx, "gpt2", "gpt2-tiny", cpu, batch=[1], seq=[16])),
-            ("t5-tiny B1 S16", 10, _model(ctx, "t5", "t5-tiny", cpu, batch=[1], seq=[16])),
+            ("vit tiny B1", 5, _model(ctx, "vision", ckpt["vit"], cpu, batch=[1])),
+            ("gpt2-tiny B1 ctx16", 10, _model(ctx, "decoder", "gpt2-tiny", cpu, batch=[1], seq=[16])),
+            ("t5-tiny B1 S16", 10, _model(ctx, "seq2seq", "t5-tiny", cpu, batch=[1], seq=[16])),
         ]
     else:
         ours = ["trifuse", "trifuse-graphs", "hf-eager", "hf-sdpa"]
         compiled = ["hf-eager", "torch-compile"]
         items = [
             ("bert-base B1 S128", 25, _model(ctx, "models", "bert-base", ours, batch=[1], seq=[128])),
-            ("gpt2 B1 ctx512", 40, _model(ctx, "gpt2", "gpt2", ours, batch=[1], seq=[512])),
-            ("vit-base B1/B32", 30, _model(ctx, "vit", "vit-base-patch16-224", ours, batch=[1, 32])),
+            ("gpt2 B1 ctx512", 40, _model(ctx, "decoder", "gpt2", ours, batch=[1], seq=[512])),
+            ("vit-base B1/B32", 30, _model(ctx, "vision", "vit-base-patch16-224", ours, batch=[1, 32])),
             ("bert-base B32 S384", 25, _model(ctx, "models", "bert-base", ours, batch=[32], seq=[384])),
-            ("t5-base B1 S128", 45, _model(ctx, "t5", "t5-base", ours, batch=[1], seq=[128])),
+            ("t5-base B1 S128", 45, _model(ctx, "seq2seq", "t5-base", ours, batch=[1], seq=[128])),
             ("bert-base torch.compile B1 S128 / B32 S384", 60,
              _model(ctx, "models", "bert-base", compiled, batch=[1, 32], seq=[128, 384])),
-            ("vit-base torch.compile B1/B32", 50, _model(ctx, "vit", "vit-base-patch16-224", compiled, batch=[1, 32])),
-            ("t5-base torch.compile B1 S128", 70, _model(ctx, "t5", "t5-base", compiled, batch=[1], seq=[128])),
-            ("gpt2 torch.compile B1 ctx512", 90, _model(ctx, "gpt2", "gpt2", compiled, batch=[1], seq=[512])),
+            ("vit-base torch.compile B1/B32", 50,
+             _model(ctx, "vision", "vit-base-patch16-224", compiled, batch=[1, 32])),
+            ("t5-base torch.compile B1 S128", 70, _model(ctx, "seq2seq", "t5-base", compiled, batch=[1], seq=[128])),
+            ("gpt2 torch.compile B1 ctx512", 90, _model(ctx, "decoder", "gpt2", compiled, batch=[1], seq=[512])),
             ("bert-base max-autotune B1 S128", 150,
              _model(ctx, "models", "bert-base", ["hf-eager", "torch-compile-max-autotune"], batch=[1], seq=[128])),
         ]

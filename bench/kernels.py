@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from trifuse import kernels
-from trifuse.kernels import _dispatch
 
 from .suite import DTYPE_NAMES, Options, SuiteResult, check_and_time, pick_backends, step
 from .timing import copy_bandwidth
@@ -99,7 +98,7 @@ def run(opts: Options) -> SuiteResult:
     if quick_cpu and opts.backends is None:
         notes.append("torch-compile is left out of a quick CPU run (Inductor compiles each op at each shape, "
                      "minutes on 2 cores); --full or --backends ... torch-compile runs it.")
-    triton_here = _dispatch.triton_runnable(opts.device)
+    triton_here = kernels.triton_runnable(opts.device)
     if not gpu:
         notes.append("No GPU: Triton kernels are checked for correctness under Triton's interpreter "
                      "but not timed; Triton timings need a GPU. PyTorch paths are timed on the CPU, "

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from trifuse import engine
+from trifuse.engine.family import ENCODER
 
 from .suite import (
     DTYPE_NAMES,
@@ -29,36 +30,15 @@ from .suite import (
     build_hf_named,
     cpu_notes,
     encoder_backend_fns,
+    kind_sizes,
     model_backends,
     pick_backends,
     step,
     time_model_backends,
 )
 
-BERT_BASE = dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu")
-NAMED = {
-    "bert-base": BERT_BASE,
-    "bert-large": {**BERT_BASE, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                   "intermediate_size": 4096},
-    "roberta-base": {**BERT_BASE, "model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514,
-                     "type_vocab_size": 1, "pad_token_id": 1},
-    "distilbert-base": dict(model_type="distilbert", vocab_size=30522, dim=768, n_layers=6, n_heads=12,
-                            hidden_dim=3072, max_position_embeddings=512),
-    "albert-base": {**BERT_BASE, "model_type": "albert", "vocab_size": 30000, "embedding_size": 128,
-                    "hidden_act": "gelu_new"},
-    "electra-base": {**BERT_BASE, "model_type": "electra", "embedding_size": 768},
-}
-# Small sizes (4 layers, width 512), as in the compact BERTs (Turc et al. 2019), and ELECTRA-small.
-_SMALL = {"num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048}
-NAMED.update({
-    "bert-small": {**BERT_BASE, **_SMALL},
-    "roberta-small": {**NAMED["roberta-base"], **_SMALL},
-    "distilbert-small": {**NAMED["distilbert-base"], "dim": 512, "n_layers": 4, "n_heads": 8, "hidden_dim": 2048},
-    "albert-small": {**NAMED["albert-base"], **_SMALL},
-    "electra-small": {**NAMED["electra-base"], "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024,
-                      "embedding_size": 128},
-})
+#: Named sizes: every text-encoder family's (engine.family contracts), e.g. bert-base, roberta-small.
+NAMED = kind_sizes(ENCODER)
 BACKENDS = ENCODER_BACKENDS
 
 
@@ -68,6 +48,7 @@ def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
 
 
 def is_model(name: str) -> bool:
+    """A named text-encoder size, or a checkpoint directory (the other suites claim theirs first)."""
     return name in NAMED or os.path.isdir(name)
 
 

@@ -1,7 +1,8 @@
-"""``trifuse bench t5-small``: T5 encoder and per-token decode latency against Hugging Face.
+"""``trifuse bench t5-small``: encoder-decoder encoder and per-token decode latency against Hugging Face.
 
-A model is a named size built from a config with random weights (no hub at run
-time) or a local T5 checkpoint directory (``T5ForConditionalGeneration``). For
+A model is a named size of an encoder-decoder family (T5's: ``t5-small``, ``t5-base``, ...,
+``t5-tiny``; :mod:`engine.family`) built from a config with random weights (no hub at run
+time) or a local checkpoint directory of one (``AutoModelForSeq2SeqLM``). For
 each batch size and source length every backend is checked before it is timed,
 in two phases:
 
@@ -38,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from trifuse import engine, kernels
+from trifuse.engine.family import SEQ2SEQ
 
 from .suite import (
     DECODER_BACKENDS,
@@ -46,9 +48,11 @@ from .suite import (
     Options,
     SuiteResult,
     build_hf_generator,
-    checkpoint_model_type,
     cpu_notes,
     graph_decoder,
+    is_kind_model,
+    kind_model_types,
+    kind_sizes,
     model_backends,
     ort_models,
     pick_backends,
@@ -56,24 +60,14 @@ from .suite import (
     time_decoder_backends,
 )
 
-T5_SMALL = dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="relu",
-                tie_word_embeddings=True, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-NAMED = {
-    "t5-small": T5_SMALL,
-    "t5-base": {**T5_SMALL, "d_model": 768, "d_ff": 3072, "num_layers": 12, "num_heads": 12},
-    "t5-large": {**T5_SMALL, "d_model": 1024, "d_ff": 4096, "num_layers": 24, "num_heads": 16},
-    "flan-t5-base": {**T5_SMALL, "d_model": 768, "d_ff": 2048, "num_layers": 12, "num_heads": 12,
-                     "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
-    # For smoke runs and tests: the real vocabulary, a toy body.
-    "t5-tiny": {**T5_SMALL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
-}
+#: Named sizes: every encoder-decoder family's (engine.family contracts), e.g. t5-small, t5-base, t5-tiny.
+NAMED = kind_sizes(SEQ2SEQ)
 BACKENDS = DECODER_BACKENDS
 CPU_DEFAULT = DECODER_CPU_DEFAULT
 
 
 def is_model(name: str) -> bool:
-    return name in NAMED or checkpoint_model_type(name) in ("t5",)
+    return is_kind_model(name, SEQ2SEQ)
 
 
 def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
@@ -150,20 +144,21 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
             raise RuntimeError(f"generated shape {tuple(out.shape)}, expected {(batch, 1 + new)}")
         return _argmax_gap(hf_eager, ids, mask, out)
 
-    base = {"suite": "t5", "op": name, "shape": f"{batch}x{seq}", "batch": batch, "seq": seq,
+    base = {"suite": "seq2seq", "op": name, "shape": f"{batch}x{seq}", "batch": batch, "seq": seq,
             "dtype": DTYPE_NAMES[dtype]}
     return time_decoder_backends(encoder, generate, ref, check_generated, backends, opts, base,
                                  first_phase="encoder", new=new, batch=batch, tokens=batch * seq)
 
 
 def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
-    """The T5 suite: ``run(opts, ["t5-small", "flan-t5-base", ...])``; default ``["t5-small"]``."""
+    """The encoder-decoder suite: ``run(opts, ["t5-small", "flan-t5-base", ...])``; default ``["t5-small"]``."""
     gpu = opts.on_gpu
     backends = pick_backends(opts, BACKENDS, BACKENDS if gpu else CPU_DEFAULT)
     models = models or ["t5-small"]
     unknown = [m for m in models if not is_model(m)]
     if unknown:
-        raise SystemExit(f"unknown T5 model(s) {unknown}; choose from {list(NAMED)} or a t5 checkpoint directory")
+        raise SystemExit(f"unknown encoder-decoder model(s) {unknown}; choose from {list(NAMED)} or a checkpoint "
+                         f"directory of one ({', '.join(kind_model_types(SEQ2SEQ))})")
     # Sizes given on the command line are run as given; --quick shortens only the defaults.
     if opts.quick:
         default_batches, default_seqs = [1], [128 if gpu else 32]
@@ -197,5 +192,5 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
         del hf_eager, hf_sdpa, ours, compiled_encoder, ort, graphed
         if opts.device.type == "cuda":
             torch.cuda.empty_cache()
-    title = f"trifuse T5 on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"
+    title = f"trifuse encoder-decoder models on {opts.device.type} ({DTYPE_NAMES[opts.dtype]})"
     return SuiteResult(title, rows, {}, notes)

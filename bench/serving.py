@@ -97,10 +97,11 @@ def run(checkpoint: str, task: str, *, concurrency=(1, 8, 64), requests: int = 2
 
     import trifuse
     import trifuse.serve as ts
+    from trifuse.engine.pipelines import jsonable
 
     inputs = _inputs(task, requests)
     pipe = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype)
-    expected = [ts._jsonable(pipe(x)) for x in inputs]
+    expected = [jsonable(pipe(x)) for x in inputs]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

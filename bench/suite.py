@@ -136,6 +136,24 @@ def pick_backends(opts: Options, available: Sequence[str], default: Sequence[str
 MODEL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
+def kind_sizes(kind: str) -> dict:
+    """Every named size of the families of ``kind`` (their contracts, ``engine.family``): name -> config dict."""
+    from trifuse.engine.registry import families
+
+    return {name: cfg for fam in families() if fam.kind == kind for name, cfg in fam.named_sizes.items()}
+
+
+def kind_model_types(kind: str) -> tuple:
+    from trifuse.engine.registry import families
+
+    return tuple(t for fam in families() if fam.kind == kind for t in fam.model_types)
+
+
+def is_kind_model(name: str, kind: str) -> bool:
+    """A named size of a family of ``kind``, or a checkpoint directory of one."""
+    return name in kind_sizes(kind) or checkpoint_model_type(name) in kind_model_types(kind)
+
+
 def checkpoint_model_type(path: str) -> Optional[str]:
     """``model_type`` of a checkpoint directory's config.json, or None if it is not one."""
     import json
@@ -190,10 +208,9 @@ def time_model_backends(fns: dict, ref: torch.Tensor, backends: Sequence[str], o
     rows get ``{item_name}_per_s`` and ``tokens_per_s``. On the CPU the trifuse
     backend runs interpreted Triton: it is checked, not timed.
     """
-    from trifuse.kernels import _dispatch
-
+    from trifuse import kernels
     dev = opts.device
-    interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
+    interpreted = dev.type == "cpu" and kernels.triton_runnable(dev)
     rows = []
     for backend in backends:
         row = {**base_row, "backend": backend}
@@ -364,9 +381,8 @@ ENCODER_CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxrunti
 
 def cpu_note(device: torch.device) -> str:
     """What a CPU run's ``trifuse`` rows mean, which depends on whether Triton can run here."""
-    from trifuse.kernels import _dispatch
-
-    if _dispatch.triton_runnable(device):
+    from trifuse import kernels
+    if kernels.triton_runnable(device):
         return ("No GPU: the trifuse backend's Triton kernels are checked under Triton's interpreter, not timed; "
                 "CPU latencies of the PyTorch paths are shown for reference only.")
     return ("No GPU and no Triton interpreter (TRITON_INTERPRET=1 was not set before trifuse was imported): "
@@ -496,10 +512,9 @@ def time_decoder_backends(first: dict, generate: dict, ref_first: torch.Tensor, 
     latency is ``(t(new) - t(1)) / (new - 1)``, so the first pass cancels out; when noise
     swamps the steps the row says so.
     """
-    from trifuse.kernels import _dispatch
-
+    from trifuse import kernels
     dev = opts.device
-    interpreted = dev.type == "cpu" and _dispatch.triton_runnable(dev)
+    interpreted = dev.type == "cpu" and kernels.triton_runnable(dev)
     rows = []
     for phase in (first_phase, "decode"):
         for backend in backends:

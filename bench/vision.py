@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from trifuse import engine
+from trifuse.engine.family import VISION
 
 from .suite import (
     DTYPE_NAMES,
@@ -29,28 +30,19 @@ from .suite import (
     Options,
     SuiteResult,
     build_hf_named,
-    checkpoint_model_type,
     cpu_notes,
     encoder_backend_fns,
+    is_kind_model,
+    kind_model_types,
+    kind_sizes,
     model_backends,
     pick_backends,
     step,
     time_model_backends,
 )
 
-VIT_BASE = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                intermediate_size=3072, image_size=224, patch_size=16, num_channels=3, hidden_act="gelu",
-                layer_norm_eps=1e-12)
-NAMED = {
-    "vit-small-patch16-224": {**VIT_BASE, "hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1536},
-    "vit-base-patch16-224": VIT_BASE,
-    "vit-large-patch16-224": {**VIT_BASE, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                              "intermediate_size": 4096},
-    # For smoke runs, tests and the main job's quick CPU check: 16-pixel patches of a 64-pixel image
-    # (17 tokens), a toy body.
-    "vit-tiny": {**VIT_BASE, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "intermediate_size": 128, "image_size": 64},
-}
+#: Named sizes: every vision family's (engine.family contracts), e.g. vit-base-patch16-224, vit-tiny.
+NAMED = kind_sizes(VISION)
 BACKENDS = ENCODER_BACKENDS
 
 
@@ -60,8 +52,8 @@ def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
 
 
 def is_model(name: str) -> bool:
-    """A named ViT size, or a checkpoint directory whose config says ``vit`` or ``deit``."""
-    return name in NAMED or checkpoint_model_type(name) in ("vit", "deit")
+    """A named vision size, or a checkpoint directory of a vision family (``vit``, ``deit``, ...)."""
+    return is_kind_model(name, VISION)
 
 
 def _image_shape(cfg) -> tuple[int, int, int]:
@@ -89,7 +81,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int) -> lis
 
     fns = encoder_backend_fns(ours, hf_eager, build_sdpa, {"pixel_values": pixels}, backends, batch=batch,
                               threads=opts.threads)
-    base = {"suite": "vit", "op": name, "shape": f"{batch}x{c}x{h}x{w}", "batch": batch, "seq": seq,
+    base = {"suite": "vision", "op": name, "shape": f"{batch}x{c}x{h}x{w}", "batch": batch, "seq": seq,
             "image_size": f"{h}x{w}", "dtype": DTYPE_NAMES[dtype]}
     return time_model_backends(fns, ref, backends, opts, base, items=batch, tokens=batch * seq,
                                item_name="images")
@@ -106,8 +98,8 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
     models = models or ["vit-base-patch16-224"]
     unknown = [m for m in models if not is_model(m)]
     if unknown:
-        raise SystemExit(f"unknown ViT model(s) {unknown}; choose from {list(NAMED)} or a vit/deit checkpoint "
-                         "directory")
+        raise SystemExit(f"unknown vision model(s) {unknown}; choose from {list(NAMED)} or a checkpoint "
+                         f"directory of one ({', '.join(kind_model_types(VISION))})")
     batches = opts.batch or ([1, 8, 32] if gpu else [1])[:1 if opts.quick else None]  # given sizes run as given
     notes = ["Images at the checkpoint's size; seq = patches + special tokens; seq/s = images/s."]
     notes += cpu_notes(opts)

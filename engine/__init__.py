@@ -10,10 +10,12 @@ if __name__ != "trifuse.engine":  # the source folder imported by its bare name
     stand_aside(__name__, __file__)
 else:
     # Importing the engine loads no kernel (see trifuse/cli.py): the model modules import them.
+    from .family import Family
     from .loading import read_checkpoint
     from .outputs import EncoderOutput, LogitsOutput, ModelOutput, QuestionAnsweringOutput
     from .pooling import mean_pool
-    from .registry import MODEL_TYPES, from_pretrained, resolve_dtype, supported_model_types
+    from .registry import families, family_of, from_pretrained, resolve_dtype, supported_model_types
 
     __all__ = ["from_pretrained", "read_checkpoint", "resolve_dtype", "supported_model_types", "mean_pool",
-               "ModelOutput", "EncoderOutput", "LogitsOutput", "QuestionAnsweringOutput", "MODEL_TYPES"]
+               "ModelOutput", "EncoderOutput", "LogitsOutput", "QuestionAnsweringOutput", "Family", "families",
+               "family_of"]

@@ -160,8 +160,8 @@ def beam_search(first_logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], 
         if cfg.repetition_penalty != 1.0:
             log_probs = gen.repetition_penalty(log_probs, running[:, :, :cur].reshape(rows, cur),
                                                cfg.repetition_penalty, prompt_ignore_length)
-        if cfg.no_repeat_ngram_size or cfg.min_length:
-            log_probs = gen.constrain(log_probs, running[:, :, :cur].reshape(rows, cur), cur, cfg)
+        log_probs = gen.constrain(log_probs, running[:, :, :cur].reshape(rows, cur) if cfg.no_repeat_ngram_size
+                                  else None, cur, cfg)
         if cfg.do_sample:
             log_probs = _warp(log_probs, cfg, min_tokens)
         acc = (log_probs.view(b, nb, vocab) + running_scores[:, :, None]).reshape(b, nb * vocab)

@@ -108,3 +108,38 @@ class KVCache:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._describe()})"
+
+
+class EncoderDecoderCache(KVCache):
+    """An encoder-decoder's decoder state across calls (T5, ...).
+
+    * self-attention ``keys``/``values``: ``[layers, B, H, max_len, D]``, preallocated;
+      ``length`` positions are filled; each forward writes its ``n`` new positions in
+      place and attends over the ``[:length + n]`` views (no concatenation);
+    * ``mask`` ``[B, max_len]`` bool: the decoder attention mask seen so far;
+    * ``cross_kv`` ``[B_enc, L_enc, layers*2*inner]``: every decoder layer's
+      cross-attention keys/values, from one projection of ``encoder_hidden_state``,
+      computed once; ``encoder_mask`` ``[B_enc, L_enc]`` bool (None: no padding).
+      ``B`` may be a multiple ``g`` of ``B_enc``: rows ``[i*g, (i+1)*g)`` attend to encoder row ``i``.
+
+    A cache built by the model's ``new_cache`` has a fixed capacity (decoding past it
+    is a ``ValueError``); one the model starts itself (``use_cache=True``) grows.
+    Beam search's ``reorder`` keeps rows within their encoder row's group, so the
+    shared cross-attention keys/values are never reordered.
+    """
+
+    def __init__(self, batch: int, layers: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None, growable: bool = False):
+        super().__init__(batch, layers, heads, max_len, head_dim, dtype, device, growable)
+        self.cross_kv: Optional[Tensor] = None
+        self.encoder_mask: Optional[Tensor] = None
+        self.encoder_hidden_state: Optional[Tensor] = None
+
+    def reset(self) -> None:
+        """Empty the decoder positions and drop the encoder state."""
+        super().reset()
+        self.cross_kv = self.encoder_mask = self.encoder_hidden_state = None
+
+    def __repr__(self) -> str:
+        enc = None if self.cross_kv is None else tuple(self.cross_kv.shape[:2])
+        return f"{type(self).__name__}({self._describe()}, encoder={enc})"

@@ -21,23 +21,12 @@ from typing import Optional
 
 import torch
 
-from . import from_pretrained, read_checkpoint, resolve_dtype
+from .registry import family_of, from_pretrained, resolve_dtype
 
 FP32_BUDGET = 1e-4
 LOWP_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FIELDS = ("last_hidden_state", "pooler_output", "logits", "start_logits", "end_logits", "encoder_last_hidden_state",
           "cls_logits", "distillation_logits")
-# trifuse task -> the transformers class that holds the same head.
-_AUTO = {
-    "feature-extraction": "AutoModel", "masked-lm": "AutoModelForMaskedLM",
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "causal-lm": "AutoModelForCausalLM", "text2text-generation": "AutoModelForSeq2SeqLM",
-    "encoder": "T5EncoderModel", "image-classification": "AutoModelForImageClassification",
-}
-# Hidden states walked layer by layer, per family (T5: the encoder's, then the decoder's).
-_HIDDEN = {"t5": ("encoder_hidden_states", "decoder_hidden_states")}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -65,39 +54,9 @@ class Report:
         return all(r.ok for r in self.rows)
 
 
-def make_batch(vocab_size: int, pad_token_id: int, batch: int, seq: int, device, seed: int = 0):
-    """Random tokens with mixed lengths (full, then shorter), right-padded with the pad token."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab_size, (batch, seq), generator=g)
-    lengths = torch.linspace(seq, max(1, seq // 4), batch).round().long()
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    return ids.masked_fill(mask == 0, pad_token_id).to(device), mask.to(device)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     d = (a.double() - b.double()).abs().max().item()
     return d, d / max(b.double().abs().max().item(), 1e-30)
-
-
-def make_inputs(model_type: str, hf_config, max_length: int, batch: int, seq: int, device, seed: int = 0) -> dict:
-    """Keyword inputs both implementations take, shaped for the family."""
-    g = torch.Generator().manual_seed(seed)
-    if model_type in ("vit", "deit"):
-        size = hf_config.image_size
-        h, w = (size, size) if isinstance(size, int) else size
-        return {"pixel_values": torch.randn(batch, hf_config.num_channels, h, w, generator=g).to(device)}
-    if seq > max_length:
-        raise ValueError(f"seq={seq} exceeds the model's {max_length} positions")
-    pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
-    ids, mask = make_batch(hf_config.vocab_size, pad, batch, seq, device, seed)
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if model_type == "gpt2":  # explicit positions: Hugging Face's forward does not derive them from the mask
-        inputs["position_ids"] = torch.arange(seq, device=device).expand(batch, seq)
-    if model_type == "t5":
-        dec = torch.randint(3, hf_config.vocab_size, (batch, max(2, seq // 2)), generator=g).to(device)
-        dec[:, 0] = hf_config.decoder_start_token_id or 0
-        inputs["decoder_input_ids"] = dec
-    return inputs
 
 
 def _run(model, inputs: dict):
@@ -105,9 +64,9 @@ def _run(model, inputs: dict):
         return model(**inputs, output_hidden_states=True)
 
 
-def _hidden(out, model_type: str) -> list:
-    """``(label, tensor)`` per hidden state: the embeddings, then each layer's output."""
-    names = _HIDDEN.get(model_type, ("hidden_states",))
+def _hidden(out, names) -> list:
+    """``(label, tensor)`` per hidden state: the embeddings, then each layer's output; ``names``:
+    the output fields holding them, one per stack (the family's ``hidden_streams``)."""
     found = []
     for name in names:
         stack = "" if len(names) == 1 else name.split("_")[0] + " "
@@ -129,16 +88,13 @@ def check(source, *, dtype="fp32", device=None, batch: int = 3, seq: int = 32, t
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     ours32 = from_pretrained(source, task=task, device=device, dtype=torch.float32)
-    model_type = (read_checkpoint(source)[0].get("model_type") if not hasattr(source, "config")
-                  else source.config.model_type)
-    if ours32.task not in _AUTO:
-        raise SystemExit(f"trifuse check does not know the transformers class for task {ours32.task!r}")
-    max_length = getattr(ours32.config, "max_length", None) or getattr(ours32.config, "n_positions", None) or seq
-    if seq > max_length and model_type not in ("vit", "deit"):
-        raise ValueError(f"seq={seq} exceeds the model's {max_length} positions")
-    auto = getattr(transformers, _AUTO[ours32.task])
+    fam = family_of(ours32)
+    if ours32.task not in fam.hf_classes:
+        raise SystemExit(f"trifuse check does not know the transformers class for {fam.name}'s task {ours32.task!r}")
+    inputs = fam.example_inputs(ours32, batch, seq, seed)  # ValueError past the position table
+    auto = getattr(transformers, fam.hf_classes[ours32.task])
     hf32 = auto.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").to(device).eval()
-    inputs = make_inputs(model_type, hf32.config, max_length, batch, seq, device, seed)
+    streams = fam.hidden_streams
 
     ref = _run(hf32, inputs)
     runs = [(torch.float32, _run(ours32, inputs), None)]
@@ -164,9 +120,9 @@ def check(source, *, dtype="fp32", device=None, batch: int = 3, seq: int = 32, t
                 bud, hf_rel = budget(theirs[key] if theirs is not None else None, ref[key])
                 rows.append(Row(name, key, max_abs, rel, bud, hf_rel))
         first_bad[name] = None
-        ref_hidden = _hidden(ref, model_type)
-        theirs_hidden = _hidden(theirs, model_type) if theirs is not None else [(None, None)] * len(ref_hidden)
-        for i, ((label, h), (_, r), (_, t)) in enumerate(zip(_hidden(ours, model_type), ref_hidden, theirs_hidden)):
+        ref_hidden = _hidden(ref, streams)
+        theirs_hidden = _hidden(theirs, streams) if theirs is not None else [(None, None)] * len(ref_hidden)
+        for i, ((label, h), (_, r), (_, t)) in enumerate(zip(_hidden(ours, streams), ref_hidden, theirs_hidden)):
             rel = _rel(h, r)[1]
             if rel > budget(t, r)[0]:
                 first_bad[name] = (i, rel, label)

@@ -62,6 +62,8 @@ class Options:
     eos_token_id: gen.TokenIds = None
     pad_token_id: Optional[int] = None
     decoder_start_token_id: Optional[int] = None  # encoder-decoders; ignored by decoder-only models, as in HF
+    forced_bos_token_id: Optional[int] = None  # default: the config's (BART's checkpoints set them)
+    forced_eos_token_id: gen.TokenIds = None
     generator: Optional[torch.Generator] = None
 
 
@@ -195,8 +197,17 @@ class Decoding:
             top_p=o.top_p, repetition_penalty=o.repetition_penalty,
             eos_token_id=c.eos_token_id if o.eos_token_id is None else o.eos_token_id,
             pad_token_id=c.pad_token_id if o.pad_token_id is None else o.pad_token_id,
-            min_length=min_length, no_repeat_ngram_size=o.no_repeat_ngram_size)
+            min_length=min_length, no_repeat_ngram_size=o.no_repeat_ngram_size,
+            forced_bos_token_id=getattr(c, "forced_bos_token_id", None) if o.forced_bos_token_id is None
+            else o.forced_bos_token_id,
+            forced_eos_token_id=getattr(c, "forced_eos_token_id", None) if o.forced_eos_token_id is None
+            else o.forced_eos_token_id,
+            max_length=counted + max_new_tokens)
         vocab = c.vocab_size
+        for name in ("forced_bos_token_id", "forced_eos_token_id"):
+            ids = getattr(cfg, name)
+            if any(not 0 <= t < vocab for t in (() if ids is None else (ids,) if isinstance(ids, int) else ids)):
+                raise ValueError(f"{name}={ids!r} is outside the vocabulary [0, {vocab})")
         if cfg.eos_token_id and not 0 <= cfg.pad_token_id < vocab:  # checked here, not mid-loop
             raise ValueError(f"pad_token_id={cfg.pad_token_id} is outside the vocabulary [0, {vocab}); "
                              "it fills finished rows and is fed back to the model")

@@ -73,10 +73,22 @@ class GenerationConfig:
     min_length: int = 0
     #: No n-gram of this size occurs twice in that sequence (0: off).
     no_repeat_ngram_size: int = 0
+    #: The first generated token of an encoder-decoder (the sequence is one start token long) is this
+    #: one (``ForcedBOSTokenLogitsProcessor``; ``None``: off).
+    forced_bos_token_id: Optional[int] = None
+    #: The token (or one of these) the sequence ends with when it reaches ``max_length``
+    #: (``ForcedEOSTokenLogitsProcessor``; ``()``: off).
+    forced_eos_token_id: Tuple[int, ...] = ()
+    #: The sequence's total length limit (prompt or start token included): ``forced_eos_token_id``'s step.
+    max_length: Optional[int] = None
 
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "eos_token_id", _eos_tuple(self.eos_token_id))
+        set_(self, "forced_eos_token_id", _eos_tuple(self.forced_eos_token_id))
+        bos = self.forced_bos_token_id
+        if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
+            raise ValueError(f"forced_bos_token_id must be a non-negative int, got {bos!r}")
         if self.pad_token_id is None and self.eos_token_id:
             set_(self, "pad_token_id", self.eos_token_id[0])
         if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or int(self.pad_token_id) < 0):
@@ -213,14 +225,25 @@ def min_length_filter(scores: Tensor, cur_len: int, min_length: int, eos_token_i
     return scores.masked_fill(eos, -float("inf"))
 
 
+def forced_token(scores: Tensor, ids: Sequence[int]) -> Tensor:
+    """Every score ``-inf`` but those of ``ids``, which become 0: the next token is forced."""
+    forced = torch.full_like(scores, -float("inf"))
+    forced[:, [t for t in ids if t < scores.shape[-1]]] = 0
+    return forced
+
+
 def constrain(scores: Tensor, input_ids: Optional[Tensor], cur_len: int, cfg: GenerationConfig) -> Tensor:
-    """The n-gram and minimum-length processors (Hugging Face applies them after the
-    repetition penalty and before the sampling warpers). ``input_ids`` ``[B, cur_len]``
-    is needed only for ``no_repeat_ngram_size``."""
+    """The n-gram, minimum-length and forced-token processors, in Hugging Face's order (after the
+    repetition penalty, before the sampling warpers). ``input_ids`` ``[B, cur_len]`` is needed only
+    for ``no_repeat_ngram_size``."""
     if cfg.no_repeat_ngram_size:
         scores = no_repeat_ngram(scores, input_ids, cfg.no_repeat_ngram_size)
     if cfg.min_length:
         scores = min_length_filter(scores, cur_len, cfg.min_length, cfg.eos_token_id)
+    if cfg.forced_bos_token_id is not None and cur_len == 1:
+        scores = forced_token(scores, [cfg.forced_bos_token_id])
+    if cfg.forced_eos_token_id and cfg.max_length is not None and cur_len == cfg.max_length - 1:
+        scores = forced_token(scores, cfg.forced_eos_token_id)
     return scores
 
 

@@ -8,7 +8,7 @@ bias folded into its activation.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,19 @@ class LayerNorm(nn.Module):
         return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
 
 
+def kernel_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A Hugging Face ``attention_mask`` (1/True = attend; any integer or bool dtype) as the attention
+    kernel's bool key mask, or ``None`` when nothing is masked: the kernel then loads no mask at all.
+    The all-ones test reads one value back to the host, so under CUDA-graph capture or
+    ``torch.compile`` the mask is kept as it is (the kernel's result is the same)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.ne(0)
+    if torch.compiler.is_compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return mask
+    return None if bool(mask.all()) else mask
+
+
 def attention_with_probs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                          scale: float) -> Tuple[Tensor, Tensor]:
     """Attention that also returns its probabilities (flash kernels keep none), in fp32.
@@ -60,24 +73,76 @@ def attention_with_probs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
     return torch.matmul(probs, v.float()).to(q.dtype), probs.to(q.dtype)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused ``[3H, H]`` QKV projection."""
+class Attention(nn.Module):
+    """Multi-head attention on ``kernels.attention``: every family's self-, causal-with-cache and cross-attention.
 
-    def __init__(self, hidden: int, heads: int, qkv_bias: bool = True):
+    * Self-attention projects ``x`` with one fused ``[3*inner, hidden]`` ``qkv`` projection and splits
+      it by strided views (no copies). With a ``cache`` (:class:`engine.cache.KVCache`), the new keys
+      and values are written at ``start`` (an int; or, static decoding, a one-element device tensor with
+      the keys read up to ``mask``'s length) and attention runs over everything cached.
+    * ``cross=True``: a ``q`` projection only; ``kv=(k, v)`` ``[B_enc, H, L_enc, D]`` come precomputed
+      (an encoder-decoder projects its encoder output once for every layer). The ``g = B / B_enc``
+      decoder rows of one encoder row (its beams) become ``g*n`` query rows of one batch item: no
+      per-beam copy of the keys and values.
+    * ``out``: the output projection. ``scale``: ``None`` is ``1/sqrt(head_dim)``; ``causal``: queries
+      see keys up to their own position, bottom-right aligned (a query's position counts the cache).
+      ``bias`` (dense, additive) and ``relative_bias`` (``kernels.RelativeBias``, computed in the
+      kernel) go to the kernel as they are; ``need_probs`` returns the probabilities too (eager, fp32).
+
+    ``forward`` returns ``(output, probabilities or None)``.
+    """
+
+    def __init__(self, hidden: int, heads: int, head_dim: Optional[int] = None, *, qkv_bias: bool = True,
+                 out_bias: bool = True, cross: bool = False, causal: bool = False, scale: Optional[float] = None,
+                 layer: int = 0):
         super().__init__()
-        self.heads, self.head_dim = heads, hidden // heads
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=qkv_bias)
-        self.out = nn.Linear(hidden, hidden)
-
-    def forward(self, x: Tensor, mask: Optional[Tensor], need_probs: bool = False):
-        b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, L, D] strided views
-        if need_probs:
-            ctx, probs = attention_with_probs(q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
+        self.heads, self.head_dim = heads, head_dim or hidden // heads
+        self.inner = self.heads * self.head_dim
+        self.causal, self.layer, self.cross = causal, layer, cross
+        self.scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
+        if cross:
+            self.q = nn.Linear(hidden, self.inner, bias=qkv_bias)
         else:
-            ctx, probs = kernels.attention(q, k, v, attention_mask=mask), None
+            self.qkv = nn.Linear(hidden, 3 * self.inner, bias=qkv_bias)
+        self.out = nn.Linear(self.inner, hidden, bias=out_bias)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, cache=None, start: Union[int, Tensor] = 0,
+                kv: Optional[Tuple[Tensor, Tensor]] = None, bias: Optional[Tensor] = None,
+                relative_bias: Optional[kernels.RelativeBias] = None, need_probs: bool = False):
+        b, n, _ = x.shape
+        if self.cross:
+            k, v = kv
+            be = k.shape[0]
+            q = self.q(x).view(be, (b // be) * n, self.heads, self.head_dim).transpose(1, 2)
+        else:
+            qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, n, D] strided views
+            if isinstance(start, Tensor):  # static decoding: slot on the device, keys up to the mask's length
+                k, v = cache.update_at(self.layer, start, k, v, mask.shape[1])
+            elif cache is not None:
+                k, v = cache.update(self.layer, start, k, v)  # [B, H, start + n, D] views of the cache
+        if need_probs:
+            if self.causal or bias is not None or relative_bias is not None:
+                raise ValueError("attention probabilities are returned for plain (non-causal, unbiased) attention")
+            ctx, probs = attention_with_probs(q, k, v, mask, self.scale)
+        else:
+            ctx = kernels.attention(q, k, v, causal=self.causal, attention_mask=mask, scale=self.scale, bias=bias,
+                                    relative_bias=relative_bias)
+            probs = None
         return self.out(ctx.transpose(1, 2).reshape(b, n, -1)), probs
+
+
+class RMSNorm(nn.Module):
+    """T5's LayerNorm: scale only, no mean removed, no bias; the residual add fused in as in :class:`LayerNorm`."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(width))
+        self.eps = eps
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        """``norm(x)``, or ``(norm(x + residual), x + residual)`` in one pass."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 class FeedForward(nn.Module):
@@ -97,13 +162,13 @@ class PostLNBlock(nn.Module):
 
     def __init__(self, hidden: int, heads: int, inner: int, act: str, eps: float):
         super().__init__()
-        self.attn = SelfAttention(hidden, heads)
+        self.attn = Attention(hidden, heads)
         self.norm1 = LayerNorm(hidden, eps)
         self.ffn = FeedForward(hidden, inner, act)
         self.norm2 = LayerNorm(hidden, eps)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], need_probs: bool = False):
-        a, probs = self.attn(x, mask, need_probs)
+        a, probs = self.attn(x, mask, need_probs=need_probs)
         x, _ = self.norm1(a, residual=x)
         x, _ = self.norm2(self.ffn(x), residual=x)
         return x, probs

@@ -56,7 +56,8 @@ def read_json_object(file: Path) -> dict:
 #: generation_config.json keys trifuse's ``generate`` / ``stream`` take; they become those calls' defaults.
 GENERATION_KEYS = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature",
                    "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty",
-                   "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+                   "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                   "forced_bos_token_id", "forced_eos_token_id")
 #: ... and keys that do not change which tokens come out.
 _INERT_GENERATION_KEYS = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache",
                           "output_attentions", "output_hidden_states", "output_scores", "output_logits",

@@ -51,7 +51,8 @@ import torch
 from torch import Tensor
 
 from .decoding import OPTIONS
-from .registry import from_pretrained, resolve_dtype
+from .family import DECODER, ENCODER, SEQ2SEQ, VISION
+from .registry import families, family_of, from_pretrained, resolve_dtype
 from .tokenization import Tokenizer
 
 # Hugging Face's task names and aliases -> ours.
@@ -61,7 +62,6 @@ TASKS = ("feature-extraction", "sentence-embedding", "text-classification", "zer
          "translation", "text2text-generation")
 
 
-_BERT = ("bert", "roberta", "distilbert", "albert", "electra")
 
 
 def _canonical_task(task: str) -> str:
@@ -113,7 +113,7 @@ class Pipeline:
 
     task = ""
     model_task: Optional[str] = None  # trifuse's head for from_pretrained
-    model_types: tuple = _BERT  # the checkpoint families this task runs on
+    kinds: tuple = (ENCODER,)  # the kinds of family (engine.family) this task runs on
     default_batch_size = 32
     text = True  # tokenized input
 
@@ -121,8 +121,9 @@ class Pipeline:
                  defaults: Optional[dict] = None, task_name: Optional[str] = None):
         self.path, self.config = path, config
         self.task_name = task_name or self.task
-        if config.get("model_type") not in self.model_types:
-            raise ValueError(f"{self.task_name} runs on {', '.join(self.model_types)} checkpoints; {path} is "
+        model_types = [t for f in families() if f.kind in self.kinds for t in f.model_types]
+        if config.get("model_type") not in model_types:
+            raise ValueError(f"{self.task_name} runs on {', '.join(model_types)} checkpoints; {path} is "
                              f"{config.get('model_type')!r}")
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -255,7 +256,7 @@ class Pipeline:
 
     @property
     def _type_ids(self) -> bool:
-        return self.model_type in _BERT and self.model_type != "distilbert"  # DistilBERT has no token types
+        return getattr(self.model, "uses_token_type_ids", False)  # DistilBERT has none
 
     def _encoder_forward(self, batch: List[_Unit], opts: dict, fields: Sequence[str], token_level: Sequence[str]):
         """Run the encoder on ``batch`` (right-padded) and store each row's ``fields`` in its unit
@@ -263,8 +264,9 @@ class Pipeline:
         inputs = self.tokenizer.pad([u.enc for u in batch], side="right", device=self.device,
                                     type_ids=self._type_ids)
         attn = bool(opts.get("output_attentions"))
-        if attn and self.model_type not in _BERT:
-            raise ValueError(f"output_attentions=True needs a BERT-family checkpoint; this is {self.model_type!r}")
+        if attn and family_of(self.model).kind != ENCODER:
+            raise ValueError(f"output_attentions=True needs a text-encoder checkpoint (BERT family); this is "
+                             f"{self.model_type!r}")
         model = self.model if attn else self._runner()
         out = model(**inputs, output_attentions=True) if attn else model(**inputs)
         for r, u in enumerate(batch):
@@ -306,7 +308,7 @@ def _text_input(x, task: str) -> str:
 class FeatureExtraction(Pipeline):
     task = "feature-extraction"
     model_task = "feature-extraction"
-    model_types = _BERT + ("gpt2",)
+    kinds = (ENCODER, DECODER)
     options = {"truncation": None, "tokenize_kwargs": None, "return_tensors": False, "output_attentions": False}
 
     def _prepare(self, i, x, opts):
@@ -941,7 +943,7 @@ class TextGeneration(_Generation):
 
     task = "text-generation"
     model_task = "causal-lm"
-    model_types = ("gpt2",)
+    kinds = (DECODER,)
     options = {**{k: None for k in _GENERATE}, "return_full_text": True, "return_text": None,
                "return_tensors": False, "prefix": "", "clean_up_tokenization_spaces": None,
                "skip_special_tokens": True, "handle_long_generation": None}
@@ -1058,7 +1060,7 @@ class Text2TextGeneration(_Generation):
 
     task = "text2text-generation"
     model_task = "text2text-generation"
-    model_types = ("t5",)
+    kinds = (SEQ2SEQ,)
     return_name = "generated"
     options = {**{k: None for k in _GENERATE}, "return_text": True, "return_tensors": False,
                "clean_up_tokenization_spaces": False, "truncation": None, "src_lang": None, "tgt_lang": None}
@@ -1142,7 +1144,7 @@ class Translation(Text2TextGeneration):
 class ImageClassification(Pipeline):
     task = "image-classification"
     model_task = "image-classification"
-    model_types = ("vit", "deit")
+    kinds = (VISION,)
     text = False
     options = {"top_k": 5, "function_to_apply": None, "timeout": None}
 
@@ -1248,3 +1250,18 @@ def plot_attention(result, layer: int = -1, head: Optional[int] = None, path: Un
     path = Path(path or "attention.png")
     fig.savefig(path, dpi=100)
     return path
+
+
+def jsonable(value: Any) -> Any:
+    """Pipeline results as JSON: tensors and arrays become (nested) lists, numbers plain floats/ints."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().tolist() if value.is_floating_point() else value.cpu().tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

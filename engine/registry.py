@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import functools
+import importlib
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from .family import Family
 from .loading import generation_defaults, read_checkpoint, read_generation_config
 
 _DTYPES = {
@@ -25,51 +28,41 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]
     return _DTYPES[dtype]
 
 
-#: ``model_type`` -> the module under ``trifuse.engine.models`` that builds it. Each module has
-#: ``from_checkpoint(config: dict, state: dict, *, task, dtype, device) -> nn.Module``.
-MODEL_TYPES = {
-    "bert": "bert", "roberta": "bert", "distilbert": "bert", "albert": "bert", "electra": "bert",
-    "gpt2": "gpt2",
-    "vit": "vit", "deit": "vit",
-    "t5": "t5",
-}
+#: The model families, one module each under ``trifuse.engine.models``, each ending with
+#: ``FAMILY = engine.family.Family(...)``. A new family is one more name here.
+FAMILY_MODULES = ("bert", "gpt2", "t5", "vit")
 
 
-#: Hugging Face's config-class defaults (transformers 5.24, ``AutoConfig.for_model(t)``) for every
-#: key trifuse reads: a ``config.json`` without one means exactly what it means to Hugging Face.
-_BERT = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-             intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
-             layer_norm_eps=1e-12, pad_token_id=0, tie_word_embeddings=True)
-_VIT = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-            hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3, qkv_bias=True,
-            pooler_act="tanh")
-HF_CONFIG_DEFAULTS = {
-    "bert": _BERT,
-    "roberta": {**_BERT, "vocab_size": 50265, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
-    "distilbert": dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072, activation="gelu",
-                       max_position_embeddings=512, pad_token_id=0, tie_word_embeddings=True),
-    "albert": {**_BERT, "vocab_size": 30000, "embedding_size": 128, "hidden_size": 4096, "num_attention_heads": 64,
-               "intermediate_size": 16384, "hidden_act": "gelu_new", "num_hidden_groups": 1, "inner_group_num": 1},
-    "electra": {**_BERT, "embedding_size": 128, "hidden_size": 256, "num_attention_heads": 4,
-                "intermediate_size": 1024},
-    "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                 activation_function="gelu_new", layer_norm_epsilon=1e-5, scale_attn_weights=True,
-                 scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=True, bos_token_id=50256,
-                 eos_token_id=50256),
-    "t5": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
-               relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
-               feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, tie_word_embeddings=True),
-    "vit": _VIT,
-    "deit": _VIT,
-}
+@functools.lru_cache(maxsize=None)
+def families() -> Tuple[Family, ...]:
+    """Every family's contract, in :data:`FAMILY_MODULES` order."""
+    found = tuple(importlib.import_module(f"trifuse.engine.models.{name}").FAMILY for name in FAMILY_MODULES)
+    seen: dict = {}
+    for fam in found:
+        for t in fam.model_types:
+            if t in seen:
+                raise RuntimeError(f"model_type {t!r} is claimed by families {seen[t]!r} and {fam.name!r}")
+            seen[t] = fam.name
+    return found
 
-#: Hugging Face's ``attribute_map``: a config may say ``hidden_size`` for GPT-2's ``n_embd`` and so on.
-_ALIASES = {
-    "gpt2": {"n_embd": "hidden_size", "n_positions": "max_position_embeddings", "n_layer": "num_hidden_layers",
-             "n_head": "num_attention_heads"},
-    "distilbert": {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads"},
-    "t5": {"d_model": "hidden_size", "num_heads": "num_attention_heads", "num_layers": "num_hidden_layers"},
-}
+
+def family_for(model_type) -> Optional[Family]:
+    """The family that builds ``model_type``; ``None`` if none does."""
+    return next((f for f in families() if model_type in f.model_types), None)
+
+
+def family_of(model) -> Family:
+    """The family of a trifuse model (``from_pretrained``'s result); ``TypeError`` for anything else."""
+    for fam in families():
+        if isinstance(model, fam.model_classes):
+            return fam
+    raise TypeError(f"{type(model).__module__}.{type(model).__name__} is not a trifuse model "
+                    f"(trifuse.from_pretrained(...) builds one for {', '.join(supported_model_types())})")
+
+
+def named_sizes() -> Dict[str, Tuple[Family, dict]]:
+    """Every benchmark size of every family: name -> ``(family, config.json dict)``."""
+    return {name: (fam, cfg) for fam in families() for name, cfg in fam.named_sizes.items()}
 
 
 def with_hf_defaults(config: dict) -> dict:
@@ -78,11 +71,14 @@ def with_hf_defaults(config: dict) -> dict:
     if not isinstance(model_type, str):
         raise ValueError(f"config has no 'model_type' (got {model_type!r}); trifuse supports "
                          f"{', '.join(supported_model_types())}")
+    fam = family_for(model_type)
     out = dict(config)
-    for name, alias in _ALIASES.get(model_type, {}).items():
+    if fam is None:
+        return out
+    for name, alias in fam.config_aliases.get(model_type, {}).items():
         if name not in out and alias in out:
             out[name] = out[alias]
-    for name, value in HF_CONFIG_DEFAULTS.get(model_type, {}).items():
+    for name, value in fam.config_defaults.get(model_type, {}).items():
         out.setdefault(name, value)
     return out
 
@@ -122,19 +118,11 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-_GENERATIVE = ("gpt2", "t5")  # the families with generate()
 _GENERATION_IDS = ("eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-def _family_module(model_type):
-    import importlib
-
-    name = MODEL_TYPES.get(model_type)
-    return None if name is None else importlib.import_module(f"trifuse.engine.models.{name}")
-
-
 def supported_model_types() -> tuple[str, ...]:
-    return tuple(MODEL_TYPES)
+    return tuple(t for f in families() for t in f.model_types)
 
 
 def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, device=None,
@@ -155,19 +143,19 @@ def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, devi
     config, state = read_checkpoint(source)
     config = with_hf_defaults(config)
     model_type = config["model_type"]
-    module = _family_module(model_type)
-    if module is None:
+    fam = family_for(model_type)
+    if fam is None:
         raise ValueError(f"unsupported model_type {model_type!r}; trifuse supports "
                          f"{', '.join(supported_model_types())}")
     if dtype is None:
         dtype = _one_dtype(config, state)
     generation = {}
-    if model_type in _GENERATIVE:
+    if fam.generative:
         # As in Hugging Face, generation_config.json decides generate's defaults (its token ids
         # over config.json's); arguments passed to generate() override it.
         generation = generation_defaults(read_generation_config(source))
         config.update({k: generation[k] for k in _GENERATION_IDS if k in generation})
-    model = module.from_checkpoint(config, state, task=task, dtype=dtype, device=device)
-    if model_type in _GENERATIVE:
+    model = fam.from_checkpoint(config, state, task=task, dtype=dtype, device=device)
+    if fam.generative:
         model.generation_config = generation
     return model

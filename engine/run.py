@@ -17,8 +17,6 @@ import json
 import sys
 from typing import Iterator
 
-import numpy as np
-
 
 def _option_names() -> list:
     from .pipelines import _PIPELINES
@@ -78,16 +76,8 @@ def _read(args) -> Iterator:
             yield _input(x)
 
 
-def _jsonable(x):
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"cannot write {type(x).__name__} as JSON")
-
-
 def run(args) -> int:
-    from .pipelines import pipeline
+    from .pipelines import jsonable, pipeline
 
     opts = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_")}
     question, context = opts.pop("question", None), opts.pop("context", None)
@@ -107,7 +97,7 @@ def run(args) -> int:
         return 2
     try:
         for result in pipe(_read(args)):
-            print(json.dumps(result, ensure_ascii=False, default=_jsonable), flush=True)
+            print(json.dumps(result, ensure_ascii=False, default=jsonable), flush=True)
     except (TypeError, ValueError, KeyError, OSError) as e:  # bad input: say which, no traceback
         print(f"trifuse run: {e}", file=sys.stderr)
         return 1

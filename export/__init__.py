@@ -30,5 +30,6 @@ else:
     )
     from .verify import BUDGETS, VerifyReport, print_report, verify
 
-    __all__ = ["to_onnx", "verify", "VerifyReport", "print_report", "BUDGETS", "ExportError", "OrtRunner", "ort_session",
-               "ort_generate_greedy", "read_metadata", "translation_table", "default_providers", "DEFAULT_OPSET"]
+    __all__ = ["to_onnx", "verify", "VerifyReport", "print_report", "BUDGETS", "ExportError", "OrtRunner",
+               "ort_session", "ort_generate_greedy", "read_metadata", "translation_table", "default_providers",
+               "DEFAULT_OPSET"]

@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trifuse import kernels  # noqa: F401  (registers the torch.ops.trifuse ops translated below)
@@ -66,7 +65,6 @@ from trifuse.engine.extras import require
 DEFAULT_OPSET = 20
 MIN_OPSET, MAX_OPSET = 20, 23
 BERT_FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra")
-VIT_FAMILIES = ("vit", "deit")
 #: Output fields of the engine's output objects, in graph order.
 FIELDS = ("last_hidden_state", "pooler_output", "logits", "start_logits", "end_logits", "cls_logits",
           "distillation_logits")
@@ -228,23 +226,15 @@ def _relative_bucket(op, rp, bidirectional: bool, num_buckets: int, max_distance
 
 
 def _model_kind(model) -> Tuple[str, str]:
-    """``(family, kind)`` of a trifuse model; kind is encoder, vision, decoder or seq2seq."""
-    import sys
+    """``(model_type, kind)`` of a trifuse model, from its family's contract (:mod:`engine.family`);
+    kind is encoder, vision, decoder or seq2seq."""
+    from trifuse.engine.registry import family_of
 
-    from trifuse.engine.models import bert, gpt2, vit
-
-    if isinstance(model, bert.EncoderModel):
-        return model.config.family, "encoder"
-    if isinstance(model, vit.VisionTransformer):
-        return model.config.family, "vision"
-    if isinstance(model, gpt2.GPT2Model):
-        return "gpt2", "decoder"
-    t5 = sys.modules.get("trifuse.engine.models.t5")
-    if t5 is not None and isinstance(model, getattr(t5, "T5Model", ())):
-        return "t5", "seq2seq"
-    raise ExportError(
-        f"cannot export a {type(model).__module__}.{type(model).__name__}: to_onnx takes a trifuse model "
-        f"(engine.from_pretrained(...)) of the BERT family, ViT/DeiT, GPT-2 or T5")
+    try:
+        fam = family_of(model)
+    except TypeError as e:
+        raise ExportError(f"cannot export: {e}") from None
+    return model.model_type, fam.kind
 
 
 def _config_json(model) -> str:
@@ -285,7 +275,8 @@ class _VisionGraph(nn.Module):
 
     def __init__(self, model, outputs: Sequence[str], layer_outputs: bool, interpolate: bool):
         super().__init__()
-        self.model, self.outputs, self.layer_outputs, self.interpolate = model, tuple(outputs), layer_outputs, interpolate
+        self.model, self.outputs, self.layer_outputs = model, tuple(outputs), layer_outputs
+        self.interpolate = interpolate
 
     def forward(self, pixel_values):
         out = self.model(pixel_values, interpolate_pos_encoding=self.interpolate,
@@ -293,14 +284,13 @@ class _VisionGraph(nn.Module):
         return tuple(out[k] for k in self.outputs) + (tuple(out.hidden_states) if self.layer_outputs else ())
 
 
-class _GPT2Graph(nn.Module):
-    """GPT-2 with past: ``(input_ids [B, n], attention_mask [B, P + n], past [B, H, P, D] x 2L)``
+class _DecoderGraph(nn.Module):
+    """A decoder-only model with past: ``(input_ids [B, n], attention_mask [B, P + n], past [B, H, P, D] x 2L)``
     -> ``(logits or last_hidden_state, present x 2L[, hidden_states...])``.
 
-    The blocks are the model's own; their cache is a :class:`_ConcatCache`, so the
-    keys and values of a step are the past's concatenated with the new ones (the
-    preallocated :class:`~engine.models.gpt2.KVCache` is a PyTorch-side
-    optimization). Positions follow the mask as in the model: ``cumsum(mask) - 1``.
+    The model's own ``export_forward`` runs on a :class:`_ConcatCache`, so the keys and values
+    of a step are the past's concatenated with the new ones (the preallocated
+    :class:`~engine.cache.KVCache` is a PyTorch-side optimization).
     """
 
     def __init__(self, model, outputs: Sequence[str], layer_outputs: bool):
@@ -308,36 +298,21 @@ class _GPT2Graph(nn.Module):
         self.model, self.outputs, self.layer_outputs = model, tuple(outputs), layer_outputs
 
     def forward(self, input_ids, attention_mask, past_key_values):
-        m = self.model
         n, p = input_ids.shape[1], past_key_values[0].shape[2]
         # The mask covers past and new tokens: saying so lets the trace size everything by P + n.
         torch._check(attention_mask.shape[1] == p + n)
-        mask = attention_mask.ne(0)
-        pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)[:, p:]
         cache = _ConcatCache(past_key_values)
-        h, pending = m.wte(input_ids), m.wpe(pos)
-        hidden = [h + pending] if self.layer_outputs else None
-        for block in m.layers:
-            h, pending, _ = block(h, pending, cache, 0, mask)
-            if hidden is not None:
-                hidden.append(h + pending)
-        x, _ = m.ln_f(pending, residual=h)
-        if hidden is not None:
-            hidden[-1] = x  # as the model: the last hidden state is after the final LayerNorm
-        if "logits" in self.outputs:
-            head = m.wte.weight if m.lm_head is None else m.lm_head.weight
-            first = F.linear(x, head)
-        else:
-            first = x
-        return (first, *cache.present) + (tuple(hidden) if self.layer_outputs else ())
+        first, hidden = self.model.export_forward(input_ids, attention_mask, cache, p, self.layer_outputs)
+        return (first, *cache.present) + (tuple(hidden) if hidden is not None else ())
 
 
-class _T5EncoderGraph(nn.Module):
-    """T5's encoder: ``(input_ids, attention_mask) -> last_hidden_state[, cross_key_values][, hidden_states...]``.
+class _Seq2SeqEncoderGraph(nn.Module):
+    """An encoder-decoder's encoder: ``(input_ids, attention_mask) -> last_hidden_state[, cross_key_values]
+    [, hidden_states...]``.
 
-    ``cross_key_values`` ``[B, L_enc, layers*2*inner]`` is every decoder layer's
-    cross-attention keys/values, one projection of the encoder output (the model's own
-    ``Decoder.project_encoder``), computed once per input and fed to every decoder step.
+    ``cross_key_values`` ``[B, L_enc, cross_width]`` is every decoder layer's cross-attention
+    keys/values, one projection of the encoder output (the model's ``export_encode``),
+    computed once per input and fed to every decoder step.
     """
 
     def __init__(self, model, layer_outputs: bool):
@@ -345,24 +320,15 @@ class _T5EncoderGraph(nn.Module):
         self.model, self.layer_outputs = model, layer_outputs
 
     def forward(self, input_ids, attention_mask):
-        m = self.model
-        emb = m.shared(input_ids)
-        hidden = [emb] if self.layer_outputs else None
-        x = m.encoder(emb, attention_mask.ne(0), m.stream_dtype, hidden)
-        if hidden is not None:
-            hidden[-1] = x  # as model.encode
-        cross = (m.decoder.project_encoder(x),) if m.decoder is not None else ()
-        return (x, *cross) + (tuple(hidden) if hidden is not None else ())
+        x, cross, hidden = self.model.export_encode(input_ids, attention_mask, self.layer_outputs)
+        return (x, *(() if cross is None else (cross,))) + (tuple(hidden) if hidden is not None else ())
 
 
-class _T5DecoderGraph(nn.Module):
-    """T5's decoder with past: ``(decoder_input_ids [B, n], decoder_attention_mask [B, P + n],
-    encoder_attention_mask [B, L_enc], cross_key_values, past [B, H, P, D] x 2L)`` ->
-    ``(logits or last_hidden_state, present x 2L[, hidden_states...])``.
-
-    The model's own decoder stack runs on a :class:`_ConcatCache`; the relative bias's
-    query offset is left to the attention op (``Lk - Lq`` = the past length, symbolic),
-    so its buckets are computed in the graph from the runtime shapes.
+class _Seq2SeqDecoderGraph(nn.Module):
+    """An encoder-decoder's decoder with past: ``(decoder_input_ids [B, n], decoder_attention_mask
+    [B, P + n], encoder_attention_mask [B, L_enc], cross_key_values, past [B, H, P, D] x 2L)`` ->
+    ``(logits or last_hidden_state, present x 2L[, hidden_states...])``, the model's ``export_decode``
+    on a :class:`_ConcatCache`.
     """
 
     def __init__(self, model, outputs: Sequence[str], layer_outputs: bool):
@@ -371,17 +337,11 @@ class _T5DecoderGraph(nn.Module):
 
     def forward(self, decoder_input_ids, decoder_attention_mask, encoder_attention_mask, cross_key_values,
                 past_key_values):
-        m = self.model
-        torch._check(decoder_attention_mask.shape[1] == past_key_values[0].shape[2] + decoder_input_ids.shape[1])
+        p = past_key_values[0].shape[2]
+        torch._check(decoder_attention_mask.shape[1] == p + decoder_input_ids.shape[1])
         cache = _ConcatCache(past_key_values)
-        emb = m.shared(decoder_input_ids)
-        hidden = [emb] if self.layer_outputs else None
-        # start=None: RelativeBias(query_offset=None) lets the op take Lk - Lq, a symbolic size here.
-        x = m.decoder(emb, decoder_attention_mask.ne(0), cross_key_values, encoder_attention_mask.ne(0), cache,
-                      None, m.stream_dtype, hidden)
-        if hidden is not None:
-            hidden[-1] = x
-        first = m._logits(x) if "logits" in self.outputs else x
+        first, hidden = self.model.export_decode(decoder_input_ids, decoder_attention_mask, encoder_attention_mask,
+                                                 cross_key_values, cache, p, self.layer_outputs)
         return (first, *cache.present) + (tuple(hidden) if hidden is not None else ())
 
 
@@ -415,17 +375,6 @@ def _vision_outputs(model) -> List[str]:
     return ["logits"]
 
 
-def _num_hidden(model, family: str, graph: str = "model") -> int:
-    if family == "t5":
-        c = model.config
-        return (c.num_layers if graph == "encoder" else c.num_decoder_layers) + 1
-    if family == "gpt2":
-        return model.config.n_layer + 1
-    if family in VIT_FAMILIES:
-        return len(model.layers) + 1
-    return len(model.layer_order()) + 1
-
-
 def _example(spec_inputs: Sequence[str], given: Optional[dict], make) -> Tuple[Any, ...]:
     given = dict(given or {})
     unknown = sorted(set(given) - set(spec_inputs))
@@ -452,12 +401,12 @@ def graphs_for(model, *, dynamic: bool = True, example_inputs=None, layer_output
         else:
             raise ExportError("example_inputs must be a dict of graph input name -> tensor")
     g = torch.Generator().manual_seed(0)
-    hidden = [f"hidden_states.{i}" for i in range(_num_hidden(model, family))] if layer_outputs else []
+    hidden = [f"hidden_states.{i}" for i in range(model.num_hidden_states())] if layer_outputs else []
     batch = _dim("batch") if dynamic else None
 
     if kind == "encoder":
         c = model.config
-        inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.embed.types is not None else [])
+        inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.uses_token_type_ids else [])
         b, n = 2, max(2, min(7, c.max_length))
 
         def make(name):
@@ -505,7 +454,7 @@ def graphs_for(model, *, dynamic: bool = True, example_inputs=None, layer_output
 
     if kind == "decoder":
         c = model.config
-        L = c.n_layer
+        L, heads, head_dim = model.cache_shape()
         past_names = [f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
         present_names = [f"present.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
         inputs = ["input_ids", "attention_mask"] + past_names
@@ -519,7 +468,7 @@ def graphs_for(model, *, dynamic: bool = True, example_inputs=None, layer_output
                 mask = torch.ones(b, pp + n, dtype=torch.long)
                 mask[1, :2] = 0
                 return mask.to(device)
-            return torch.randn(b, c.n_head, p, c.head_dim, generator=g).to(device=device, dtype=dtype)
+            return torch.randn(b, heads, p, head_dim, generator=g).to(device=device, dtype=dtype)
 
         def given_past_len():
             k = (example_inputs or {}).get("past_key_values.0.key")
@@ -541,12 +490,12 @@ def graphs_for(model, *, dynamic: bool = True, example_inputs=None, layer_output
             dims[name] = ["batch", None, "past_sequence + sequence", None]
         for name in hidden:
             dims[name] = ["batch", "sequence"]
-        return [_Graph("model", _GPT2Graph(model, [first], layer_outputs), inputs, [first] + present_names + hidden,
+        return [_Graph("model", _DecoderGraph(model, [first], layer_outputs), inputs, [first] + present_names + hidden,
                        example, dyn, dims)]
 
-    # T5: the encoder, then (unless task="encoder") the decoder with past.
+    # seq2seq: the encoder, then (with a decoder) the decoder with past.
     c = model.config
-    L, inner = c.num_decoder_layers, c.num_heads * c.d_kv
+    L, heads, head_dim = model.cache_shape()
     seq, dseq, past = (_dim("encoder_sequence"), _dim("sequence"), _dim("past_sequence")) if dynamic else (None,) * 3
     b, le, p, n = 2, 7, 3, 5
     given = dict(example_inputs or {})
@@ -560,14 +509,14 @@ def graphs_for(model, *, dynamic: bool = True, example_inputs=None, layer_output
         return mask.to(device)
 
     enc_example = _example(enc_inputs, {k: v for k, v in given.items() if k in enc_inputs}, make_enc)
-    enc_hidden = [f"hidden_states.{i}" for i in range(_num_hidden(model, family, "encoder"))] if layer_outputs else []
-    enc_outputs = ["last_hidden_state"] + (["cross_key_values"] if model.decoder is not None else [])
+    enc_hidden = [f"hidden_states.{i}" for i in range(model.num_hidden_states("encoder"))] if layer_outputs else []
+    enc_outputs = ["last_hidden_state"] + (["cross_key_values"] if model.has_decoder else [])
     enc_dims = {"input_ids": ["batch", "encoder_sequence"], "attention_mask": ["batch", "encoder_sequence"],
                 "last_hidden_state": ["batch", "encoder_sequence"], "cross_key_values": ["batch", "encoder_sequence"]}
     enc_dims.update({name: ["batch", "encoder_sequence"] for name in enc_hidden})
-    graphs = [_Graph("encoder", _T5EncoderGraph(model, layer_outputs), enc_inputs, enc_outputs + enc_hidden,
+    graphs = [_Graph("encoder", _Seq2SeqEncoderGraph(model, layer_outputs), enc_inputs, enc_outputs + enc_hidden,
                      enc_example, ({0: batch, 1: seq}, {0: batch, 1: seq}) if dynamic else None, enc_dims)]
-    if model.decoder is None:
+    if not model.has_decoder:
         return graphs
     past_names = [f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
     present_names = [f"present.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
@@ -583,15 +532,16 @@ def graphs_for(model, *, dynamic: bool = True, example_inputs=None, layer_output
         if name == "encoder_attention_mask":
             return enc_example[1]
         if name == "cross_key_values":
-            return torch.randn(b, enc_example[0].shape[1], L * 2 * inner, generator=g).to(device=device, dtype=dtype)
-        return torch.randn(b, c.num_heads, p, c.d_kv, generator=g).to(device=device, dtype=dtype)
+            return torch.randn(b, enc_example[0].shape[1], model.cross_width, generator=g).to(device=device,
+                                                                                                 dtype=dtype)
+        return torch.randn(b, heads, p, head_dim, generator=g).to(device=device, dtype=dtype)
 
     flat = _example(dec_inputs, {k: v for k, v in given.items() if k in dec_inputs}, make_dec)
     unknown = sorted(set(given) - set(enc_inputs) - set(dec_inputs))
     if unknown:
-        raise ExportError(f"example_inputs has {unknown}, which are not inputs of T5's graphs")
-    first = "logits" if model.task == "text2text-generation" else "last_hidden_state"
-    dec_hidden = [f"hidden_states.{i}" for i in range(_num_hidden(model, family, "decoder"))] if layer_outputs else []
+        raise ExportError(f"example_inputs has {unknown}, which are not inputs of {model.model_type}'s graphs")
+    first = "logits" if model.has_lm_head else "last_hidden_state"
+    dec_hidden = [f"hidden_states.{i}" for i in range(model.num_hidden_states("decoder"))] if layer_outputs else []
     dyn = None
     if dynamic:
         kv = {0: batch, 2: past}
@@ -603,7 +553,7 @@ def graphs_for(model, *, dynamic: bool = True, example_inputs=None, layer_output
     dims.update({name: ["batch", None, "past_sequence", None] for name in past_names})
     dims.update({name: ["batch", None, "past_sequence + sequence", None] for name in present_names})
     dims.update({name: ["batch", "sequence"] for name in dec_hidden})
-    graphs.append(_Graph("decoder", _T5DecoderGraph(model, [first], layer_outputs), dec_inputs,
+    graphs.append(_Graph("decoder", _Seq2SeqDecoderGraph(model, [first], layer_outputs), dec_inputs,
                          [first] + present_names + dec_hidden, tuple(flat[:4]) + (list(flat[4:]),), dyn, dims))
     return graphs
 
@@ -695,7 +645,7 @@ def _export_graph(model, graph: "_Graph", out: Path, family: str, kind: str, dty
         "trifuse.dtype": _DTYPE_NAMES.get(dtype, str(dtype)), "trifuse.opset": str(opset),
         "trifuse.config": _config_json(model), "trifuse.inputs": ",".join(graph.inputs),
         "trifuse.outputs": ",".join(graph.outputs), "trifuse.dynamic": str(bool(dynamic)).lower(),
-        "trifuse.layer_outputs": str(_num_hidden(model, family, graph.name) if layer_outputs else 0),
+        "trifuse.layer_outputs": str(model.num_hidden_states(graph.name) if layer_outputs else 0),
         "trifuse.example_shapes": json.dumps({name: list(t.shape) for name, t in _flat_example(graph)}),
     }
     ir_model.metadata_props.update(meta)
@@ -902,11 +852,11 @@ def ort_generate_greedy(onnx, input_ids: Tensor, attention_mask: Optional[Tensor
     mask = attention_mask.ne(0).long().cpu()
     ids = input_ids.cpu()
     b = ids.shape[0]
-    seq2seq = family == "t5"
+    seq2seq = meta.get("trifuse.kind") == "seq2seq"
     state = {"past": _empty_past(dec, b)}
     if seq2seq:
         if len(runners) != 2:
-            raise ValueError("T5 greedy decoding needs the encoder and the decoder files")
+            raise ValueError(f"{family} greedy decoding needs the encoder and the decoder files")
         enc = runners[0](input_ids=ids, attention_mask=mask)
         start_token = cj.get("decoder_start_token_id") if decoder_start_token_id is None else decoder_start_token_id
         if start_token is None:

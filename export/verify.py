@@ -120,7 +120,7 @@ def _other(n: int, avoid: int, lo: int = 1, hi: Optional[int] = None) -> int:
 
 def make_inputs(model, meta: dict, *, batch: int = 3, seq: int = 11, seed: int = 0) -> Dict[str, Tensor]:
     """Inputs for one forward of an encoder / ViT graph, off the export's example shapes, padded."""
-    from trifuse.engine.check import make_batch
+    from trifuse.engine.inputs import token_batch
 
     family, kind = ox._model_kind(model)
     example = json.loads(meta.get("trifuse.example_shapes", "{}"))
@@ -133,9 +133,9 @@ def make_inputs(model, meta: dict, *, batch: int = 3, seq: int = 11, seed: int =
         if seq > c.max_length:
             raise ValueError(f"seq={seq} exceeds the model's {c.max_length} positions")
         b, n = (_other(batch, eb), _other(seq, en, 1, c.max_length)) if dynamic else (eb, en)
-        ids, mask = make_batch(c.vocab_size, c.pad_token_id, b, n, device, seed)
+        ids, mask = token_batch(c.vocab_size, c.pad_token_id, b, n, device, seed)
         feed = {"input_ids": ids, "attention_mask": mask}
-        if model.embed.types is not None:
+        if model.uses_token_type_ids:
             types = torch.zeros_like(ids)
             types[:, n // 2:] = min(1, c.type_vocab_size - 1)
             feed["token_type_ids"] = types
@@ -146,22 +146,25 @@ def make_inputs(model, meta: dict, *, batch: int = 3, seq: int = 11, seed: int =
         b = _other(batch, eb) if dynamic else eb
         h, w = (c.image_size if (dynamic or not eh) else (eh, ew))
         return {"pixel_values": torch.randn(b, c.num_channels, h, w, generator=g).to(device)}
-    raise ValueError(f"make_inputs covers encoders and ViT; {family} is checked in stages by verify()")
+    raise ValueError(f"make_inputs covers encoders and vision models; {family} ({kind}) is checked in stages by "
+                     "verify()")
 
 
 def _decoder_stages(model, meta: dict, batch: int, seq: int, seed: int):
-    """GPT-2: a left-padded prompt from an empty past, then 2 new tokens on top of it."""
+    """A decoder-only model: a left-padded prompt from an empty past, then 2 new tokens on top of it."""
     c = model.config
+    limit = model.max_decoder_positions
     example = json.loads(meta.get("trifuse.example_shapes", "{}"))
     eb, en = example.get("input_ids", (0, 0))
     dynamic = meta.get("trifuse.dynamic", "true") == "true"
     if not dynamic:
-        raise ValueError("a GPT-2 exported with dynamic=False only runs its example shapes; pass inputs=")
-    if seq > c.n_positions - 2:
+        raise ValueError(f"a {model.model_type} exported with dynamic=False only runs its example shapes; "
+                         "pass inputs=")
+    if seq > limit - 2:
         raise ValueError(f"seq={seq} leaves no room for the 2 decoding steps verify adds within the model's "
-                         f"{c.n_positions} positions (at most {c.n_positions - 2})")
+                         f"{limit} positions (at most {limit - 2})")
     b = _other(batch, eb)
-    n = _other(seq, en, 1, c.n_positions - 2)
+    n = _other(seq, en, 1, limit - 2)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, c.vocab_size, (b, n), generator=g)
     mask = torch.ones(b, n, dtype=torch.long)
@@ -196,19 +199,19 @@ def _torch_forward(model, kind: str, feed: Dict[str, Tensor], meta: dict, hidden
 
 
 def _torch_decoder(model, feed: Dict[str, Tensor], hidden: bool) -> Dict[str, Tensor]:
-    """GPT-2 on explicit past tensors: they go into a fresh KVCache, then the model's forward runs."""
-    c = model.config
+    """A decoder-only model on explicit past tensors: they go into a fresh cache, then the model's forward runs."""
+    layers = model.cache_shape()[0]
     ids, mask = feed["input_ids"], feed["attention_mask"]
     b, n = ids.shape
-    past_k = [feed.get(f"past_key_values.{i}.key") for i in range(c.n_layer)]
-    past_v = [feed.get(f"past_key_values.{i}.value") for i in range(c.n_layer)]
+    past_k = [feed.get(f"past_key_values.{i}.key") for i in range(layers)]
+    past_v = [feed.get(f"past_key_values.{i}.value") for i in range(layers)]
     p = 0 if past_k[0] is None else past_k[0].shape[2]
     if tuple(mask.shape) != (b, p + n):
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; with {p} past positions and {n} new "
                          f"tokens it must be {(b, p + n)}")
     cache = model.new_cache(b, p + n)
     if p:
-        for i in range(c.n_layer):
+        for i in range(layers):
             cache.keys[i, :, :, :p] = past_k[i].to(cache.keys.dtype)
             cache.values[i, :, :, :p] = past_v[i].to(cache.values.dtype)
         cache.mask[:, :p] = mask[:, :p].ne(0)
@@ -218,7 +221,7 @@ def _torch_decoder(model, feed: Dict[str, Tensor], hidden: bool) -> Dict[str, Te
         out = model(ids, attention_mask=mask, past_key_values=cache, output_hidden_states=hidden)
     res = {"logits" if model.has_lm_head else "last_hidden_state":
            out.logits if model.has_lm_head else out.last_hidden_state}
-    for i in range(c.n_layer):
+    for i in range(layers):
         res[f"present.{i}.key"] = cache.keys[i, :, :, : p + n]
         res[f"present.{i}.value"] = cache.values[i, :, :, : p + n]
     if hidden:
@@ -323,7 +326,7 @@ def verify(onnx_path, model, inputs: Optional[Dict[str, Tensor]] = None, provide
     providers = list(providers or ["CPUExecutionProvider"])
     budget = BUDGETS.get(meta.get("trifuse.dtype"), 1e-4) if budget is None else budget
     if kind == "seq2seq":
-        return _verify_t5(paths, metas, model, inputs, providers, layerwise, batch, seq, seed, budget)
+        return _verify_seq2seq(paths, metas, model, inputs, providers, layerwise, batch, seq, seed, budget)
     path = paths[0]
     runner = _runner(path, meta, providers)
     expected = runner.input_names
@@ -370,17 +373,17 @@ def _compare_all(report: VerifyReport, stage: str, runner, got: Dict[str, Tensor
 
 
 # ----------------------------------------------------------------------------
-# T5: the encoder, then the decoder from an empty past, then a step on ONNX Runtime's presents.
+# Encoder-decoders: the encoder, then the decoder from an empty past, then a step on ONNX Runtime's presents.
 
 
-def _t5_cache(model, feed: Dict[str, Tensor], n: int):
-    c = model.config
+def _seq2seq_cache(model, feed: Dict[str, Tensor], n: int):
+    layers = model.cache_shape()[0]
     b = feed["decoder_input_ids"].shape[0]
     k0 = feed.get("past_key_values.0.key")
     p = 0 if k0 is None else k0.shape[2]
     cache = model.new_cache(b, p + n)
     if p:
-        for i in range(c.num_decoder_layers):
+        for i in range(layers):
             cache.keys[i, :, :, :p] = feed[f"past_key_values.{i}.key"].to(cache.keys.dtype)
             cache.values[i, :, :, :p] = feed[f"past_key_values.{i}.value"].to(cache.values.dtype)
         cache.mask[:, :p] = feed["decoder_attention_mask"][:, :p].ne(0)
@@ -389,17 +392,18 @@ def _t5_cache(model, feed: Dict[str, Tensor], n: int):
     return cache, p
 
 
-def _torch_t5_decoder(model, feed: Dict[str, Tensor], encoder_hidden: Tensor, hidden: bool) -> Dict[str, Tensor]:
-    """The model's own forward on explicit past tensors (a fresh T5Cache) and the given encoder output."""
+def _torch_seq2seq_decoder(model, feed: Dict[str, Tensor], encoder_hidden: Tensor,
+                           hidden: bool) -> Dict[str, Tensor]:
+    """The model's own forward on explicit past tensors (a fresh cache) and the given encoder output."""
     ids = feed["decoder_input_ids"]
     n = ids.shape[1]
-    cache, p = _t5_cache(model, feed, n)
+    cache, p = _seq2seq_cache(model, feed, n)
     with torch.no_grad():
         out = model(attention_mask=feed["encoder_attention_mask"], decoder_input_ids=ids,
                     decoder_attention_mask=feed["decoder_attention_mask"], encoder_outputs=encoder_hidden,
                     past_key_values=cache, output_hidden_states=hidden)
     res = {"logits": out.logits} if out.logits is not None else {"last_hidden_state": out.last_hidden_state}
-    for i in range(model.config.num_decoder_layers):
+    for i in range(model.cache_shape()[0]):
         res[f"present.{i}.key"] = cache.keys[i, :, :, : p + n]
         res[f"present.{i}.value"] = cache.values[i, :, :, : p + n]
     if hidden:
@@ -407,22 +411,24 @@ def _torch_t5_decoder(model, feed: Dict[str, Tensor], encoder_hidden: Tensor, hi
     return res
 
 
-def _verify_t5(paths, metas, model, inputs, providers, layerwise, batch, seq, seed, budget) -> VerifyReport:
-    from trifuse.engine.check import make_batch
+def _verify_seq2seq(paths, metas, model, inputs, providers, layerwise, batch, seq, seed,
+                    budget) -> VerifyReport:
+    from trifuse.engine.inputs import token_batch
 
     c = model.config
+    name = model.model_type
     graphs = [m.get("trifuse.graph") for m in metas]
-    want = ["encoder"] + (["decoder"] if model.decoder is not None else [])
+    want = ["encoder"] + (["decoder"] if model.has_decoder else [])
     if graphs != want:
-        raise ValueError(f"{', '.join(map(str, paths))}: T5 ({model.task}) needs the {' and '.join(want)} graphs, "
+        raise ValueError(f"{', '.join(map(str, paths))}: {name} ({model.task}) needs the {' and '.join(want)} graphs, "
                          f"found {graphs}; pass the path given to to_onnx or (encoder, decoder)")
     enc_runner = _runner(paths[0], metas[0], providers)
-    report = VerifyReport(" + ".join(map(str, paths)), "t5", metas[0].get("trifuse.dtype", "?"),
+    report = VerifyReport(" + ".join(map(str, paths)), name, metas[0].get("trifuse.dtype", "?"),
                           enc_runner.session.get_providers(), [])
     inputs = dict(inputs or {})
     unknown = sorted(set(inputs) - {"input_ids", "attention_mask", "decoder_input_ids"})
     if unknown:
-        raise ValueError(f"inputs {unknown} are not inputs of T5's graphs (input_ids, attention_mask, "
+        raise ValueError(f"inputs {unknown} are not inputs of {name}'s graphs (input_ids, attention_mask, "
                          "decoder_input_ids)")
     device = next(model.parameters()).device
     if "input_ids" in inputs:
@@ -430,19 +436,19 @@ def _verify_t5(paths, metas, model, inputs, providers, layerwise, batch, seq, se
         mask = inputs.get("attention_mask", torch.ones_like(ids))
     else:
         example = json.loads(metas[0].get("trifuse.example_shapes", "{}")).get("input_ids", (0, 0))
-        ids, mask = make_batch(c.vocab_size, c.pad_token_id or 0, _other(batch, example[0]),
+        ids, mask = token_batch(c.vocab_size, c.pad_token_id or 0, _other(batch, example[0]),
                                _other(seq, example[1], 1), "cpu", seed)
     feed = {"input_ids": ids, "attention_mask": mask}
     got = enc_runner(**feed)
     with torch.no_grad():
         enc = model.encode(ids.to(device), mask.to(device), output_hidden_states=layerwise)
         ref = {"last_hidden_state": enc.last_hidden_state}
-        if model.decoder is not None:
-            ref["cross_key_values"] = model.decoder.project_encoder(enc.last_hidden_state)
+        if model.has_decoder:
+            ref["cross_key_values"] = model.cross_key_values(enc.last_hidden_state)
         if layerwise:
             ref.update({f"hidden_states.{i}": h for i, h in enumerate(enc.hidden_states)})
     _compare_all(report, "encoder", enc_runner, got, ref, budget, feed, paths[0])
-    if model.decoder is None:
+    if not model.has_decoder:
         return report
 
     dec_runner = _runner(paths[1], metas[1], providers)
@@ -459,14 +465,15 @@ def _verify_t5(paths, metas, model, inputs, providers, layerwise, batch, seq, se
     for stage in ("prefill", "step"):
         out = dec_runner(**dec_feed)
         torch_feed = {k: v.to(device) for k, v in dec_feed.items()}
-        ref = _torch_t5_decoder(model, torch_feed, enc_hidden, layerwise)
+        ref = _torch_seq2seq_decoder(model, torch_feed, enc_hidden, layerwise)
         _compare_all(report, stage, dec_runner, out, ref, budget, dec_feed, paths[1])
         step_ids = torch.randint(0, c.vocab_size, (b, 2), generator=g)
         dec_feed = {"decoder_input_ids": step_ids,
                     "decoder_attention_mask": torch.ones(b, dec_feed["decoder_attention_mask"].shape[1] + 2,
                                                          dtype=torch.long), **fixed}
         dec_feed.update({f"past_key_values.{name}": out[f"present.{name}"]
-                         for name in (f"{i}.{kv}" for i in range(c.num_decoder_layers) for kv in ("key", "value"))})
+                         for name in (f"{i}.{kv}" for i in range(model.cache_shape()[0])
+                                      for kv in ("key", "value"))})
     return report
 
 

@@ -238,7 +238,7 @@ def test_cli_bench_routes_vit_checkpoint_to_vit_suite(tmp_path):
     rc = trifuse_main(["bench", str(ckpt), "--quick", "--batch", "2",
                        "--backends", "trifuse", "reference", "hf-eager", "--out", str(tmp_path)])
     assert rc == 0
-    (result,) = list(tmp_path.glob("vit-*.json"))
+    (result,) = list(tmp_path.glob("vision-*.json"))
     rows = {r["backend"]: r for r in json.loads(result.read_text())["rows"]}
     assert bench_row_passed(rows["trifuse"])
     assert all(bench_row_passed(rows[b]) and rows[b]["status"] != "checked" for b in ("reference", "hf-eager"))
@@ -248,7 +248,7 @@ def test_cli_bench_gpt2_smoke(tmp_path):
     rc = trifuse_main(["bench", "gpt2-tiny", "--quick", "--backends", "trifuse", "reference", "hf-eager",
                        "--out", str(tmp_path)])
     assert rc == 0
-    (result,) = list(tmp_path.glob("gpt2-*.json"))
+    (result,) = list(tmp_path.glob("decoder-*.json"))
     rows = json.loads(result.read_text())["rows"]
     assert rows and all(bench_row_passed(r) for r in rows), rows
 
@@ -350,9 +350,9 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
                         to_onnx(model, path, **kw))
     ckpt = tmp_path / "tiny-bert"
     hf_model("bert", "Model").save_pretrained(ckpt)
-    monkeypatch.setattr(default, "PLAN", [("bert", "models", (str(ckpt), str(ckpt))),
-                                          ("gpt2", "gpt2", ("gpt2-tiny", "gpt2-tiny")),
-                                          ("nope", "no_such_suite", ("x", "y"))])
+    monkeypatch.setattr(default, "_plan", lambda: [("bert", "models", (str(ckpt), str(ckpt))),
+                                                   ("gpt2", "decoder", ("gpt2-tiny", "gpt2-tiny")),
+                                                   ("nope", "no_such_suite", ("x", "y"))])
     rc = trifuse_main(["bench", "--quick", "--batch", "1", "--seq", "16", "--rows", "4", "--widths", "32",
                        "--head-dims", "16", "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
@@ -365,12 +365,12 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     assert "Finished" in head and "a quick run on" in head and "checks" in head and "ONNX: 2 of 2" in head
     assert "Timing of the Triton kernels needs a GPU; see scripts/device-check.sh" in head
     assert "checks" in out.split("trifuse main job")[-1]
-    for name in ("kernels", "attention", "models", "gpt2", "onnx"):
+    for name in ("kernels", "attention", "models", "decoder", "onnx"):
         assert list(folder.glob(f"{name}-*.json")), name
     rows = json.loads(next(folder.glob("models-*.json")).read_text())["rows"]
     assert rows and all(bench_row_passed(r) for r in rows), rows
     assert all(r["threads"] == 1 for r in rows if r.get("median_ms"))  # pinned, recorded
-    rows = json.loads(next(folder.glob("gpt2-*.json")).read_text())["rows"]
+    rows = json.loads(next(folder.glob("decoder-*.json")).read_text())["rows"]
     assert {r["phase"] for r in rows if r["backend"] == "onnxruntime-cpu"} == {"prefill", "decode"}
     # One export per model: the suites' onnxruntime backends and the export step share it.
     assert len(exported) == len(set(exported)), exported
@@ -414,7 +414,7 @@ def test_cli_bench_t5_smoke(tmp_path):
     rc = trifuse_main(["bench", "t5-tiny", "--quick", "--backends", "trifuse", "reference", "hf-eager",
                        "--out", str(tmp_path)])
     assert rc == 0
-    (result,) = list(tmp_path.glob("t5-*.json"))
+    (result,) = list(tmp_path.glob("seq2seq-*.json"))
     rows = json.loads(result.read_text())["rows"]
     assert rows and all(bench_row_passed(r) for r in rows), rows
 
@@ -447,9 +447,9 @@ def _ort_rows(suite, name: str) -> dict:
 
 def test_decoder_suites_onnxruntime_backends():
     """GPT-2 prefill/decode and T5 encoder/decode run in ONNX Runtime, checked against Hugging Face."""
-    from trifuse.bench import gpt2, t5
+    from trifuse.bench import decoder, seq2seq
 
-    for suite, name, first in ((gpt2, "gpt2-tiny", "prefill"), (t5, "t5-tiny", "encoder")):
+    for suite, name, first in ((decoder, "gpt2-tiny", "prefill"), (seq2seq, "t5-tiny", "encoder")):
         rows = _ort_rows(suite, name)
         assert set(rows) == {first, "decode"}, rows
         for row in rows.values():
@@ -461,14 +461,14 @@ def test_decoder_suites_onnxruntime_backends():
 def test_onnxruntime_backend_wrong_output_is_a_mismatch(monkeypatch):
     """A runner whose logits are negated: both GPT-2 phases are flagged, neither is timed."""
     from trifuse import export
-    from trifuse.bench import gpt2
+    from trifuse.bench import decoder
 
     class Negated(export.OrtRunner):
         def __call__(self, *args, **inputs):
             return {k: -v if k == "logits" else v for k, v in super().__call__(*args, **inputs).items()}
 
     monkeypatch.setattr(export, "OrtRunner", Negated)
-    rows = _ort_rows(gpt2, "gpt2-tiny")  # the export from the test above is reused: only sessions are built
+    rows = _ort_rows(decoder, "gpt2-tiny")  # the export from the test above is reused: only sessions are built
     assert {p: r["status"] for p, r in rows.items()} == {"prefill": "mismatch", "decode": "mismatch"}
     assert all(r["rel_err"] > 0.1 and "median_ms" not in r for r in rows.values())
 
@@ -491,14 +491,14 @@ def test_decoder_suites_trifuse_graphs_backend(monkeypatch):
     """The trifuse-graphs decode rows: without a GPU an error row; with the graphs swapped for the
     same steps run eagerly (StaticDecoder), checked against Hugging Face like every backend."""
     import trifuse.engine.graphs as engine_graphs
-    from trifuse.bench import gpt2, t5
+    from trifuse.bench import decoder, seq2seq
 
     opts = Options(device=torch.device("cpu"), dtype=torch.float32, backends=["trifuse-graphs"], quick=True)
-    rows = gpt2.run(opts, ["gpt2-tiny"]).rows
+    rows = decoder.run(opts, ["gpt2-tiny"]).rows
     assert [(r["phase"], r["status"]) for r in rows] == [
         ("decode", "error: ValueError: CUDA graphs need the model on a CUDA device; it is on cpu")]
     monkeypatch.setattr(engine_graphs, "CUDAGraphDecoder", engine_graphs.StaticDecoder)
-    for suite, name in ((gpt2, "gpt2-tiny"), (t5, "t5-tiny")):
+    for suite, name in ((decoder, "gpt2-tiny"), (seq2seq, "t5-tiny")):
         rows = suite.run(opts, [name]).rows
         assert [r["phase"] for r in rows] == ["decode"], rows  # no prefill / encoder row of its own
         assert rows[0]["status"] == "checked" and rows[0]["rel_err"] < 1e-5, rows  # interpreted: not timed

@@ -510,7 +510,7 @@ def test_dtype_and_output_object(lm, reference_backend):
 
 def test_bench_suite_smoke():
     """`trifuse bench gpt2` on a toy body: every backend checked (interpreted Triton) or timed."""
-    from trifuse.bench import gpt2 as suite
+    from trifuse.bench import decoder as suite
     from trifuse.bench.suite import Options
 
     opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True, warmup=1, min_time_s=0.0,
@@ -523,7 +523,7 @@ def test_bench_suite_smoke():
     assert all(r["rel_err"] < 1e-4 for r in rows)
     timed = [r for r in rows if r["status"] == "ok"]
     assert all(r["median_ms"] > 0 and r["tokens_per_s"] > 0 for r in timed)
-    with pytest.raises(SystemExit, match="unknown GPT-2 model"):
+    with pytest.raises(SystemExit, match="unknown decoder-only model"):
         suite.run(opts, ["gpt3"])
 
 

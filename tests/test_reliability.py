@@ -232,11 +232,13 @@ def test_threads_sharing_one_model_match_sequential_calls():
 
 
 def test_config_defaults_are_hugging_faces():
-    from trifuse.engine.registry import HF_CONFIG_DEFAULTS, with_hf_defaults
+    from trifuse.engine.registry import families, with_hf_defaults
 
-    for model_type, defaults in HF_CONFIG_DEFAULTS.items():
-        hf = T.AutoConfig.for_model(model_type).to_dict()
-        assert {k: hf.get(k) for k in defaults} == defaults, model_type
+    for fam in families():  # each family's contract carries its model types' defaults
+        assert set(fam.config_defaults) == set(fam.model_types), fam.name
+        for model_type, defaults in fam.config_defaults.items():
+            hf = T.AutoConfig.for_model(model_type).to_dict()
+            assert {k: hf.get(k) for k in defaults} == defaults, model_type
     # Hugging Face's attribute_map: GPT-2's hidden_size is its n_embd.
     assert with_hf_defaults({"model_type": "gpt2", "hidden_size": 64})["n_embd"] == T.GPT2Config(hidden_size=64).n_embd
 

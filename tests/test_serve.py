@@ -106,7 +106,7 @@ def test_batch_front_splits_results_and_isolates_bad_requests(checkpoints, refer
     out = server.run_batch(requests)
     assert len(out) == len(requests)
     for (inputs, params), got in list(zip(requests, out))[:4] + [(requests[6], out[6])]:
-        want = serve_mod._jsonable(pipe(inputs, **params))
+        want = serve_mod.jsonable(pipe(inputs, **params))
         assert _close(got, want), (inputs, params, got, want)
     for bad in (out[4], out[5]):  # answered with a reason, the rest of the batch unharmed
         assert isinstance(bad, serve_mod.BadRequest) and bad.status == 400 and "\n" not in str(bad)
@@ -235,7 +235,7 @@ def test_trifuse_serve_end_to_end(checkpoints, gpt2, reference_backend):
             answers = list(pool.map(lambda w: _post(w[0], w[1]), work))
         for (_, payload, want), (status, got) in zip(work, answers):
             assert status == 200, (payload, got)
-            assert _close(got, serve_mod._jsonable(want)), (payload, got, want)
+            assert _close(got, serve_mod.jsonable(want)), (payload, got, want)
 
         with urllib.request.urlopen(url + "stats", timeout=30) as r:
             stats = json.loads(r.read())
@@ -309,7 +309,7 @@ def test_trifuse_serve_end_to_end(checkpoints, gpt2, reference_backend):
                 (record,) = answer[1]
                 assert isinstance(record["generated_text"], str) and record["generated_text"].startswith(text)
             else:
-                assert _close(answer[1], serve_mod._jsonable(cls(text)))
+                assert _close(answer[1], serve_mod.jsonable(cls(text)))
         with urllib.request.urlopen(url + "gen/stats", timeout=30) as r:
             assert json.loads(r.read())["streams"] == 2 + len(prompts), "streams counted once they start"
         ray.shutdown()
@@ -343,7 +343,7 @@ def test_asyncio_front_is_awaitable_without_ray(checkpoints, reference_backend):
     ckpt = checkpoints["text-classification"]
     server = serve_mod.PipelineServer(str(ckpt), "text-classification", max_batch_size=4)
     got = asyncio.run(asyncio.to_thread(server.run_batch, [("a fine, quiet day", {})]))
-    assert _close(got[0], serve_mod._jsonable(trifuse.pipeline("text-classification", ckpt)("a fine, quiet day")))
+    assert _close(got[0], serve_mod.jsonable(trifuse.pipeline("text-classification", ckpt)("a fine, quiet day")))
 
 
 def test_streamed_text_generation_equals_the_pipeline(gpt2, checkpoints, reference_backend):
@@ -379,7 +379,7 @@ def test_streamed_text_generation_equals_the_pipeline(gpt2, checkpoints, referen
 
     lines = asyncio.run(body("Hello, my dog is", params))
     assert [x["token"] for x in lines[:-1]] == pieces
-    assert lines[-1] == serve_mod._jsonable(pipe("Hello, my dog is", **params)[0])
+    assert lines[-1] == serve_mod.jsonable(pipe("Hello, my dog is", **params)[0])
     with pytest.raises(serve_mod.BadRequest, match="bogus"):
         asyncio.run(body("hi", {"bogus": 1}))
 

@@ -345,6 +345,19 @@ def test_repetition_penalty_matches_hf(gen_pairs, reference_backend):
     assert torch.equal(ours.generate(ids, mask, max_new_tokens=8, do_sample=True, repetition_penalty=1.5), want)
 
 
+def test_forced_bos_and_eos_match_hf(gen_pairs, reference_backend):
+    """Hugging Face's forced first and last tokens (BART's checkpoints set them), for every decoder."""
+    hf, ours, ids, mask = gen_pairs["relu"]
+    for kw in (dict(forced_bos_token_id=7), dict(forced_eos_token_id=9), dict(forced_eos_token_id=[9, 11]),
+               dict(forced_bos_token_id=7, forced_eos_token_id=9, num_beams=3)):
+        want = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None, **kw)
+        got = ours.generate(ids, mask, max_new_tokens=6, eos_token_id=[], **kw)
+        assert got.shape == want.shape and torch.equal(got, want), kw
+    assert (got[:, 1] == 7).all()
+    with pytest.raises(ValueError, match=r"forced_bos_token_id=999 is outside the vocabulary"):
+        ours.generate(ids, mask, forced_bos_token_id=999)
+
+
 def test_encoder_and_cross_projection_run_once(gen_pairs, reference_backend, monkeypatch):
     _, ours, ids, mask = gen_pairs["gated-gelu"]
     calls = {"encoder": 0, "cross": 0}

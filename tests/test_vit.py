@@ -294,7 +294,7 @@ def test_bad_images(tmp_path):
 
 
 def test_bench_vit_checkpoint_dir(tmp_path):
-    from trifuse.bench import vit as suite
+    from trifuse.bench import vision as suite
     from trifuse.bench.suite import Options
 
     ckpt = tmp_path / "ckpt"

@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 from trifuse.cli import positive_int
 from trifuse.engine.extras import require
+from trifuse.engine.pipelines import jsonable
 
 #: largest request body accepted, in bytes (a larger one is answered 413)
 MAX_BODY_BYTES = 8 * 2**20
@@ -57,24 +58,6 @@ class BadRequest(Exception):
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
-
-
-def _jsonable(value: Any) -> Any:
-    """Pipeline results as JSON: tensors and arrays become (nested) lists, numbers plain floats/ints."""
-    import numpy as np
-    import torch
-
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu().tolist() if value.is_floating_point() else value.cpu().tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def parse_request(body: bytes) -> tuple[Any, dict]:
@@ -182,9 +165,9 @@ class PipelineServer:
         """A request's answer from its slice of the batch: what ``pipe(inputs, **params)`` returns."""
         inputs, params = request
         if not single:
-            return _jsonable(results)
+            return jsonable(results)
         try:
-            return _jsonable(self.pipeline.single_result(results[0], inputs, **params))
+            return jsonable(self.pipeline.single_result(results[0], inputs, **params))
         except (TypeError, ValueError, KeyError, IndexError) as e:
             raise BadRequest(_one_line(e)) from None
 

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import LayerNorm, PostLNBlock, bias_act, check_activation
+from .. import inputs
+from ..family import ENCODER, Family
+from ..layers import LayerNorm, PostLNBlock, bias_act, check_activation, kernel_mask
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import EncoderOutput, LogitsOutput, QuestionAnsweringOutput
 
@@ -192,6 +194,17 @@ class EncoderModel(nn.Module):
         """Class names of a sequence- or token-classification head (``None`` for other tasks)."""
         return dict(self.config.id2label) if self.task in ("sequence-classification", "token-classification") else None
 
+    @property
+    def model_type(self) -> str:
+        return self.config.family
+
+    @property
+    def uses_token_type_ids(self) -> bool:
+        return self.embed.types is not None
+
+    def num_hidden_states(self, stack: str = "model") -> int:
+        return len(self.layer_order()) + 1
+
     def layer_order(self) -> list[int]:
         """Which unique layer runs at each depth (ALBERT repeats its groups)."""
         c = self.config
@@ -249,7 +262,7 @@ class EncoderModel(nn.Module):
             position_ids = self._position_ids(input_ids)
         if token_type_ids is None and self.embed.types is not None:
             token_type_ids = torch.zeros_like(input_ids)
-        mask = None if attention_mask is None else attention_mask.ne(0)
+        mask = kernel_mask(attention_mask)
         x = self.embed(input_ids, token_type_ids, position_ids)
         hidden, attns = [x], []
         for i in self.layer_order():
@@ -376,3 +389,70 @@ def from_checkpoint(cfg: dict, state: dict, *, task: Optional[str] = None, dtype
     weights = assemble_state(model, state, key_map(model, prefix), skip=skip, dtype=dtype, device=device,
                              what=f"{c.family} checkpoint for {task}")
     return load_into(model, weights)
+
+
+# ----------------------------------------------------------------------------
+# The family's contract (engine.family).
+
+
+def example_inputs(model: EncoderModel, batch: int, seq: int, seed: int = 0) -> dict:
+    c = model.config
+    inputs.check_length(seq, c.max_length)
+    ids, mask = inputs.token_batch(c.vocab_size, c.pad_token_id, batch, seq, model.device, seed)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+#: Hugging Face's config-class defaults (transformers 5.24, ``AutoConfig.for_model(t)``).
+_BERT_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
+                      layer_norm_eps=1e-12, pad_token_id=0, tie_word_embeddings=True)
+_DEFAULTS = {
+    "bert": _BERT_DEFAULTS,
+    "roberta": {**_BERT_DEFAULTS, "vocab_size": 50265, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
+    "distilbert": dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072, activation="gelu",
+                       max_position_embeddings=512, pad_token_id=0, tie_word_embeddings=True),
+    "albert": {**_BERT_DEFAULTS, "vocab_size": 30000, "embedding_size": 128, "hidden_size": 4096,
+               "num_attention_heads": 64, "intermediate_size": 16384, "hidden_act": "gelu_new",
+               "num_hidden_groups": 1, "inner_group_num": 1},
+    "electra": {**_BERT_DEFAULTS, "embedding_size": 128, "hidden_size": 256, "num_attention_heads": 4,
+                "intermediate_size": 1024},
+}
+
+_BASE = dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+             intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu")
+_SIZES = {
+    "bert-base": _BASE,
+    "bert-large": {**_BASE, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                   "intermediate_size": 4096},
+    "roberta-base": {**_BASE, "model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514,
+                     "type_vocab_size": 1, "pad_token_id": 1},
+    "distilbert-base": dict(model_type="distilbert", vocab_size=30522, dim=768, n_layers=6, n_heads=12,
+                            hidden_dim=3072, max_position_embeddings=512),
+    "albert-base": {**_BASE, "model_type": "albert", "vocab_size": 30000, "embedding_size": 128,
+                    "hidden_act": "gelu_new"},
+    "electra-base": {**_BASE, "model_type": "electra", "embedding_size": 768},
+}
+# Small sizes (4 layers, width 512), as in the compact BERTs (Turc et al. 2019), and ELECTRA-small.
+_SMALL = {"num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048}
+_SIZES.update({
+    "bert-small": {**_BASE, **_SMALL},
+    "roberta-small": {**_SIZES["roberta-base"], **_SMALL},
+    "distilbert-small": {**_SIZES["distilbert-base"], "dim": 512, "n_layers": 4, "n_heads": 8, "hidden_dim": 2048},
+    "albert-small": {**_SIZES["albert-base"], **_SMALL},
+    "electra-small": {**_SIZES["electra-base"], "hidden_size": 256, "num_attention_heads": 4,
+                      "intermediate_size": 1024, "embedding_size": 128},
+})
+
+FAMILY = Family(
+    name="bert", kind=ENCODER, model_types=FAMILIES, model_classes=(EncoderModel,), from_checkpoint=from_checkpoint,
+    hf_classes={"feature-extraction": "AutoModel", "masked-lm": "AutoModelForMaskedLM",
+                "sequence-classification": "AutoModelForSequenceClassification",
+                "token-classification": "AutoModelForTokenClassification",
+                "question-answering": "AutoModelForQuestionAnswering"},
+    config_defaults=_DEFAULTS, example_inputs=example_inputs,
+    config_aliases={"distilbert": {"dim": "hidden_size", "n_layers": "num_hidden_layers",
+                                   "n_heads": "num_attention_heads"}},
+    named_sizes=_SIZES,
+    bench_plan={t: (f"{t}-small", f"{t}-base", f"{t}-small") for t in FAMILIES},
+    bench_seconds={"bert": 20, "roberta": 20, "distilbert": 17, "albert": 14, "electra": 18},
+)

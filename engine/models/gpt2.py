@@ -23,7 +23,7 @@ Reference semantics: Hugging Face transformers' ``modeling_gpt2.py`` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,11 @@ from torch import Tensor, nn
 from trifuse import kernels
 
 from .. import generation as gen
+from .. import inputs
 from ..cache import KVCache
 from ..decoding import Decoding, Prefill
-from ..layers import LayerNorm, PreLNBlock, check_activation
+from ..family import DECODER, Family
+from ..layers import Attention, LayerNorm, PreLNBlock, check_activation, kernel_mask
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import ModelOutput
 
@@ -109,28 +111,6 @@ class CausalLMOutput(ModelOutput):
 # The model.
 
 
-class CausalSelfAttention(nn.Module):
-    """Causal multi-head attention over the new tokens and, with a cache, everything before them."""
-
-    def __init__(self, hidden: int, heads: int, layer: int, scale: float):
-        super().__init__()
-        self.heads, self.head_dim, self.layer, self.scale = heads, hidden // heads, layer, scale
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.out = nn.Linear(hidden, hidden)
-
-    def forward(self, x: Tensor, cache: Optional[KVCache], start: Union[int, Tensor], mask: Optional[Tensor]):
-        b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, n, D] strided views
-        if isinstance(start, Tensor):  # static decoding: slot on the device, keys up to the mask's length
-            k, v = cache.update_at(self.layer, start, k, v, mask.shape[1])
-        elif cache is not None:
-            k, v = cache.update(self.layer, start, k, v)  # [B, H, start + n, D] views of the cache
-        # Bottom-right aligned: new query i sees keys <= start + i. One query runs split-K decoding.
-        ctx = kernels.attention(q, k, v, causal=True, attention_mask=mask, scale=self.scale)
-        return self.out(ctx.transpose(1, 2).reshape(b, n, -1)), None
-
-
 class GPT2Model(Decoding, nn.Module):
     """GPT-2 (``GPT2LMHeadModel`` / ``GPT2Model``); call it like the Hugging Face model."""
 
@@ -141,7 +121,7 @@ class GPT2Model(Decoding, nn.Module):
         self.wpe = nn.Embedding(c.n_positions, c.n_embd)
         self.layers = nn.ModuleList(
             PreLNBlock(c.n_embd, c.n_inner, c.activation_function, c.layer_norm_epsilon,
-                       CausalSelfAttention(c.n_embd, c.n_head, i, c.attn_scale(i)))
+                       Attention(c.n_embd, c.n_head, causal=True, scale=c.attn_scale(i), layer=i))
             for i in range(c.n_layer))
         self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False) if untied_head else None
@@ -157,6 +137,36 @@ class GPT2Model(Decoding, nn.Module):
     @property
     def has_lm_head(self) -> bool:
         return self.task == "causal-lm"
+
+    model_type = "gpt2"
+
+    def num_hidden_states(self, stack: str = "model") -> int:
+        return self.config.n_layer + 1
+
+    def cache_shape(self) -> Tuple[int, int, int]:
+        """``(layers, heads, head_dim)`` of the KV cache."""
+        c = self.config
+        return c.n_layer, c.n_head, c.head_dim
+
+    def export_forward(self, input_ids: Tensor, attention_mask: Tensor, cache, past_length,
+                       output_hidden_states: bool = False) -> Tuple[Tensor, Optional[list]]:
+        """The ONNX decoder graph's forward (:mod:`export.onnx`): ``attention_mask`` ``[B, P + n]`` covers
+        the ``P = past_length`` positions in ``cache`` (any object with ``update(layer, start, k, v) ->
+        (keys, values)``, e.g. a concatenating one) and the ``n`` new tokens; positions follow it as in
+        :meth:`forward`. Returns ``(logits, or the last hidden state without an LM head; hidden states
+        or None)``."""
+        mask = attention_mask.ne(0)
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)[:, past_length:]
+        h, pending = self.wte(input_ids), self.wpe(pos)
+        hidden = [h + pending] if output_hidden_states else None
+        for block in self.layers:
+            h, pending, _ = block(h, pending, mask, cache=cache)
+            if hidden is not None:
+                hidden.append(h + pending)
+        x, _ = self.ln_f(pending, residual=h)
+        if hidden is not None:
+            hidden[-1] = x  # as the model: the last hidden state is after the final LayerNorm
+        return (self._lm_logits(x) if self.has_lm_head else x), hidden
 
     def new_cache(self, batch: int, max_len: Optional[int] = None) -> KVCache:
         """An empty cache for ``batch`` rows and up to ``max_len`` positions (default: the position table)."""
@@ -230,8 +240,8 @@ class GPT2Model(Decoding, nn.Module):
         b, n = input_ids.shape
         end = start + n
         if cache is None:
-            mask = None if attention_mask is None else attention_mask.ne(0)
-            padded = mask is not None and not bool(mask.all())
+            mask = kernel_mask(attention_mask)
+            padded = mask is not None
         else:
             if attention_mask is not None:
                 lo = end - attention_mask.shape[1]  # 0 (whole history) or start (new tokens only)
@@ -259,7 +269,7 @@ class GPT2Model(Decoding, nn.Module):
         h, pending = self.wte(input_ids), self.wpe(pos)
         hidden = [h + pending] if output_hidden_states else None
         for block in self.layers:
-            h, pending, _ = block(h, pending, cache, start, mask)
+            h, pending, _ = block(h, pending, mask, cache=cache, start=start)
             if hidden is not None:
                 hidden.append(h + pending)
         x, _ = self.ln_f(pending, residual=h)
@@ -289,7 +299,7 @@ class GPT2Model(Decoding, nn.Module):
         mask.index_fill_(1, slot, True)
         h, pending = self.wte(tokens), self.wpe(positions)
         for block in self.layers:
-            h, pending, _ = block(h, pending, cache, slot, mask)
+            h, pending, _ = block(h, pending, mask, cache=cache, start=slot)
         x, _ = self.ln_f(pending, residual=h)
         slot.add_(1)
         positions.add_(1)
@@ -404,3 +414,44 @@ def from_checkpoint(cfg: dict, state: dict, *, task: Optional[str] = None, dtype
                              what=f"gpt2 checkpoint for {task} (Conv1D weights shown transposed)")
     weights = {k: v.contiguous() for k, v in weights.items()}
     return load_into(model, weights)
+
+
+# ----------------------------------------------------------------------------
+# The family's contract (engine.family).
+
+
+def example_inputs(model: GPT2Model, batch: int, seq: int, seed: int = 0) -> dict:
+    """Right-padded mixed lengths with explicit positions (Hugging Face's forward does not derive
+    them from the mask)."""
+    c = model.config
+    inputs.check_length(seq, c.n_positions)
+    ids, mask = inputs.token_batch(c.vocab_size, c.pad_token_id, batch, seq, model.device, seed)
+    return {"input_ids": ids, "attention_mask": mask,
+            "position_ids": torch.arange(seq, device=model.device).expand(batch, seq)}
+
+
+_GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+             bos_token_id=50256, eos_token_id=50256)
+
+FAMILY = Family(
+    name="gpt2", kind=DECODER, model_types=("gpt2",), model_classes=(GPT2Model,), from_checkpoint=from_checkpoint,
+    hf_classes={"causal-lm": "AutoModelForCausalLM", "feature-extraction": "AutoModel"},
+    # Hugging Face's config-class defaults (transformers 5.24) and attribute_map.
+    config_defaults={"gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                                  activation_function="gelu_new", layer_norm_epsilon=1e-5, scale_attn_weights=True,
+                                  scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=True,
+                                  bos_token_id=50256, eos_token_id=50256)},
+    config_aliases={"gpt2": {"n_embd": "hidden_size", "n_positions": "max_position_embeddings",
+                             "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"}},
+    example_inputs=example_inputs,
+    named_sizes={
+        "gpt2": _GPT2,
+        "gpt2-medium": {**_GPT2, "n_embd": 1024, "n_layer": 24, "n_head": 16},
+        "gpt2-large": {**_GPT2, "n_embd": 1280, "n_layer": 36, "n_head": 20},
+        "gpt2-xl": {**_GPT2, "n_embd": 1600, "n_layer": 48, "n_head": 25},
+        # For smoke runs and tests: the real vocabulary, a toy body.
+        "gpt2-tiny": {**_GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
+    },
+    bench_plan={"gpt2": ("gpt2-tiny", "gpt2", "gpt2-tiny")},
+    bench_seconds={"gpt2": 15},
+)

@@ -55,9 +55,11 @@ from torch import Tensor, nn
 from trifuse import kernels
 
 from .. import generation as gen
-from ..cache import KVCache
+from .. import inputs
+from ..cache import EncoderDecoderCache
 from ..decoding import Decoding, Prefill
-from ..layers import bias_act, check_activation
+from ..family import SEQ2SEQ, Family
+from ..layers import Attention, RMSNorm, bias_act, check_activation, kernel_mask
 from ..loading import assemble_state, load_into
 from ..outputs import EncoderOutput, ModelOutput
 
@@ -157,99 +159,12 @@ Seq2SeqLMOutput = Seq2SeqOutput  # Hugging Face's name for the generation head's
 _CACHE_CHUNK = 64  # decoder positions a generation cache starts with; it doubles from there
 
 
-class T5Cache(KVCache):
-    """The decoder's state across calls.
-
-    * self-attention ``keys``/``values``: ``[layers, B, H, max_len, D]``, preallocated;
-      ``length`` positions are filled; each forward writes its ``n`` new positions in
-      place and attends over the ``[:length + n]`` views (no concatenation);
-    * ``mask`` ``[B, max_len]`` bool: the decoder attention mask seen so far;
-    * ``cross_kv`` ``[B_enc, L_enc, layers*2*inner]``: every decoder layer's
-      cross-attention keys/values, from one projection of ``encoder_hidden_state``,
-      computed once; ``encoder_mask`` ``[B_enc, L_enc]`` bool (None: no padding).
-      ``B`` may be a multiple ``g`` of ``B_enc``: rows ``[i*g, (i+1)*g)`` attend to encoder row ``i``.
-
-    A cache built by :meth:`T5Model.new_cache` has a fixed capacity (decoding past it
-    is a ``ValueError``); one the model starts itself (``use_cache=True``) grows.
-    Beam search's ``reorder`` keeps rows within their encoder row's group, so the
-    shared cross-attention keys/values are never reordered.
-    """
-
-    def __init__(self, batch: int, layers: int, heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device=None, growable: bool = False):
-        super().__init__(batch, layers, heads, max_len, head_dim, dtype, device, growable)
-        self.cross_kv: Optional[Tensor] = None
-        self.encoder_mask: Optional[Tensor] = None
-        self.encoder_hidden_state: Optional[Tensor] = None
-
-    def reset(self) -> None:
-        """Empty the decoder positions and drop the encoder state."""
-        super().reset()
-        self.cross_kv = self.encoder_mask = self.encoder_hidden_state = None
-
-    def __repr__(self) -> str:
-        enc = None if self.cross_kv is None else tuple(self.cross_kv.shape[:2])
-        return f"T5Cache({self._describe()}, encoder={enc})"
+#: The decoder's cache: :class:`engine.cache.EncoderDecoderCache` (T5's name for it).
+T5Cache = EncoderDecoderCache
 
 
 # ----------------------------------------------------------------------------
 # The model.
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, width: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(width))
-        self.eps = eps
-
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
-        """``norm(x)``, or ``(norm(x + residual), x + residual)`` in one pass."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
-
-
-class SelfAttention(nn.Module):
-    """Unscaled multi-head self-attention, one fused ``[3*inner, d_model]`` QKV projection."""
-
-    def __init__(self, c: T5Config):
-        super().__init__()
-        self.heads, self.head_dim = c.num_heads, c.d_kv
-        self.qkv = nn.Linear(c.d_model, 3 * c.inner, bias=False)
-        self.o = nn.Linear(c.inner, c.d_model, bias=False)
-
-    def forward(self, x: Tensor, mask: Optional[Tensor], rel: Union[kernels.RelativeBias, Tensor],
-                causal: bool = False, cache: Optional[T5Cache] = None, layer: int = 0,
-                start: Union[int, Tensor] = 0) -> Tensor:
-        """``rel``: the in-kernel relative bias, or (static decoding) a dense ``[1, H, 1, Lk]`` one."""
-        b, n, _ = x.shape
-        qkv = F.linear(x, self.qkv.weight).view(b, n, 3, self.heads, self.head_dim)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, n, D] strided views
-        if isinstance(start, Tensor):  # static decoding: slot on the device, keys up to the mask's length
-            k, v = cache.update_at(layer, start, k, v, mask.shape[1])
-        elif cache is not None:
-            k, v = cache.update(layer, start, k, v)  # [B, H, start + n, D] views of the cache
-        dense = isinstance(rel, Tensor)
-        ctx = kernels.attention(q, k, v, causal=causal, attention_mask=mask, scale=1.0,
-                                bias=rel if dense else None, relative_bias=None if dense else rel)
-        return F.linear(ctx.transpose(1, 2).reshape(b, n, -1), self.o.weight)
-
-
-class CrossAttention(nn.Module):
-    """Attention over the encoder output; keys/values come precomputed (see ``Decoder.cross_kv``)."""
-
-    def __init__(self, c: T5Config):
-        super().__init__()
-        self.heads, self.head_dim = c.num_heads, c.d_kv
-        self.q = nn.Linear(c.d_model, c.inner, bias=False)
-        self.o = nn.Linear(c.inner, c.d_model, bias=False)
-
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, enc_mask: Optional[Tensor]) -> Tensor:
-        # k, v: [B_enc, H, L_enc, D]. The g = B / B_enc decoder rows of one encoder row (its
-        # beams) become g*n query rows of one batch item: no per-beam copy of k and v.
-        b, n, _ = x.shape
-        be = k.shape[0]
-        q = F.linear(x, self.q.weight).view(be, (b // be) * n, self.heads, self.head_dim).transpose(1, 2)
-        ctx = kernels.attention(q, k, v, attention_mask=enc_mask, scale=1.0)  # [B_enc, H, g*n, D]
-        return F.linear(ctx.transpose(1, 2).reshape(b, n, -1), self.o.weight)
 
 
 class FeedForward(nn.Module):
@@ -275,22 +190,27 @@ class FeedForward(nn.Module):
         return F.linear(h.to(w.dtype), w)
 
 
+def _attention(c: T5Config, **kw) -> Attention:
+    """T5's attention: unscaled (the scale is folded into its weights), no biases."""
+    return Attention(c.d_model, c.num_heads, c.d_kv, qkv_bias=False, out_bias=False, scale=1.0, **kw)
+
+
 class EncoderBlock(nn.Module):
     def __init__(self, c: T5Config):
         super().__init__()
         self.norm1 = RMSNorm(c.d_model, c.eps)
-        self.attn = SelfAttention(c)
+        self.attn = _attention(c)
         self.norm2 = RMSNorm(c.d_model, c.eps)
         self.ffn = FeedForward(c)
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, c: T5Config):
+    def __init__(self, c: T5Config, layer: int):
         super().__init__()
         self.norm1 = RMSNorm(c.d_model, c.eps)
-        self.attn = SelfAttention(c)
+        self.attn = _attention(c, causal=True, layer=layer)
         self.norm2 = RMSNorm(c.d_model, c.eps)
-        self.cross = CrossAttention(c)
+        self.cross = _attention(c, cross=True)
         self.norm3 = RMSNorm(c.d_model, c.eps)
         self.ffn = FeedForward(c)
 
@@ -322,7 +242,7 @@ class Encoder(nn.Module):
         h, pending, rel = emb.to(stream), None, self.rel()
         for block in self.layers:
             x, h = _norm_in(block.norm1, h, pending, compute)
-            a = block.attn(x, mask, rel)
+            a, _ = block.attn(x, mask, relative_bias=rel)
             x, h = _norm_in(block.norm2, h, a, compute)
             pending = block.ffn(x)
             if hidden is not None:
@@ -336,7 +256,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = c
         self.relative_bias = nn.Parameter(torch.empty(c.num_buckets, c.num_heads))
-        self.layers = nn.ModuleList(DecoderBlock(c) for _ in range(c.num_decoder_layers))
+        self.layers = nn.ModuleList(DecoderBlock(c, i) for i in range(c.num_decoder_layers))
         # Every layer's cross-attention k and v, stacked: one GEMM over the encoder output.
         self.cross_kv = nn.Linear(c.d_model, c.num_decoder_layers * 2 * c.inner, bias=False)
         self.final_norm = RMSNorm(c.d_model, c.eps)
@@ -368,12 +288,13 @@ class Decoder(nn.Module):
         compute = emb.dtype
         kv_len = 0 if self_mask is None else self_mask.shape[1]
         h, pending, rel = emb.to(stream), None, self.rel(start, kv_len)
+        # In-kernel relative bias, or (static decoding) a dense [1, H, 1, Lk] one.
+        bias, rel = (rel, None) if isinstance(rel, Tensor) else (None, rel)
         for i, block in enumerate(self.layers):
             x, h = _norm_in(block.norm1, h, pending, compute)
-            a = block.attn(x, self_mask, rel, causal=True, cache=cache, layer=i, start=start)
+            a, _ = block.attn(x, self_mask, cache=cache, start=start, bias=bias, relative_bias=rel)
             x, h = _norm_in(block.norm2, h, a, compute)
-            k, v = self.cross_views(cross_kv, i)
-            a = block.cross(x, k, v, enc_mask)
+            a, _ = block.cross(x, enc_mask, kv=self.cross_views(cross_kv, i))
             x, h = _norm_in(block.norm3, h, a, compute)
             pending = block.ffn(x)
             if hidden is not None:
@@ -412,6 +333,62 @@ class T5Model(Decoding, nn.Module):
         """The residual stream's dtype: fp32 for an fp16 model (T5 overflows fp16), else the model's."""
         return torch.float32 if self.dtype == torch.float16 else self.dtype
 
+    model_type = "t5"
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.task == "text2text-generation"
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder is not None
+
+    def num_hidden_states(self, stack: str = "model") -> int:
+        c = self.config
+        return (c.num_decoder_layers if stack == "decoder" else c.num_layers) + 1
+
+    def cache_shape(self) -> Tuple[int, int, int]:
+        """``(layers, heads, head_dim)`` of the decoder's self-attention cache."""
+        c = self.config
+        return c.num_decoder_layers, c.num_heads, c.d_kv
+
+    @property
+    def cross_width(self) -> int:
+        """The last dimension of ``cross_key_values``: every decoder layer's cross keys and values."""
+        c = self.config
+        return c.num_decoder_layers * 2 * c.num_heads * c.d_kv
+
+    def cross_key_values(self, encoder_hidden_state: Tensor) -> Tensor:
+        """``[B, L_enc, cross_width]``: every decoder layer's cross-attention keys/values, one projection."""
+        return self.decoder.project_encoder(encoder_hidden_state)
+
+    def export_encode(self, input_ids: Tensor, attention_mask: Tensor, output_hidden_states: bool = False):
+        """The ONNX encoder graph's forward (:mod:`export.onnx`): ``(last hidden state, cross_key_values
+        [B, L_enc, cross_width] or None without a decoder, hidden states or None)``. The cross keys/values
+        are one projection of the encoder output, computed once per input and fed to every decoder step."""
+        emb = self.shared(input_ids)
+        hidden = [emb] if output_hidden_states else None
+        x = self.encoder(emb, attention_mask.ne(0), self.stream_dtype, hidden)
+        if hidden is not None:
+            hidden[-1] = x  # as encode()
+        return x, (self.decoder.project_encoder(x) if self.decoder is not None else None), hidden
+
+    def export_decode(self, decoder_input_ids: Tensor, decoder_attention_mask: Tensor,
+                      encoder_attention_mask: Tensor, cross_key_values: Tensor, cache, past_length,
+                      output_hidden_states: bool = False):
+        """The ONNX decoder graph's forward: ``decoder_attention_mask`` ``[B, P + n]`` covers the
+        ``P = past_length`` positions in ``cache`` (any object with ``update(layer, start, k, v)``) and
+        the new ids; T5's relative bias leaves the query offset to the attention op (``Lk - Lq``,
+        symbolic in a trace), so it does not read ``past_length``.
+        Returns ``(logits, or the last hidden state without an LM head; hidden states or None)``."""
+        emb = self.shared(decoder_input_ids)
+        hidden = [emb] if output_hidden_states else None
+        x = self.decoder(emb, decoder_attention_mask.ne(0), cross_key_values, encoder_attention_mask.ne(0), cache,
+                         None, self.stream_dtype, hidden)
+        if hidden is not None:
+            hidden[-1] = x
+        return (self._logits(x) if self.has_lm_head else x), hidden
+
     def new_cache(self, batch: int, max_len: int) -> T5Cache:
         """An empty decoder cache for ``batch`` rows and up to ``max_len`` decoder positions."""
         if self.decoder is None:
@@ -445,14 +422,6 @@ class T5Model(Decoding, nn.Module):
 
     # -- the encoder ----------------------------------------------------------
 
-    @staticmethod
-    def _kernel_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
-        """The kernel's bool mask, or None when nothing is masked (the kernel then reads no mask)."""
-        if mask is None:
-            return None
-        mask = mask.ne(0)
-        return None if bool(mask.all()) else mask
-
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                output_hidden_states: bool = False) -> EncoderOutput:
         """The encoder alone: ``last_hidden_state`` ``[B, L, d_model]`` (and ``hidden_states``)."""
@@ -460,7 +429,7 @@ class T5Model(Decoding, nn.Module):
         self._check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
         emb = self.shared(input_ids)
         hidden = [emb] if output_hidden_states else None
-        x = self.encoder(emb, self._kernel_mask(attention_mask), self.stream_dtype, hidden)
+        x = self.encoder(emb, kernel_mask(attention_mask), self.stream_dtype, hidden)
         if hidden is not None:
             hidden[-1] = x  # Hugging Face's last hidden state is after the final norm
         return EncoderOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
@@ -521,7 +490,7 @@ class T5Model(Decoding, nn.Module):
             enc_mask = cache.encoder_mask
             if attention_mask is not None:
                 self._check_mask("attention_mask", attention_mask, [tuple(enc_hidden.shape[:2])])
-                enc_mask = self._kernel_mask(attention_mask)
+                enc_mask = kernel_mask(attention_mask)
         else:
             if enc_hidden is None:
                 if input_ids is None:
@@ -533,7 +502,7 @@ class T5Model(Decoding, nn.Module):
                 raise ValueError(f"encoder_outputs must hold a [batch, seq, {self.config.d_model}] hidden state")
             enc_hidden = enc_hidden.to(self.dtype)
             self._check_mask("attention_mask", attention_mask, [tuple(enc_hidden.shape[:2])])
-            enc_mask = self._kernel_mask(attention_mask)
+            enc_mask = kernel_mask(attention_mask)
             if cache is not None and cache.cross_kv is not None and cache.encoder_hidden_state is enc_hidden:
                 cross_kv = cache.cross_kv  # the same encoder output as before: reuse its keys/values
             else:
@@ -552,7 +521,7 @@ class T5Model(Decoding, nn.Module):
     def _self_mask(self, decoder_attention_mask: Optional[Tensor], cache: Optional[T5Cache], start: int,
                    n: int) -> Optional[Tensor]:
         if cache is None:
-            return self._kernel_mask(decoder_attention_mask)
+            return kernel_mask(decoder_attention_mask)
         end = start + n
         if decoder_attention_mask is not None:
             lo = end - decoder_attention_mask.shape[1]  # 0 (whole history) or start (new tokens only)
@@ -609,7 +578,7 @@ class T5Model(Decoding, nn.Module):
             # what the tokens actually decoded cost. (Static decoding preallocates on purpose.)
             cache = self.new_cache(b * num_beams, 1 + min(max_new_tokens, _CACHE_CHUNK - 1))
             cache.growable = True
-            cache.cross_kv, cache.encoder_mask = kv, self._kernel_mask(mask)
+            cache.cross_kv, cache.encoder_mask = kv, kernel_mask(mask)
         else:
             cache.reset()
             if cache.cross_buffer is None:
@@ -705,11 +674,11 @@ def key_map(model: T5Model, prefix: str) -> dict:
             b, ours = f"{p}{name}.block.{i}.", f"{name}.layers.{i}."
             spec[ours + "norm1.weight"] = [b + "layer.0.layer_norm.weight"]
             spec[ours + "attn.qkv.weight"] = [f"{b}{_SELF}.{w}.weight" for w in "qkv"]
-            spec[ours + "attn.o.weight"] = [f"{b}{_SELF}.o.weight"]
+            spec[ours + "attn.out.weight"] = [f"{b}{_SELF}.o.weight"]
             spec[ours + "norm2.weight"] = [b + "layer.1.layer_norm.weight"]
             if name == "decoder":
                 spec[ours + "cross.q.weight"] = [b + "layer.1.EncDecAttention.q.weight"]
-                spec[ours + "cross.o.weight"] = [b + "layer.1.EncDecAttention.o.weight"]
+                spec[ours + "cross.out.weight"] = [b + "layer.1.EncDecAttention.o.weight"]
                 spec[ours + "norm3.weight"] = [b + "layer.2.layer_norm.weight"]
             spec[ours + "ffn.wi.weight"] = [f"{b}layer.{ff}.{w}.weight" for w in _FF[c.gated]]
             spec[ours + "ffn.wo.weight"] = [f"{b}layer.{ff}.DenseReluDense.wo.weight"]
@@ -772,3 +741,51 @@ def from_checkpoint(cfg: dict, state: dict, *, task: Optional[str] = None, dtype
             if k.endswith("ffn.wo.weight"):
                 weights[k] = weights[k].float()
     return load_into(model, weights)
+
+
+# ----------------------------------------------------------------------------
+# The family's contract (engine.family).
+
+
+def example_inputs(model: T5Model, batch: int, seq: int, seed: int = 0) -> dict:
+    """Encoder ids (mixed lengths, padded) and, with a decoder, decoder ids from the start token."""
+    c = model.config
+    ids, mask = inputs.token_batch(c.vocab_size, c.pad_token_id, batch, seq, model.device, seed)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if model.decoder is not None:
+        g = torch.Generator().manual_seed(seed + 1)
+        dec = torch.randint(3, c.vocab_size, (batch, max(2, seq // 2)), generator=g).to(model.device)
+        dec[:, 0] = c.decoder_start_token_id or 0
+        out["decoder_input_ids"] = dec
+    return out
+
+
+_SMALL = dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+              relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="relu",
+              tie_word_embeddings=True, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+FAMILY = Family(
+    name="t5", kind=SEQ2SEQ, model_types=("t5",), model_classes=(T5Model,), from_checkpoint=from_checkpoint,
+    hf_classes={"text2text-generation": "AutoModelForSeq2SeqLM", "feature-extraction": "AutoModel",
+                "encoder": "T5EncoderModel"},
+    # Hugging Face's config-class defaults (transformers 5.24) and attribute_map.
+    config_defaults={"t5": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                                layer_norm_epsilon=1e-6, feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
+                                tie_word_embeddings=True)},
+    config_aliases={"t5": {"d_model": "hidden_size", "num_heads": "num_attention_heads",
+                           "num_layers": "num_hidden_layers"}},
+    example_inputs=example_inputs,
+    hidden_streams=("encoder_hidden_states", "decoder_hidden_states"),
+    named_sizes={
+        "t5-small": _SMALL,
+        "t5-base": {**_SMALL, "d_model": 768, "d_ff": 3072, "num_layers": 12, "num_heads": 12},
+        "t5-large": {**_SMALL, "d_model": 1024, "d_ff": 4096, "num_layers": 24, "num_heads": 16},
+        "flan-t5-base": {**_SMALL, "d_model": 768, "d_ff": 2048, "num_layers": 12, "num_heads": 12,
+                         "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+        # For smoke runs and tests: the real vocabulary, a toy body.
+        "t5-tiny": {**_SMALL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
+    },
+    bench_plan={"t5": ("t5-small", "t5-base", "t5-tiny")},
+    bench_seconds={"t5": 27},
+)

@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import inputs
+from ..family import VISION, Family
 from ..images import ImageProcessor, preprocess  # noqa: F401  (re-exported: engine.models.vit.preprocess)
-from ..layers import LayerNorm, PreLNBlock, SelfAttention, bias_act, check_activation
+from ..layers import Attention, LayerNorm, PreLNBlock, bias_act, check_activation
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import EncoderOutput, LogitsOutput
 
@@ -193,7 +195,7 @@ class VisionTransformer(nn.Module):
         self.embed = Embeddings(c)
         self.layers = nn.ModuleList(
             PreLNBlock(c.hidden_size, c.intermediate_size, c.hidden_act, c.layer_norm_eps,
-                       SelfAttention(c.hidden_size, c.num_heads, qkv_bias=c.qkv_bias))
+                       Attention(c.hidden_size, c.num_heads, qkv_bias=c.qkv_bias))
             for _ in range(c.num_layers))
         self.norm = LayerNorm(c.hidden_size, c.layer_norm_eps)
         self.pooler = nn.Linear(c.hidden_size, c.pooler_output_size) if pooler else None
@@ -202,6 +204,21 @@ class VisionTransformer(nn.Module):
     @property
     def id2label(self) -> dict:
         return self.config.id2label
+
+    @property
+    def model_type(self) -> str:
+        return self.config.family
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.patch.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.patch.weight.device
+
+    def num_hidden_states(self, stack: str = "model") -> int:
+        return len(self.layers) + 1
 
     def _check(self, pixel_values, interpolate: bool) -> None:
         c = self.config
@@ -234,7 +251,7 @@ class VisionTransformer(nn.Module):
         h = self.embed(pixel_values, interpolate_pos_encoding)
         pending, hidden, attns = None, [h], []
         for layer in self.layers:
-            h, pending, probs = layer(h, pending, None, output_attentions)
+            h, pending, probs = layer(h, pending, None, need_probs=output_attentions)
             if output_hidden_states:
                 hidden.append(h + pending)
             attns.append(probs)
@@ -322,3 +339,41 @@ def from_checkpoint(cfg: dict, state: dict, *, task: Optional[str] = None, dtype
     weights = assemble_state(model, state, key_map(model, prefix), skip=skip, dtype=dtype, device=device,
                              what=f"{c.family} checkpoint for {task}")
     return load_into(model, weights)
+
+
+# ----------------------------------------------------------------------------
+# The family's contract (engine.family).
+
+
+def example_inputs(model: VisionTransformer, batch: int, seq: int = 0, seed: int = 0) -> dict:
+    """Images of the checkpoint's size (``seq`` is unused: the patch grid sets the length)."""
+    c = model.config
+    return {"pixel_values": inputs.images(batch, c.num_channels, *c.image_size, device=model.device, seed=seed)}
+
+
+#: Hugging Face's config-class defaults (transformers 5.24).
+_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
+                 qkv_bias=True, pooler_act="tanh")
+_BASE = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+             intermediate_size=3072, image_size=224, patch_size=16, num_channels=3, hidden_act="gelu",
+             layer_norm_eps=1e-12)
+_SIZES = {
+    "vit-small-patch16-224": {**_BASE, "hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1536},
+    "vit-base-patch16-224": _BASE,
+    "vit-large-patch16-224": {**_BASE, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                              "intermediate_size": 4096},
+    # For smoke runs, tests and the main job's quick CPU check: 16-pixel patches of a 64-pixel image
+    # (17 tokens), a toy body.
+    "vit-tiny": {**_BASE, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "intermediate_size": 128, "image_size": 64},
+}
+
+FAMILY = Family(
+    name="vit", kind=VISION, model_types=FAMILIES, model_classes=(VisionTransformer,),
+    from_checkpoint=from_checkpoint,
+    hf_classes={"feature-extraction": "AutoModel", "image-classification": "AutoModelForImageClassification"},
+    config_defaults={t: _DEFAULTS for t in FAMILIES}, example_inputs=example_inputs, named_sizes=_SIZES,
+    bench_plan={"vit": ("vit-small-patch16-224", "vit-base-patch16-224", "vit-tiny")},
+    bench_seconds={"vit": 14},
+)

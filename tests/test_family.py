@@ -1,0 +1,140 @@
+"""The model-family contract (engine.family): each family declares itself once, and nothing outside
+``engine/models/`` switches on a family.
+
+The structural check reads the source with ``ast``: outside the model files, no comparison against
+a registered ``model_type`` (``x == "gpt2"``, ``t in ("vit", "deit")``), no ``isinstance`` against a
+model class, no import of a model module. What differs between families lives in their contracts,
+and the rest of the house switches on a family's ``kind`` at most.
+"""
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from trifuse import engine
+from trifuse.engine.decoding import OPTIONS, Decoding
+from trifuse.engine.family import DECODER, KINDS, SEQ2SEQ, Family
+from trifuse.engine.registry import FAMILY_MODULES, families, family_for, family_of
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTSIDE_MODELS = [p for d in ("engine", "export", "bench", "trifuse") for p in sorted((ROOT / d).rglob("*.py"))
+                  if "models" not in p.relative_to(ROOT).parts]
+
+#: What each kind of model promises the rest of the house (see engine/family.py).
+KIND_METHODS = {
+    "encoder": ("forward", "num_hidden_states", "uses_token_type_ids"),
+    "vision": ("forward", "num_hidden_states"),
+    "decoder": ("generate", "stream", "start_decoding", "decode_step", "new_static_cache", "cache_shape",
+                "export_forward", "num_hidden_states", "has_lm_head", "max_decoder_positions"),
+    "seq2seq": ("generate", "stream", "start_decoding", "decode_step", "new_static_cache", "cache_shape",
+                "export_encode", "export_decode", "cross_key_values", "encode", "num_hidden_states", "has_lm_head",
+                "has_decoder", "cross_width"),
+}
+
+
+def test_every_family_declares_a_complete_contract():
+    import transformers
+
+    assert [f.name for f in families()] and len(families()) == len(FAMILY_MODULES)
+    for fam in families():
+        assert isinstance(fam, Family) and fam.kind in KINDS
+        assert set(fam.config_defaults) == set(fam.model_types), fam.name
+        for task, cls in fam.hf_classes.items():
+            assert hasattr(transformers, cls), (fam.name, task, cls)
+        for label, sizes in fam.bench_plan.items():
+            assert all(n in fam.named_sizes for n in sizes), (fam.name, label)
+        for name, cfg in fam.named_sizes.items():
+            assert cfg["model_type"] in fam.model_types, (fam.name, name)
+        for cls in fam.model_classes:
+            missing = [m for m in KIND_METHODS[fam.kind] if not hasattr(cls, m)]
+            assert not missing, (fam.name, missing)
+            assert hasattr(cls, "model_type")
+            if fam.kind in (DECODER, SEQ2SEQ):
+                assert issubclass(cls, Decoding), fam.name  # one decoding front-end for every decoder
+        for t in fam.model_types:
+            assert family_for(t) is fam
+
+
+def test_one_generate_signature_for_every_decoder():
+    """generate/stream are engine.decoding's, not a family's: same options everywhere."""
+    for fam in families():
+        for cls in fam.model_classes:
+            if fam.kind in (DECODER, SEQ2SEQ):
+                assert cls.generate is Decoding.generate and cls.stream is Decoding.stream, fam.name
+    assert {"num_beams", "repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "num_return_sequences",
+            "length_penalty", "early_stopping", "top_k", "top_p", "temperature", "eos_token_id"} <= set(OPTIONS)
+
+
+def test_family_of_and_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(TypeError, match="is not a trifuse model"):
+        family_of(torch.nn.Linear(2, 2))
+    (tmp_path / "config.json").write_text('{"model_type": "nope"}')
+    save_file({"w": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="unsupported model_type 'nope'; trifuse supports bert, roberta"):
+        engine.from_pretrained(tmp_path)
+
+
+def _switches(path: Path, model_types: set, class_names: set) -> list:
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+
+    def literal_types(node) -> set:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value} & model_types
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(*(literal_types(e) for e in node.elts)) if node.elts else set()
+        return set()
+
+    for node in ast.walk(tree):
+        where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                hit = literal_types(side)
+                if hit:
+                    found.append(f"{where} compares with {sorted(hit)}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+            names = {n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", None) for n in ast.walk(node.args[1])}
+            if names & class_names:
+                found.append(f"{where} isinstance against {sorted(names & class_names)}")
+        elif isinstance(node, ast.ImportFrom) and node.module and ".models" in f".{node.module}":
+            found.append(f"{where} imports {node.module}")
+        elif isinstance(node, ast.Dict):
+            hit = set().union(*(literal_types(k) for k in node.keys if k is not None)) if node.keys else set()
+            if hit:
+                found.append(f"{where} a table keyed by {sorted(hit)}")
+    return found
+
+
+def test_nothing_outside_the_model_files_switches_on_a_family():
+    model_types = {t for f in families() for t in f.model_types}
+    class_names = {c.__name__ for f in families() for c in f.model_classes}
+    found = [s for p in OUTSIDE_MODELS for s in _switches(p, model_types, class_names)]
+    assert not found, "\n".join(found)
+
+
+def test_the_structural_check_bites(tmp_path):
+    bad = ROOT / "bench" / "_switch_probe.py"  # scanned as if it were part of the house
+    try:
+        bad.write_text('from trifuse.engine.models.gpt2 import GPT2Model\n'
+                       'def f(m, t):\n'
+                       '    if t in ("vit", "deit"):\n        return 1\n'
+                       '    return isinstance(m, GPT2Model) or {"t5": 1}\n')
+        found = _switches(bad, {"vit", "deit", "t5"}, {"GPT2Model"})
+    finally:
+        bad.unlink()
+    assert len(found) == 4, found
+
+
+def test_adding_a_family_section_names_three_files():
+    """The README's 'Adding a model family' lists what the contract makes true: at most three files."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Adding a model family", 1)[1].split("\n## ", 1)[0]
+    files = [line for line in section.splitlines() if line.startswith(("1. ", "2. ", "3. ", "4. "))]
+    assert len(files) == 3, files
+    assert "engine/models/" in files[0] and "tests/" in files[1] and "FAMILY_MODULES" in files[2]
+    assert inspect.getsource(Family)  # the contract it points to exists
