@@ -16,14 +16,17 @@ registers (Dao 2023, "FlashAttention-2"). On top of that:
   bias, looked up inside the kernel from a per-head table over the signed
   distances around ``+-max_distance`` (``[H, 2*(max_distance+512)+1]`` fp32, built
   per call, bit-exact with Hugging Face's ``_relative_position_bucket``): nothing of
-  size ``Lq x Lk`` is ever built, and key blocks lying wholly beyond
-  ``max_distance`` (where the bucket saturates) add one scalar instead of gathering;
+  size ``Lq x Lk`` is ever built. The bias depends only on key - query, so a tile's is
+  Toeplitz: each tile near the diagonal loads the ``BLOCK_M + BLOCK_N - 1`` distances it
+  spans as one contiguous band and gathers the tile from it on chip (not one load per
+  element); key blocks lying wholly beyond ``max_distance`` (where the bucket
+  saturates) add one scalar instead;
 * decoding (few query blocks, long ``Lk``) splits the keys across programs and
   merges the partial softmaxes in a second kernel (flash-decoding, Dao et al. 2023).
 
 A query row that sees no key at all (all masked, causal with ``Lq > Lk``, or an
 all ``-inf`` bias) returns zeros, as flash-attn does, never NaN. fp16, bf16 and
-fp32 run the kernel (fp32 with exact-fp32 dots, no TF32); fp64 always runs the
+fp32 run the kernel (fp32 with 3xTF32 dots: tensor cores, about 1e-6 from fp64); fp64 always runs the
 reference, and so does bf16 on the CPU (Triton's interpreter has no correct bf16
 dot). Forward only (inference): there is no autograd formula.
 """
@@ -48,6 +51,20 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _rel_tile(BAND0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # T5's bias for one [BLOCK_M, BLOCK_N] tile: Toeplitz, (i, j) -> BAND0[j - i]. One
+        # contiguous vector load of the BLOCK_M + BLOCK_N - 1 distances the tile spans, then
+        # a gather from that band (in registers / shared memory) forms the tile.
+        if BLOCK_M >= BLOCK_N:
+            BAND: tl.constexpr = 2 * BLOCK_M
+        else:
+            BAND: tl.constexpr = 2 * BLOCK_N
+        t = tl.arange(0, BAND)
+        band = tl.load(BAND0 - (BLOCK_M - 1) + t, mask=t < BLOCK_M + BLOCK_N - 1, other=0.0)
+        idx = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
+        return tl.reshape(tl.gather(band, tl.reshape(idx, [BLOCK_M * BLOCK_N]), 0), [BLOCK_M, BLOCK_N])
+
+    @triton.jit
     def _attn_blocks(
         acc, l_i, m_i, q,  # running state [BM, BD], [BM], [BM] and the query block [BM, BD]
         K_HEAD,  # this (batch, head)'s keys
@@ -70,6 +87,13 @@ if HAS_TRITON:
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < Lk
+            if HAS_MASK:
+                # Issued before QK^T, so that its latency hides behind the dot instead of
+                # stalling after the dot's wait.
+                if MASKED:
+                    km = tl.load(MASK_ROW + offs_n * stride_maskn, mask=n_ok, other=0)
+                else:
+                    km = tl.load(MASK_ROW + offs_n * stride_maskn)
             kt_ptrs = K_HEAD + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn  # [BD, BN]
             v_ptrs = V_HEAD + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BN, BD]
             if MASKED:
@@ -102,11 +126,11 @@ if HAS_TRITON:
                 elif rp_max <= -max_distance:
                     s += rel_lo
                 else:
-                    s += tl.load(REL_HEAD + (rel_center - rel_off) + (offs_n[None, :] - offs_m[:, None]))
+                    s += _rel_tile(REL_HEAD + (rel_center - rel_off) + (start_n - m0), BLOCK_M, BLOCK_N)
             elif REL == 2:
                 s += rel_lo
             elif REL == 3:
-                s += tl.load(REL_HEAD + (rel_center - rel_off) + (offs_n[None, :] - offs_m[:, None]))
+                s += _rel_tile(REL_HEAD + (rel_center - rel_off) + (start_n - m0), BLOCK_M, BLOCK_N)
             elif REL == 4:
                 s += rel_hi
 
@@ -117,10 +141,6 @@ if HAS_TRITON:
                 else:
                     s = tl.where(n_ok[None, :], s, float("-inf"))
             if HAS_MASK:
-                if MASKED:
-                    km = tl.load(MASK_ROW + offs_n * stride_maskn, mask=n_ok, other=0)
-                else:
-                    km = tl.load(MASK_ROW + offs_n * stride_maskn)
                 s = tl.where((km != 0)[None, :], s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -302,23 +322,30 @@ if HAS_TRITON:
         tl.store(OUT + b * stride_ob + h * stride_oh + m * stride_om + offs_d * stride_od,
                  out.to(OUT.dtype.element_ty), mask=offs_d < D)
 
-    def _hopper_fits(c, block_d: int, rel: bool, bias: bool) -> bool:
+    def _hopper_fits(c, block_d: int, rel: bool, bias: bool, mask: bool = False) -> bool:
         # Whether ptxas holds this config for sm_90 without spilling registers and within
         # 227 KB of shared memory, as measured on the launches the engine and benchmarks make
-        # (tests/aot_hopper.py, table in bench/static/hopper-sm90.md; Triton 3.9). CI
-        # (tests/test_compile_hopper.py) fails when a config kept here spills, so the rules
-        # follow the compiler, not a guess.
+        # (tests/aot_hopper.py, table in bench/static/hopper-sm90.md; Triton 3.9, and 3.6, the GPU
+        # image's, for fp16: "3.6" marks configs pruned because only 3.6 spills them).
+        # CI (tests/test_compile_hopper.py) fails when a config kept here spills, so the rules
+        # follow the compiler, not a guess; `aot_hopper.py --unpruned` shows what is dropped.
         bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
-        if rel:  # the per-element T5 gather: 182-255 registers where plain attention needs 120
+        if rel:  # the T5 band: 100-175 registers in the shipped tiles (182-254 with the old gather)
             if bm <= 32:
-                return (bm, bn) == (16, 64)  # 16x128, 32x64+ spill at head dim 64
+                return (bm, bn) == (16, 64)  # 16x256 and 32x128 spill at head dim 64; 16x128 sits at 255
             if block_d > 64:
-                return (bm, bn, w) == (64, 32, 4)  # every larger tile spills at head dim 128
-            return (bm, bn, w) in ((64, 32, 4), (64, 64, 4), (128, 64, 8))
+                return (bm, bn, w) == (64, 32, 4)  # 128x64 8w sits at 255 registers, the rest spill
+            return (bm, bn, w) in ((64, 32, 4), (64, 64, 4), (128, 64, 8))  # with a mask 128x32 hits 255
         if block_d <= 64 and (bm, bn) == (16, 256):
             return False  # 4 bytes of spill at head dim 64
+        if mask and block_d <= 64 and (bm, bn, w) == (128, 64, 4):
+            return False  # 4 bytes of spill once the mask load is issued ahead of QK^T
         if block_d > 64 and (bm, bn, w) == (128, 64, 4):
             return False  # spills at head dim 128 (the 8-warp 128x64 does not)
+        if block_d > 64 and (bm, bn) in ((64, 128), (16, 256)):
+            return False  # 3.6: 8 bytes of spill at head dim 128 (3.9: 255 and 141 registers)
+        if bias and bm <= 32 and (bm, bn) == (32, 64):
+            return False  # 3.6: 8 bytes of spill on the dense-bias decode step
         if bias and block_d > 64 and (bm, bn) == (128, 128):
             return False  # the bias tile's stages overflow shared memory at head dim 128
         return True
@@ -332,10 +359,14 @@ if HAS_TRITON:
         lq, block_d = arg("LQ_KEY"), arg("BLOCK_D")
         want_small = lq is not None and lq <= 32
         kept = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == want_small]
+        if arg("DOT_PREC") == "tf32x3":  # fp32: three dots per product, only the smallest tiles hold
+            return [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in ((64, 32), (16, 32))] or kept
+        kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (16, 32)]  # fp32's
         if block_d is not None and block_d >= 256:  # K/V stages of 256-wide rows overflow shared memory
             kept = [c for c in kept if c.kwargs["BLOCK_N"] <= (128 if c.kwargs["BLOCK_M"] <= 32 else 64)] or kept
         if block_d is not None:
-            kept = [c for c in kept if _hopper_fits(c, block_d, bool(arg("HAS_REL")), bool(arg("HAS_BIAS")))] or kept
+            kept = [c for c in kept if _hopper_fits(c, block_d, bool(arg("HAS_REL")), bool(arg("HAS_BIAS")),
+                                                    bool(arg("HAS_MASK")))] or kept
         return kept or configs
 
     _GPU_CONFIGS = [
@@ -345,6 +376,7 @@ if HAS_TRITON:
             (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
             # decode / short queries
             (16, 64, 4, 3), (16, 128, 4, 3), (16, 256, 8, 2), (32, 64, 4, 3), (32, 128, 4, 3),
+            (16, 32, 4, 3),  # fp32 decode only
         ]
     ]
     if not INTERPRET:
@@ -450,7 +482,9 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optio
     flags = dict(
         CAUSAL=causal, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
         HAS_REL=rel_lut is not None, SPLIT=splits > 1,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None,  # fp32 exact; fp16/bf16: default
+        # fp32: 3xTF32 on the tensor cores (about 1e-6 from fp64, where exact-fp32 FMA dots spill
+        # kilobytes at every tile on Hopper and one TF32 pass is 3e-3 off); fp16/bf16: default.
+        DOT_PREC="tf32x3" if q.dtype == torch.float32 else None,
         EVEN_D=block_d == D, BLOCK_D=block_d,
     )
     if INTERPRET:

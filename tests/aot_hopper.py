@@ -206,7 +206,9 @@ def engine_scenarios(dtype: torch.dtype):
     def bert():
         m = model("bert", "feature-extraction")
         ids = torch.randint(3, 1000, (2, 128))
-        m(input_ids=ids, attention_mask=torch.ones_like(ids))
+        mask = torch.ones_like(ids)
+        mask[1, 100:] = 0  # padded: the engine passes an all-ones mask on as None
+        m(input_ids=ids, attention_mask=mask)
 
     def vit():
         model("vit", "feature-extraction")(pixel_values=torch.randn(2, 3, 224, 224, dtype=dtype))
@@ -221,6 +223,14 @@ def engine_scenarios(dtype: torch.dtype):
         ids = torch.randint(2, 30000, (1, 128))
         m.generate(ids, torch.ones_like(ids), max_new_tokens=3, eos_token_id=[], pad_token_id=0)
 
+    def t5_padded():
+        # A padded batch: the encoder's self-attention takes the mask and the T5 bias together.
+        m = model("t5", "text2text-generation")
+        ids = torch.randint(2, 30000, (2, 96))
+        mask = torch.ones_like(ids)
+        mask[1, 61:] = 0
+        m.encode(ids, mask)
+
     def t5_graph_step():
         # engine.graphs' static T5 decoding passes the decoder's self-attention bias dense,
         # [1, H, 1, Lk] (T5 Decoder.rel with a device-tensor start), over the cache's views.
@@ -231,7 +241,8 @@ def engine_scenarios(dtype: torch.dtype):
         kernels.attention(q, cache, cache, causal=True, bias=bias.to(dtype), scale=1.0)
 
     return [("bert-base B2 S128 (mask)", bert), ("vit-base B2", vit), ("gpt2 prefill 512 + decode", gpt2),
-            ("t5-base encode 128 + decode", t5), ("t5 graph decode step (dense bias)", t5_graph_step)]
+            ("t5-base encode 128 + decode", t5), ("t5-base encode B2 S96 padded (mask + T5)", t5_padded),
+            ("t5 graph decode step (dense bias)", t5_graph_step)]
 
 
 def bench_scenarios(dtype: torch.dtype):
@@ -268,15 +279,32 @@ def bench_scenarios(dtype: torch.dtype):
             ("split-K decode hd128 Lk8192", decode_hd128), ("norms and GELU, widths 768..32768", norms)]
 
 
-def record(dtypes=("fp16", "bf16")) -> dict:
+def record(dtypes=("fp16", "bf16"), scenarios: str | None = None, unpruned: bool = False) -> dict:
+    """Every distinct specialization the scenarios launch (``scenarios``: a regex on their names).
+    ``unpruned``: bind the attention configs the Hopper pruning drops too (marked not shipped)."""
     found: dict = {}
     names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    att = _module("attention")
+    dropped: dict = {}  # bound only with the pruning off
     for dt in dtypes:
         dtype = names[dt]
         for name, fn in engine_scenarios(dtype) + bench_scenarios(dtype):
+            if scenarios and not re.search(scenarios, name):
+                continue
             scenario = [f"{name} [{dt}]"]
             with recording(found, scenario), torch.no_grad():
                 fn()
+            if unpruned:
+                fits = att._hopper_fits
+                att._hopper_fits = lambda *a, **k: True
+                try:
+                    with recording(dropped, scenario), torch.no_grad():
+                        fn()
+                finally:
+                    att._hopper_fits = fits
+    for key, job in dropped.items():
+        if key not in found:
+            found[key] = {**job, "shipped_config": False}
     return found
 
 
@@ -393,6 +421,11 @@ def _variant(row: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in f.items() if k.startswith(("IS_", "HAS_", "TANH", "BLOCK")))
 
 
+def _label(row: dict) -> str:
+    """What --match is matched against: 'kernel variant dtype config'."""
+    return f"{row['kernel']} {_variant(row)} {row['dtype']} {_cfg(row)}"
+
+
 def _cfg(row: dict) -> str:
     c = row.get("config")
     if not c:
@@ -441,6 +474,15 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
     p.add_argument("--write", type=Path, metavar="DIR", help="write hopper-sm90.md / .json into DIR")
     p.add_argument("--limit", type=int, help="compile only the first N specializations (a quick look)")
+    p.add_argument("--scenarios", metavar="REGEX",
+                   help="record only the scenarios whose name matches (e.g. 't5|hd128'; default: all)")
+    p.add_argument("--match", metavar="REGEX",
+                   help="compile only specializations whose 'kernel variant dtype config' label matches, "
+                        "e.g. '_attn_fwd .*T5' (iterating on one kernel path)")
+    p.add_argument("--list", action="store_true", help="print the selected specializations' labels, compile nothing")
+    p.add_argument("--unpruned", action="store_true",
+                   help="also bind the attention configs the Hopper pruning (_hopper_fits) drops, to see "
+                        "which of them would spill now (they are reported, not shipped)")
     p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the markdown beside a written JSON")
     args = p.parse_args(argv)
     if args.render:
@@ -448,9 +490,16 @@ def main(argv=None) -> int:
         args.render.with_suffix(".md").write_text(markdown(doc["rows"], doc["meta"]))
         return 0
     t0 = time.perf_counter()
-    found = record(tuple(d.strip() for d in args.dtypes.split(",") if d.strip()))
+    found = record(tuple(d.strip() for d in args.dtypes.split(",") if d.strip()), args.scenarios, args.unpruned)
     t_rec = time.perf_counter() - t0
-    jobs = list(found.values())[: args.limit]
+    jobs = list(found.values())
+    if args.match:
+        jobs = [j for j in jobs if re.search(args.match, _label(j))]
+    jobs = jobs[: args.limit]
+    if args.list:
+        for j in jobs:
+            print(_label(j), "(shipped)" if j["shipped_config"] else "")
+        return 0
     print(f"# {len(jobs)} distinct specializations recorded in {t_rec:.0f} s; compiling with {args.workers} "
           "workers", file=sys.stderr, flush=True)
     rows = compile_all(jobs, args.workers)

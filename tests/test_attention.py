@@ -138,6 +138,49 @@ def test_block_shapes(blocks, device, monkeypatch):
         _check(attention(q, k, v, **kw), q, k, v, **kw)
 
 
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16)])
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 7), (7, 7), (7, 97), (97, 7), (97, 97)])
+def test_t5_band_odd_sizes(Lq, Lk, blocks, device, monkeypatch):
+    """The T5 bias is staged per tile as one contiguous band of BLOCK_M + BLOCK_N - 1 distances
+    (then gathered into the Toeplitz tile): odd sizes, both block shapes, reads kept inside the
+    claimed reach (NaN around it), encoder (bidirectional) and decoder (causal, cached offset)."""
+    if device != "cpu":
+        pytest.skip("the fixed block shape only applies under the interpreter")
+    monkeypatch.setattr(attn_mod, "_INTERPRET_BLOCKS", blocks)
+    _tight_poisoned_lut(monkeypatch, blocks)
+    table = torch.randn(8, 2, device=device)
+    for bidirectional, causal, offset in [(True, False, None), (True, False, 0), (False, True, None)]:
+        q, k, v = _qkv(1, 2, Lq, Lk, 32, torch.float32, device)
+        kw = dict(causal=causal, relative_bias=RelativeBias(table, bidirectional, 8, 12, offset), scale=1.0)
+        _check(attention(q, k, v, **kw), q, k, v, **kw)
+
+
+@pytest.mark.parametrize("offset", [None, 0, 5, 96, 250, 299])
+def test_t5_decode_one_query_with_offsets(offset, device):
+    """KV-cache decoding: Lq == 1 at position ``offset`` (rel_off) of a 300-key cache, the causal
+    horizon and split-K (each split reads its own band) all agree with one split and the reference."""
+    q, k, v = _qkv(2, 2, 1, 300, 64, torch.float32, device)
+    rb = RelativeBias(torch.randn(32, 2, device=device), False, 32, 40, offset)
+    kw = dict(causal=True, relative_bias=rb, scale=1.0)
+    one = attention(q, k, v, _num_splits=1, **kw)
+    _check(one, q, k, v, **kw)
+    torch.testing.assert_close(attention(q, k, v, _num_splits=3, **kw), one, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("causal,t5", [(False, False), (True, False), (False, True), (True, True)])
+def test_mask_all_ones_equals_none(causal, t5, device):
+    """An all-ones padding mask changes nothing: bit-identical to passing None (the mask is
+    loaded ahead of QK^T and applied with a select, so an all-visible block keeps every score)."""
+    q, k, v = _qkv(2, 2, 37, 70, 32, torch.float16, device)
+    kw = dict(causal=causal)
+    if t5:
+        kw.update(relative_bias=RelativeBias(torch.randn(8, 2, device=device), not causal, 8, 20), scale=1.0)
+    none = attention(q, k, v, **kw)
+    for mask in (torch.ones(2, 70, dtype=torch.bool, device=device), torch.ones(2, 70, dtype=torch.long,
+                                                                                 device=device)):
+        assert torch.equal(attention(q, k, v, attention_mask=mask, **kw), none)
+
+
 @pytest.mark.parametrize("offset", [-33, -1, 0, 1, 14, 15, 30, 31, 33])
 def test_causal_diagonal_offsets(offset, device):
     """Lk - Lq around block-size multiples: where a key block turns from masked to fully visible."""
@@ -586,3 +629,19 @@ def test_relative_lookup_index_is_cached_per_settings(device):
     ref = kernels.attention_reference(q.double(), k.double(), v.double(), scale=1.0,
                                       relative_bias=kernels.RelativeBias(table.double(), True, 8, 20))
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_config_pruning():
+    """The autotuner's pruning (GPU only, checked here as plain Python): fp32 (3xTF32 dots) keeps only
+    the tiles that do not spill on Hopper, fp16/bf16 never get fp32's 16x32 decode tile, and a T5
+    launch keeps its measured tiles."""
+    if not hasattr(attn_mod, "_prune_configs"):
+        pytest.skip("needs Triton")
+    cfgs = attn_mod._GPU_CONFIGS
+    tiles = lambda kept: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}  # noqa: E731
+    base = dict(BLOCK_D=64, HAS_REL=False, HAS_BIAS=False, HAS_MASK=False)
+    assert tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC="tf32x3", **base)) == {(64, 32)}
+    assert tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=1, DOT_PREC="tf32x3", **base)) == {(16, 32)}
+    assert (16, 32) not in tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=1, DOT_PREC=None, **base))
+    t5 = attn_mod._prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC=None, **{**base, "HAS_REL": True})
+    assert tiles(t5) == {(64, 32), (64, 64), (128, 64)}
