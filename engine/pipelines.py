@@ -970,24 +970,37 @@ class TextGeneration(_Generation):
         kw = self._generate_kwargs(opts, self._base())
         ids = torch.tensor([unit.enc.ids], dtype=torch.long, device=self.device)
         skip = opts.get("skip_special_tokens", True)
+        clean = opts.get("clean_up_tokenization_spaces")
+        clean = self.tokenizer.clean_up_tokenization_spaces if clean is None else bool(clean)
         eos = kw.get("eos_token_id", self.config.get("eos_token_id"))
         eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         tokens: list[int] = []
         said = ""
+
+        def text() -> str:
+            return self.tokenizer.decode(tokens, skip_special_tokens=skip, clean_up_tokenization_spaces=clean)
+
         with torch.inference_mode():
             for step in self.model.stream(ids, torch.ones_like(ids), **kw):
                 tokens.append(int(step[0]))
-                text_now = self.tokenizer.decode(tokens, skip_special_tokens=skip)
+                text_now = text()
                 if text_now.endswith("\ufffd"):  # a character split across tokens: wait for the rest
                     continue
-                if len(text_now) > len(said):
+                if clean:
+                    # Hugging Face's clean-up deletes a space before punctuation and contractions
+                    # (" ." -> ".", " n't" -> "n't"), so the next tokens may still rewrite the text
+                    # from the last space on: hold that back (a word at most).
+                    text_now = text_now[: max(text_now.rfind(" "), 0)]
+                if len(text_now) > len(said) and text_now.startswith(said):
                     yield text_now[len(said):]
-                said = text_now
+                    said = text_now
                 if tokens[-1] in eos:
                     break
-        rest = self.tokenizer.decode(tokens, skip_special_tokens=skip)[len(said):]
-        if rest:
-            yield rest
+        final = text()
+        if not final.startswith(said):  # cannot happen with Hugging Face's clean-up rules; say so if it does
+            raise RuntimeError(f"streamed text {said!r} is not a prefix of the decoded text {final!r}")
+        if final[len(said):]:
+            yield final[len(said):]
 
     def _prepare(self, i, x, opts):
         x = _text_input(x, self.task)

@@ -197,11 +197,6 @@ class PipelineServer:
             raise BadRequest("a streamed request takes one prompt (a string) as 'inputs'")
         if params.get("return_tensors") or params.get("return_text") is False:
             raise BadRequest("a streamed request returns text: drop 'return_tensors' / 'return_text'")
-        tokenizer = getattr(self.pipeline, "tokenizer", None)
-        if params.get("clean_up_tokenization_spaces") or getattr(tokenizer, "clean_up_tokenization_spaces", False):
-            # the clean-up removes spaces before punctuation, so it can rewrite text already sent
-            raise BadRequest("streamed text is not cleaned up: clean_up_tokenization_spaces (asked for, or "
-                             "set in this checkpoint's tokenizer config) would rewrite pieces already sent")
         stop = threading.Event()
 
         def produce():
