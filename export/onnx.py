@@ -843,16 +843,19 @@ def ort_generate_greedy(onnx, input_ids: Tensor, attention_mask: Optional[Tensor
     if "logits" not in dec.output_names:
         raise ValueError("this decoder was exported without its LM head (task feature-extraction): no logits")
     cj = json.loads(meta["trifuse.config"])
+    seq2seq = meta.get("trifuse.kind") == "seq2seq"
     cfg = gen.GenerationConfig(
         max_new_tokens=max_new_tokens,
         eos_token_id=(cj.get("eos_token_id") or ()) if eos_token_id is None else eos_token_id,
-        pad_token_id=cj.get("pad_token_id") if pad_token_id is None else pad_token_id)
+        pad_token_id=cj.get("pad_token_id") if pad_token_id is None else pad_token_id,
+        # the config's forced first/last tokens, as model.generate applies them (BART's checkpoints set them)
+        forced_bos_token_id=cj.get("forced_bos_token_id"), forced_eos_token_id=cj.get("forced_eos_token_id"),
+        max_length=(1 if seq2seq else input_ids.shape[1]) + max_new_tokens)
     if attention_mask is None:
         attention_mask = gen.default_attention_mask(input_ids, cfg)
     mask = attention_mask.ne(0).long().cpu()
     ids = input_ids.cpu()
     b = ids.shape[0]
-    seq2seq = meta.get("trifuse.kind") == "seq2seq"
     state = {"past": _empty_past(dec, b)}
     if seq2seq:
         if len(runners) != 2:
