@@ -30,7 +30,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]
 
 #: The model families, one module each under ``trifuse.engine.models``, each ending with
 #: ``FAMILY = engine.family.Family(...)``. A new family is one more name here.
-FAMILY_MODULES = ("bert", "gpt2", "t5", "vit")
+FAMILY_MODULES = ("bert", "gpt2", "t5", "vit", "bart")
 
 
 @functools.lru_cache(maxsize=None)
