@@ -113,9 +113,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     model_suites = _model_suites()
     unknown = [s for s in args.suites if s not in SUITES and _model_suite(s, model_suites) is None]
     if unknown:
+        import difflib
+
         named = [n for m in model_suites for n in m.NAMED]
-        args.parser.error(f"unknown suite(s) {unknown}; choose a suite from {list(SUITES)}, a model from "
-                          f"{named} or a checkpoint directory")
+        close = [c for u in unknown for c in difflib.get_close_matches(u, list(SUITES) + named, n=3)]
+        hint = f"did you mean {', '.join(dict.fromkeys(close))}? " if close else ""
+        args.parser.error(f"unknown suite(s) {unknown}; {hint}choose a suite ({', '.join(SUITES)}), one of "
+                          f"{len(named)} named model sizes (e.g. {', '.join(named[::6])}; the README lists them) "
+                          "or a checkpoint directory")
     if args.suites and args.keep_onnx:
         args.parser.error("--keep-onnx applies to the main job (no suite named) only")
     # Model names run through the suite of their family, in the order given.
