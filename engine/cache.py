@@ -80,6 +80,14 @@ class KVCache:
         self.values[:, :, :, :n] = values[:, :, :, :n]
         self.mask[:, :n] = mask[:, :n]
 
+    def make_static(self) -> "KVCache":
+        """Make this cache the fixed buffers of static decoding (:mod:`engine.graphs`): fixed capacity
+        and zero-filled (masked slots still meet the kernel's dot products: 0 * NaN = NaN)."""
+        self.keys.zero_()
+        self.values.zero_()
+        self.growable = False
+        return self
+
     def reorder(self, index: Tensor) -> None:
         """Row ``i`` takes row ``index[i]``'s state (beam search): one ``index_select`` per buffer."""
         n = self.length
@@ -134,6 +142,40 @@ class EncoderDecoderCache(KVCache):
         self.cross_kv: Optional[Tensor] = None
         self.encoder_mask: Optional[Tensor] = None
         self.encoder_hidden_state: Optional[Tensor] = None
+        # Static decoding (make_static): the encoder state is copied into buffers of one
+        # encoder length that keep their addresses across calls (captured graphs read them).
+        self.encoder_length: Optional[int] = None
+        self._cross_buffer: Optional[Tensor] = None
+        self._encoder_mask_buffer: Optional[Tensor] = None
+
+    def make_static(self, encoder_length: int) -> "EncoderDecoderCache":
+        """:meth:`KVCache.make_static`, with the encoder state held at ``encoder_length`` positions
+        (padding masked) in buffers the first prefill allocates."""
+        super().make_static()
+        self.encoder_length = encoder_length
+        return self
+
+    def attach_encoder(self, cross_kv: Tensor, mask: Tensor, encoder_hidden_state: Tensor) -> None:
+        """Hold the encoder's state for decoding: ``cross_kv`` ``[B_enc, L_enc, ...]`` (every decoder
+        layer's cross keys/values), ``mask`` ``[B_enc, L_enc]`` bool. A static cache copies them into
+        its fixed buffers, padded to its ``encoder_length``; another keeps them (the mask as the
+        kernel's: ``None`` when nothing is masked)."""
+        if self.encoder_length is None:
+            from .layers import kernel_mask
+
+            self.cross_kv, self.encoder_mask = cross_kv, kernel_mask(mask)
+        else:
+            b, n = mask.shape
+            if self._cross_buffer is None:
+                self._cross_buffer = cross_kv.new_zeros(b, self.encoder_length, cross_kv.shape[2])
+                self._encoder_mask_buffer = torch.zeros(b, self.encoder_length, dtype=torch.bool,
+                                                        device=cross_kv.device)
+            self._cross_buffer[:, :n] = cross_kv
+            self._cross_buffer[:, n:] = 0
+            self._encoder_mask_buffer[:, :n] = mask
+            self._encoder_mask_buffer[:, n:] = False  # the padding up to the encoder length
+            self.cross_kv, self.encoder_mask = self._cross_buffer, self._encoder_mask_buffer
+        self.encoder_hidden_state = encoder_hidden_state
 
     def reset(self) -> None:
         """Empty the decoder positions and drop the encoder state."""

@@ -367,24 +367,9 @@ class BartModel(Decoding, nn.Module):
     # -- checks ---------------------------------------------------------------
 
     def _check_ids(self, name: str, ids) -> None:
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor of shape [batch, seq]")
-        if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): batch size and length must be >= 1")
-        if torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return  # the value check would synchronize or break the graph
-        v = self.config.vocab_size
-        if ids.min() < 0 or ids.max() >= v:
-            raise ValueError(f"{name}: token ids must lie in [0, {v}); got [{int(ids.min())}, {int(ids.max())}]")
+        inputs.check_token_ids(name, ids, self.config.vocab_size)
 
-    @staticmethod
-    def _check_mask(name: str, mask, shapes: Sequence[tuple]) -> None:
-        if mask is None:
-            return
-        if not isinstance(mask, Tensor) or mask.is_floating_point():
-            raise ValueError(f"{name} must be an integer or bool tensor (1 = attend)")
-        if tuple(mask.shape) not in shapes:
-            raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {' or '.join(map(str, shapes))}")
+    _check_mask = staticmethod(inputs.check_mask)
 
     def _check_length(self, what: str, n: int) -> None:
         limit = self.config.max_position_embeddings
@@ -472,7 +457,7 @@ class BartModel(Decoding, nn.Module):
         # The encoder side: hidden state, cross keys/values, padding mask.
         enc_hidden, enc_states = None, None
         if encoder_outputs is not None:
-            enc_hidden = _first(encoder_outputs)
+            enc_hidden = inputs.encoder_hidden_state(encoder_outputs)
             if isinstance(encoder_outputs, EncoderOutput):
                 enc_states = encoder_outputs.hidden_states
         if cache is not None and cache.cross_kv is not None and enc_hidden is None:
@@ -564,24 +549,15 @@ class BartModel(Decoding, nn.Module):
         encoder's keys/values); see :mod:`engine.decoding`. A static ``cache`` (:meth:`new_static_cache`)
         gets the encoder state copied into its fixed buffers, padded to its encoder length."""
         enc = self.encode(input_ids, mask).last_hidden_state
-        kv = self.decoder.project_encoder(enc)  # once; beams share it
-        b, n = input_ids.shape
+        kv = self.decoder.project_encoder(enc)  # once; beams share it (layers.Attention, cross=True)
+        b = input_ids.shape[0]
         if cache is None:
             # The cache starts at most _CACHE_CHUNK positions long and doubles as decoding goes.
             cache = self.new_cache(b * num_beams, 1 + min(max_new_tokens, _CACHE_CHUNK - 1))
             cache.growable = True
-            cache.cross_kv, cache.encoder_mask = kv, kernel_mask(mask)
         else:
             cache.reset()
-            if cache.cross_buffer is None:
-                cache.cross_buffer = kv.new_zeros(b, cache.encoder_length, kv.shape[2])
-                cache.encoder_mask_buffer = torch.zeros(b, cache.encoder_length, dtype=torch.bool, device=kv.device)
-            cache.cross_buffer[:, :n] = kv
-            cache.cross_buffer[:, n:] = 0
-            cache.encoder_mask_buffer[:, :n] = mask
-            cache.encoder_mask_buffer[:, n:] = False  # the padding up to the encoder length
-            cache.cross_kv, cache.encoder_mask = cache.cross_buffer, cache.encoder_mask_buffer
-        cache.encoder_hidden_state = enc
+        cache.attach_encoder(kv, mask, enc)
         start = torch.full((cache.batch_size, 1), start_token, dtype=torch.long, device=cache.keys.device)
         first = self._step_logits(start, cache)
 
@@ -597,12 +573,7 @@ class BartModel(Decoding, nn.Module):
         zero-filled (masked slots still meet the kernel's dot products: 0 * NaN = NaN), and encoder
         buffers padded to ``encoder_length`` (allocated by the first prefill), which keep their addresses."""
         self._check_length("the static decoder", max_len)
-        cache = self.new_cache(rows, max_len)
-        cache.keys.zero_()
-        cache.values.zero_()
-        cache.encoder_length = encoder_length
-        cache.cross_buffer = cache.encoder_mask_buffer = None
-        return cache
+        return self.new_cache(rows, max_len).make_static(encoder_length)
 
     def decode_step(self, tokens: Tensor, positions: Optional[Tensor], slot: Tensor, cache: BartCache,
                     kv_len: int) -> Tensor:
@@ -637,21 +608,6 @@ def _shift_right(input_ids: Tensor, start_token: int) -> Tensor:
     out[:, 1:] = input_ids[:, :-1]
     out[:, 0] = start_token
     return out
-
-
-def _first(encoder_outputs) -> Tensor:
-    if isinstance(encoder_outputs, Tensor):
-        return encoder_outputs
-    if isinstance(encoder_outputs, EncoderOutput):
-        return encoder_outputs.last_hidden_state
-    if isinstance(encoder_outputs, Seq2SeqOutput):
-        return encoder_outputs.encoder_last_hidden_state
-    if isinstance(encoder_outputs, (tuple, list)) and encoder_outputs:
-        return encoder_outputs[0]
-    if hasattr(encoder_outputs, "last_hidden_state"):  # a transformers BaseModelOutput
-        return encoder_outputs.last_hidden_state
-    raise ValueError("encoder_outputs must be the encoder's last hidden state, a tuple starting with it, "
-                     "or an output with last_hidden_state")
 
 
 # ----------------------------------------------------------------------------

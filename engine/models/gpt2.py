@@ -344,10 +344,7 @@ class GPT2Model(Decoding, nn.Module):
         """A fixed-capacity cache for static decoding (:mod:`engine.graphs`), zero-filled: masked slots still
         meet the kernel's dot products (0 * NaN = NaN)."""
         c = self.config
-        cache = KVCache(rows, c.n_layer, c.n_head, max_len, c.head_dim, self.dtype, self.device, growable=False)
-        cache.keys.zero_()
-        cache.values.zero_()
-        return cache
+        return KVCache(rows, c.n_layer, c.n_head, max_len, c.head_dim, self.dtype, self.device).make_static()
 
 
 # ----------------------------------------------------------------------------
