@@ -185,3 +185,54 @@ class EncoderDecoderCache(KVCache):
     def __repr__(self) -> str:
         enc = None if self.cross_kv is None else tuple(self.cross_kv.shape[:2])
         return f"{type(self).__name__}({self._describe()}, encoder={enc})"
+
+
+def encoder_state(model, cache: Optional[EncoderDecoderCache], input_ids: Optional[Tensor],
+                  attention_mask: Optional[Tensor], encoder_outputs, output_hidden_states: bool,
+                  decoder_batch: int):
+    """The encoder side of an encoder-decoder's forward (T5, BART, ...): ``(encoder hidden state, its
+    hidden states or None, cross keys/values, the kernel's encoder mask)``.
+
+    From ``encoder_outputs`` if given; else from a ``cache`` that already holds an encoder (a new
+    ``attention_mask`` may replace its mask); else the model's ``encode`` on ``input_ids``. The cross
+    keys/values are projected once (``model.cross_key_values``) and kept in the cache, and reused
+    while the cache holds the same encoder output. ``model``: ``encode``, ``cross_key_values``,
+    ``dtype``, ``config.d_model``, ``_check_mask``.
+    """
+    from .inputs import encoder_hidden_state
+    from .layers import kernel_mask
+    from .outputs import EncoderOutput
+
+    enc_hidden, enc_states = None, None
+    if encoder_outputs is not None:
+        enc_hidden = encoder_hidden_state(encoder_outputs)
+        if isinstance(encoder_outputs, EncoderOutput):
+            enc_states = encoder_outputs.hidden_states
+    if cache is not None and cache.cross_kv is not None and enc_hidden is None:
+        enc_hidden, cross_kv = cache.encoder_hidden_state, cache.cross_kv
+        enc_mask = cache.encoder_mask
+        if attention_mask is not None:
+            model._check_mask("attention_mask", attention_mask, [tuple(enc_hidden.shape[:2])])
+            enc_mask = kernel_mask(attention_mask)
+    else:
+        if enc_hidden is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids, encoder_outputs, or a past_key_values that holds the encoder")
+            enc = model.encode(input_ids, attention_mask, output_hidden_states)
+            enc_hidden, enc_states = enc.last_hidden_state, enc.hidden_states
+        d = model.config.d_model
+        if not isinstance(enc_hidden, Tensor) or enc_hidden.dim() != 3 or enc_hidden.shape[-1] != d:
+            raise ValueError(f"encoder_outputs must hold a [batch, seq, {d}] hidden state")
+        enc_hidden = enc_hidden.to(model.dtype)
+        model._check_mask("attention_mask", attention_mask, [tuple(enc_hidden.shape[:2])])
+        enc_mask = kernel_mask(attention_mask)
+        if cache is not None and cache.cross_kv is not None and cache.encoder_hidden_state is enc_hidden:
+            cross_kv = cache.cross_kv  # the same encoder output as before: reuse its keys/values
+        else:
+            cross_kv = model.cross_key_values(enc_hidden)
+        if cache is not None:
+            cache.cross_kv, cache.encoder_mask, cache.encoder_hidden_state = cross_kv, enc_mask, enc_hidden
+    if decoder_batch % enc_hidden.shape[0]:
+        raise ValueError(f"the decoder batch ({decoder_batch}) must be a multiple of the encoder batch "
+                         f"({enc_hidden.shape[0]})")
+    return enc_hidden, enc_states, cross_kv, enc_mask

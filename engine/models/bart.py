@@ -43,7 +43,7 @@ from trifuse import kernels
 
 from .. import generation as gen
 from .. import inputs
-from ..cache import EncoderDecoderCache
+from ..cache import EncoderDecoderCache, encoder_state
 from ..decoding import Decoding, Prefill
 from ..family import SEQ2SEQ, Family
 from ..layers import Attention, FeedForward, LayerNorm, PostLNBlock, check_activation, kernel_mask
@@ -454,38 +454,8 @@ class BartModel(Decoding, nn.Module):
             cache = self.new_cache(b, max(n, min(_CACHE_CHUNK, self.config.max_position_embeddings)))
             cache.growable = True
 
-        # The encoder side: hidden state, cross keys/values, padding mask.
-        enc_hidden, enc_states = None, None
-        if encoder_outputs is not None:
-            enc_hidden = inputs.encoder_hidden_state(encoder_outputs)
-            if isinstance(encoder_outputs, EncoderOutput):
-                enc_states = encoder_outputs.hidden_states
-        if cache is not None and cache.cross_kv is not None and enc_hidden is None:
-            enc_hidden, cross_kv = cache.encoder_hidden_state, cache.cross_kv
-            enc_mask = cache.encoder_mask
-            if attention_mask is not None:
-                self._check_mask("attention_mask", attention_mask, [tuple(enc_hidden.shape[:2])])
-                enc_mask = kernel_mask(attention_mask)
-        else:
-            if enc_hidden is None:
-                if input_ids is None:
-                    raise ValueError("pass input_ids, encoder_outputs, or a past_key_values that holds the encoder")
-                enc = self.encode(input_ids, attention_mask, output_hidden_states)
-                enc_hidden, enc_states = enc.last_hidden_state, enc.hidden_states
-            d = self.config.d_model
-            if not isinstance(enc_hidden, Tensor) or enc_hidden.dim() != 3 or enc_hidden.shape[-1] != d:
-                raise ValueError(f"encoder_outputs must hold a [batch, seq, {d}] hidden state")
-            enc_hidden = enc_hidden.to(self.dtype)
-            self._check_mask("attention_mask", attention_mask, [tuple(enc_hidden.shape[:2])])
-            enc_mask = kernel_mask(attention_mask)
-            if cache is not None and cache.cross_kv is not None and cache.encoder_hidden_state is enc_hidden:
-                cross_kv = cache.cross_kv  # the same encoder output as before: reuse its keys/values
-            else:
-                cross_kv = self.decoder.project_encoder(enc_hidden)
-            if cache is not None:
-                cache.cross_kv, cache.encoder_mask, cache.encoder_hidden_state = cross_kv, enc_mask, enc_hidden
-        if b % enc_hidden.shape[0]:
-            raise ValueError(f"the decoder batch ({b}) must be a multiple of the encoder batch ({enc_hidden.shape[0]})")
+        enc_hidden, enc_states, cross_kv, enc_mask = encoder_state(self, cache, input_ids, attention_mask,
+                                                                   encoder_outputs, output_hidden_states, b)
 
         x, hidden = self._decode(decoder_input_ids, decoder_attention_mask, cross_kv, enc_mask, cache, start,
                                  output_hidden_states)
