@@ -16,6 +16,9 @@ Workloads (``op`` in the rows):
   reported as GB/s of K/V read against the measured copy bandwidth. ``trifuse``
   picks split-K itself; ``trifuse-nosplit`` forces one program per (batch, head).
 
+``trifuse-notma`` (not in the defaults) is the same kernel reading K/V with pointer
+loads instead of Hopper's tensor-memory accelerator, to time the two side by side.
+
 Backends: ``trifuse``, ``reference`` (our PyTorch specification; only where the
 scores fit), ``sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-cudnn`` (SDPA pinned to
 one backend with ``torch.nn.attention.sdpa_kernel``), ``sdpa-dense-bias`` (T5
@@ -43,8 +46,8 @@ from trifuse.kernels import RelativeBias, triton_runnable
 from .suite import DTYPE_NAMES, Options, SuiteResult, check_and_time, pick_backends, step
 from .timing import copy_bandwidth, matmul_peak
 
-BACKENDS = ("trifuse", "trifuse-nosplit", "reference", "sdpa", "sdpa-flash", "sdpa-efficient",
-            "sdpa-cudnn", "sdpa-math", "sdpa-dense-bias", "flex")
+BACKENDS = ("trifuse", "trifuse-nosplit", "trifuse-notma", "reference", "sdpa", "sdpa-flash",
+            "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "sdpa-dense-bias", "flex")
 GPU_DEFAULT = ("trifuse", "trifuse-nosplit", "reference", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
                "sdpa-dense-bias", "flex")
 CPU_DEFAULT = ("trifuse", "reference", "sdpa", "sdpa-dense-bias")
@@ -130,6 +133,11 @@ def _backend_fns(op: str, q, k, v, causal: bool, rel: Optional[RelativeBias], ba
     for name in backends:
         if name == "trifuse":
             fns[name] = lambda: kernels.attention(q, k, v, causal=causal, relative_bias=rel, scale=scale)
+        elif name == "trifuse-notma":
+            def notma_fn():
+                with kernels.attention_tma(False):
+                    return kernels.attention(q, k, v, causal=causal, relative_bias=rel, scale=scale)
+            fns[name] = notma_fn
         elif name == "trifuse-nosplit":
             if decode:
                 fns[name] = lambda: kernels.attention(q, k, v, causal=causal, _num_splits=1)

@@ -539,7 +539,7 @@ def stage_kernels(ctx: Ctx) -> bool:
     import torch
 
     if ctx.dry_run:
-        cpu = ["trifuse", "reference", "sdpa", "sdpa-dense-bias"]
+        cpu = ["trifuse", "trifuse-notma", "reference", "sdpa", "sdpa-dense-bias"]
         items = [
             ("attention fp32 hd64 (interpreted)", 5, _attention(ctx, head_dims=[64], seq=[64], backends=cpu)),
             ("norms+gelu fp32", 5, _norms(ctx, rows=[64], widths=[768], backends=["trifuse", "reference", "eager"])),
@@ -554,6 +554,8 @@ def stage_kernels(ctx: Ctx) -> bool:
         items = [
             ("attention fp16 hd128 S1k/4k + decode B1", 70,
              _attention(ctx, head_dims=[128], seq=[1024, 4096], backends=peers)),
+            ("attention fp16 hd128 S2k, TMA on/off", 35,
+             _attention(ctx, head_dims=[128], seq=[2048], backends=["trifuse", "trifuse-notma"])),
             ("norms+gelu fp16", 45, _norms(ctx, rows=[16384], widths=[768, 4096, 8192], backends=norm_peers)),
             ("attention padding mask fp16 hd64", 15, _mask_rows(ctx, fp16, 8, 12, 512, 64)),
             ("attention fp16 hd64 S1k/4k B8 + decode B8", 60,
@@ -747,6 +749,7 @@ def attention_pairs(rows: list[dict]) -> list[dict]:
         mine = _timed(rows, suite="attention", op=op, shape=shape, dtype=dtype)
         ours = next((r for r in mine if r["backend"] == "trifuse"), None)
         peers = [r for r in mine if r["backend"].startswith(("sdpa", "flex"))]
+        notma = next((r for r in mine if r["backend"] == "trifuse-notma"), None)
         if ours is None:
             continue
         best = min(peers, key=lambda r: r["median_ms"]) if peers else None
@@ -754,7 +757,10 @@ def attention_pairs(rows: list[dict]) -> list[dict]:
                     "tflops": ours.get("tflops"), "gbps": ours.get("gbps"), "frac_of_peak": ours.get("frac_of_peak"),
                     "peer": best["backend"] if best else None, "peer_ms": best["median_ms"] if best else None,
                     "speedup": best["median_ms"] / ours["median_ms"] if best else None,
-                    "cold_ms": ours.get("cold_ms"), "d": ours.get("d"), "lq": ours.get("lq")})
+                    "cold_ms": ours.get("cold_ms"), "d": ours.get("d"), "lq": ours.get("lq"),
+                    # the same kernel with pointer loads instead of TMA (a 'trifuse-notma' row, when run)
+                    "notma_ms": notma["median_ms"] if notma else None,
+                    "tma_gain": notma["median_ms"] / ours["median_ms"] if notma else None})
     return out
 
 
@@ -909,6 +915,10 @@ def compact_table(doc: dict, out: Path) -> list[str]:
             lines.append(f"  {p['op']:<15} {p['shape']:<20} {p['dtype']:<4} | {p['trifuse_ms']:.4f} {rate:>8} "
                          f"{_fmt(p['frac_of_peak'], '{:.0%}'):>4} | {p['peer'] or '-'} {_fmt(p['peer_ms'], '{:.4f}')}"
                          f" | {_fmt(p['speedup'], '{:.2f}x')}")
+    gains = [p["tma_gain"] for p in att if p.get("tma_gain")]
+    if gains:
+        lines.append(f"TMA loads vs pointer loads (trifuse-notma ms / trifuse ms): geomean "
+                     f"{_geomean(gains):.2f}x over {len(gains)} problems, {min(gains):.2f}x..{max(gains):.2f}x")
     pairs = model_pairs(_stage(doc, "models")["rows"])
     if pairs:
         lines.append("models: op shape | ours ms (which) | hf-eager | torch.compile | x eager | x compile")
@@ -961,7 +971,8 @@ def summary_markdown(doc: dict, pngs: tuple = ()) -> str:
                                     ("trifuse_ms", "trifuse ms", "{:.4f}"), ("tflops", "TFLOP/s", "{:.1f}"),
                                     ("gbps", "GB/s", "{:.0f}"), ("frac_of_peak", "% of peak", "{:.0%}"),
                                     ("peer", "best peer", "{}"), ("peer_ms", "peer ms", "{:.4f}"),
-                                    ("speedup", "speedup", "{:.2f}x"), ("cold_ms", "cold ms", "{:.0f}")))]
+                                    ("speedup", "speedup", "{:.2f}x"), ("cold_ms", "cold ms", "{:.0f}"),
+                                    ("notma_ms", "no-TMA ms", "{:.4f}"), ("tma_gain", "TMA gain", "{:.2f}x")))]
     pairs = model_pairs(_stage(doc, "models")["rows"])
     if pairs:
         md += ["", "## Models", "",

@@ -18,6 +18,7 @@ else:
         RelativeBias,
         attention,
         attention_reference,
+        attention_tma,
         relative_position_bucket,
     )
     from .gelu import gelu, gelu_reference
@@ -25,7 +26,8 @@ else:
 
     __all__ = [
         "BACKENDS", "INTERPRET", "get_backend", "set_backend", "use_backend", "triton_runnable",
-        "attention", "attention_reference", "RelativeBias", "relative_position_bucket", "MIN_HEAD_DIM", "MAX_HEAD_DIM",
+        "attention", "attention_reference", "attention_tma", "RelativeBias", "relative_position_bucket",
+        "MIN_HEAD_DIM", "MAX_HEAD_DIM",
         "gelu", "gelu_reference",
         "layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference", "MAX_FUSED_WIDTH",
     ]

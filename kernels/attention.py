@@ -22,7 +22,14 @@ registers (Dao 2023, "FlashAttention-2"). On top of that:
   element); key blocks lying wholly beyond ``max_distance`` (where the bucket
   saturates) add one scalar instead;
 * decoding (few query blocks, long ``Lk``) splits the keys across programs and
-  merges the partial softmaxes in a second kernel (flash-decoding, Dao et al. 2023).
+  merges the partial softmaxes in a second kernel (flash-decoding, Dao et al. 2023);
+* K and V stream through Hopper's tensor-memory accelerator (TMA): each program builds
+  ``[Lk, D]`` tensor descriptors for its head on the device, and the descriptor
+  zero-fills past ``Lk`` and ``D``, so no key block needs address masks. That needs a
+  unit last stride and 16-byte aligned heads and rows (any fused-QKV view of fp16/bf16
+  with ``D % 8 == 0`` qualifies); other layouts, GPUs before Hopper and T5's decode step
+  use pointer loads (``cp.async``). :func:`attention_tma` turns TMA off in a block, as does
+  ``TRIFUSE_ATTENTION_TMA=0`` for the process.
 
 A query row that sees no key at all (all masked, causal with ``Lq > Lk``, or an
 all ``-inf`` bias) returns zeros, as flash-attn does, never NaN. fp16, bf16 and
@@ -33,10 +40,13 @@ dot). Forward only (inference): there is no autograd formula.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
-from typing import Optional, Tuple
+import os
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -46,9 +56,12 @@ from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, use_triton
 
 LOG2E = 1.4426950408889634
 
+_HAS_DESCRIPTORS = False
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    _HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
     @triton.jit
     def _rel_tile(BAND0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -67,8 +80,8 @@ if HAS_TRITON:
     @triton.jit
     def _attn_blocks(
         acc, l_i, m_i, q,  # running state [BM, BD], [BM], [BM] and the query block [BM, BD]
-        K_HEAD,  # this (batch, head)'s keys
-        V_HEAD,  # this (batch, head)'s values
+        K_HEAD,  # this (batch, head)'s keys: a pointer, or a [Lk, D] tensor descriptor when TMA
+        V_HEAD,  # this (batch, head)'s values, likewise
         MASK_ROW,  # this batch's row of the padding mask (read when HAS_MASK)
         BIAS_HEAD,  # this (batch, head)'s additive bias (read when HAS_BIAS)
         REL_HEAD,  # this head's T5 bias by signed distance, centred, times log2(e) (read when REL)
@@ -77,7 +90,7 @@ if HAS_TRITON:
         Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
         MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
         HAS_BIAS: tl.constexpr, REL: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Key blocks [lo, hi) into the online softmax. MASKED blocks may hold keys past
         # Lk or above the causal diagonal; the caller only hands unmasked ones the
@@ -94,17 +107,23 @@ if HAS_TRITON:
                     km = tl.load(MASK_ROW + offs_n * stride_maskn, mask=n_ok, other=0)
                 else:
                     km = tl.load(MASK_ROW + offs_n * stride_maskn)
-            kt_ptrs = K_HEAD + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn  # [BD, BN]
-            v_ptrs = V_HEAD + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BN, BD]
-            if MASKED:
-                kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            elif EVEN_D:
-                kt = tl.load(kt_ptrs)
-                v = tl.load(v_ptrs)
+            if TMA:
+                # Bulk tensor copies (Hopper's TMA): the descriptor zero-fills keys past Lk and
+                # columns past D, so no block needs an address mask.
+                kt = tl.trans(K_HEAD.load([start_n, 0]))  # [BD, BN]
+                v = V_HEAD.load([start_n, 0])  # [BN, BD]
             else:
-                kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+                kt_ptrs = K_HEAD + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn  # [BD, BN]
+                v_ptrs = V_HEAD + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BN, BD]
+                if MASKED:
+                    kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+                    v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                elif EVEN_D:
+                    kt = tl.load(kt_ptrs)
+                    v = tl.load(v_ptrs)
+                else:
+                    kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+                    v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # [BM, BN]
 
             if HAS_BIAS:
@@ -180,6 +199,7 @@ if HAS_TRITON:
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_REL: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
         EVEN_D: tl.constexpr,  # D == BLOCK_D: unmasked key blocks need no mask at all
+        TMA: tl.constexpr,  # K and V through tensor descriptors (rows 16-byte aligned, unit last stride)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # Program (query block, batch*head, key split).
@@ -198,6 +218,11 @@ if HAS_TRITON:
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
         K_HEAD = K + b * stride_kb + h * stride_kh
         V_HEAD = V + b * stride_vb + h * stride_vh
+        if TMA:
+            K_HEAD = tl.make_tensor_descriptor(K_HEAD, shape=[Lk, D], strides=[stride_kn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+            V_HEAD = tl.make_tensor_descriptor(V_HEAD, shape=[Lk, D], strides=[stride_vn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
         MASK_ROW = MASK + b * stride_maskb
         BIAS_HEAD = BIAS + b * stride_biasb + h * stride_biash
         REL_HEAD = REL + h * stride_relh
@@ -237,21 +262,21 @@ if HAS_TRITON:
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
                 offs_m, offs_d, m0, lo, band_lo,
                 Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-                False, CAUSAL, HAS_MASK, HAS_BIAS, 2, EVEN_D, DOT_PREC, BLOCK_M, BLOCK_N,
+                False, CAUSAL, HAS_MASK, HAS_BIAS, 2, EVEN_D, DOT_PREC, TMA, BLOCK_M, BLOCK_N,
             )
             acc, l_i, m_i = _attn_blocks(
                 acc, l_i, m_i, q, K_HEAD, V_HEAD, MASK_ROW, BIAS_HEAD, REL_HEAD,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
                 offs_m, offs_d, m0, band_lo, band_hi,
                 Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-                False, CAUSAL, HAS_MASK, HAS_BIAS, 3, EVEN_D, DOT_PREC, BLOCK_M, BLOCK_N,
+                False, CAUSAL, HAS_MASK, HAS_BIAS, 3, EVEN_D, DOT_PREC, TMA, BLOCK_M, BLOCK_N,
             )
             acc, l_i, m_i = _attn_blocks(
                 acc, l_i, m_i, q, K_HEAD, V_HEAD, MASK_ROW, BIAS_HEAD, REL_HEAD,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
                 offs_m, offs_d, m0, band_hi, mid,
                 Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-                False, CAUSAL, HAS_MASK, HAS_BIAS, 4, EVEN_D, DOT_PREC, BLOCK_M, BLOCK_N,
+                False, CAUSAL, HAS_MASK, HAS_BIAS, 4, EVEN_D, DOT_PREC, TMA, BLOCK_M, BLOCK_N,
             )
         else:
             acc, l_i, m_i = _attn_blocks(
@@ -259,7 +284,7 @@ if HAS_TRITON:
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
                 offs_m, offs_d, m0, lo, mid,
                 Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-                False, CAUSAL, HAS_MASK, HAS_BIAS, 0, EVEN_D, DOT_PREC, BLOCK_M, BLOCK_N,
+                False, CAUSAL, HAS_MASK, HAS_BIAS, 0, EVEN_D, DOT_PREC, TMA, BLOCK_M, BLOCK_N,
             )
         # Then the blocks that need masking (the causal diagonal, the ragged end of Lk).
         acc, l_i, m_i = _attn_blocks(
@@ -267,7 +292,7 @@ if HAS_TRITON:
             stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
             offs_m, offs_d, m0, mid, end,
             Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-            True, CAUSAL, HAS_MASK, HAS_BIAS, 1 if HAS_REL else 0, EVEN_D, DOT_PREC, BLOCK_M, BLOCK_N,
+            True, CAUSAL, HAS_MASK, HAS_BIAS, 1 if HAS_REL else 0, EVEN_D, DOT_PREC, TMA, BLOCK_M, BLOCK_N,
         )
 
         # Rows that saw no key have l == 0 and acc == 0: dividing by 1 leaves zeros.
@@ -322,7 +347,7 @@ if HAS_TRITON:
         tl.store(OUT + b * stride_ob + h * stride_oh + m * stride_om + offs_d * stride_od,
                  out.to(OUT.dtype.element_ty), mask=offs_d < D)
 
-    def _hopper_fits(c, block_d: int, rel: bool, bias: bool, mask: bool = False) -> bool:
+    def _hopper_fits(c, block_d: int, rel: bool, bias: bool, mask: bool = False, causal: bool = False) -> bool:
         # Whether ptxas holds this config for sm_90 without spilling registers and within
         # 227 KB of shared memory, as measured on the launches the engine and benchmarks make
         # (tests/aot_hopper.py, table in bench/static/hopper-sm90.md; Triton 3.9, and 3.6, the GPU
@@ -346,6 +371,8 @@ if HAS_TRITON:
             return False  # 3.6: 8 bytes of spill at head dim 128 (3.9: 255 and 141 registers)
         if bias and bm <= 32 and (bm, bn) == (32, 64):
             return False  # 3.6: 8 bytes of spill on the dense-bias decode step
+        if causal and block_d > 64 and (bm, bn) == (128, 128):
+            return False  # 3.6 with TMA loads: 12 bytes of spill (3.9: 241 registers; 255 without TMA)
         if bias and block_d > 64 and (bm, bn) == (128, 128):
             return False  # the bias tile's stages overflow shared memory at head dim 128
         return True
@@ -366,7 +393,7 @@ if HAS_TRITON:
             kept = [c for c in kept if c.kwargs["BLOCK_N"] <= (128 if c.kwargs["BLOCK_M"] <= 32 else 64)] or kept
         if block_d is not None:
             kept = [c for c in kept if _hopper_fits(c, block_d, bool(arg("HAS_REL")), bool(arg("HAS_BIAS")),
-                                                    bool(arg("HAS_MASK")))] or kept
+                                                    bool(arg("HAS_MASK")), bool(arg("CAUSAL")))] or kept
         return kept or configs
 
     _GPU_CONFIGS = [
@@ -382,7 +409,7 @@ if HAS_TRITON:
     if not INTERPRET:
         _attn_fwd_tuned = triton.autotune(
             configs=_GPU_CONFIGS,
-            key=["LQ_KEY", "LK_KEY", "BLOCK_D", "CAUSAL", "HAS_MASK", "HAS_BIAS", "HAS_REL", "SPLIT"],
+            key=["LQ_KEY", "LK_KEY", "BLOCK_D", "CAUSAL", "HAS_MASK", "HAS_BIAS", "HAS_REL", "SPLIT", "TMA"],
             prune_configs_by={"early_config_prune": _prune_configs},
         )(_attn_fwd)
 
@@ -432,6 +459,56 @@ def _split_plan(batch_heads: int, lq: int, lk: int, requested: int, n_sm: int) -
     if splits <= 1:
         return 1, lk
     return splits, per
+
+
+def _tma_rows(t: Tensor) -> bool:
+    """Whether ``t`` ``[B, H, L, D]`` can be read through a TMA descriptor per (batch, head):
+    unit last stride, and every head's base and row start 16-byte aligned (Hopper's rule)."""
+    es = t.element_size()
+    return (t.stride(3) == 1 and t.stride(2) > 0 and t.data_ptr() % 16 == 0
+            and all(s * es % 16 == 0 for s in t.stride()[:3]))
+
+
+_tma_scoped: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("trifuse_attention_tma", default=None)
+
+
+@contextlib.contextmanager
+def attention_tma(enabled: bool) -> Iterator[None]:
+    """``with kernels.attention_tma(False): ...`` reads K/V with plain pointer loads (Ampere-style
+    ``cp.async``) instead of Hopper's TMA in this thread, e.g. to time one against the other.
+    The process-wide default is on unless ``TRIFUSE_ATTENTION_TMA=0``."""
+    token = _tma_scoped.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _tma_scoped.reset(token)
+
+
+def _use_tma(k: Tensor, v: Tensor) -> bool:
+    """K/V through tensor descriptors: on Hopper and newer (and under the interpreter, which
+    runs them too) when the layout allows, unless turned off (:func:`attention_tma`)."""
+    enabled = _tma_scoped.get()
+    if enabled is None:
+        enabled = os.environ.get("TRIFUSE_ATTENTION_TMA", "1") != "0"
+    if not enabled or not _HAS_DESCRIPTORS:
+        return False
+    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    return _tma_rows(k) and _tma_rows(v)
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    # Global memory for the descriptors a kernel builds on the device (128 bytes a program).
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side descriptors need Triton's scratch allocator, which is per thread (a
+    ContextVar): set ours where none is, and leave a caller's own allocator alone."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -486,7 +563,12 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optio
         # kilobytes at every tile on Hopper and one TF32 pass is 3e-3 off); fp16/bf16: default.
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else None,
         EVEN_D=block_d == D, BLOCK_D=block_d,
+        # Not for T5's decode step: there Triton 3.6 (the GPU image's) spills 4 B with
+        # descriptors, and 3.9 saves no registers (bench/static/hopper-sm90.md).
+        TMA=_use_tma(k, v) and not (rel_lut is not None and Lq <= 32),
     )
+    if flags["TMA"] and q.device.type == "cuda":
+        _ensure_allocator()
     if INTERPRET:
         bm, bn = _INTERPRET_BLOCKS
         bm = min(bm, max(16, next_power_of_2(Lq)))

@@ -575,6 +575,32 @@ def test_large_compiled(Lq, Lk, D, causal, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tma_compiled(dtype, monkeypatch):
+    """On the GPU: TMA loads where the layout allows (Hopper and newer), pointer loads otherwise,
+    both against the reference; a padded-row view falls back."""
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    spy = _FlagSpy(attn_mod._attn_fwd_tuned)
+    monkeypatch.setattr(attn_mod, "_attn_fwd_tuned", spy)
+    q, k, v = _qkv(2, 4, 1000, 3000, 80, dtype, "cuda")
+    mask = torch.ones(2, 3000, dtype=torch.bool, device="cuda")
+    mask[1, 1000:] = False
+    rb = RelativeBias(torch.randn(32, 4, device="cuda", dtype=dtype), False, 32, 128)
+    kw = dict(causal=True, attention_mask=mask, relative_bias=rb, scale=1.0 / math.sqrt(80))
+    _check(attention(q, k, v, **kw), q, k, v, **kw)
+    assert spy.tma[-1] == hopper
+    with kernels.attention_tma(False):
+        _check(attention(q, k, v, **kw), q, k, v, **kw)
+    assert spy.tma[-1] is False
+    qd = q[:, :, -1:]
+    _check(attention(qd, k, v, causal=True), qd, k, v, causal=True)  # split-K decode
+    assert spy.tma[-1] == hopper
+    padded = torch.randn(2, 4, 3000, 81, device="cuda", dtype=dtype)[..., :80]
+    _check(attention(q, padded, v), q, padded, v)
+    assert spy.tma[-1] is False
+
+
+@pytest.mark.gpu
 def test_t5_bias_memory():
     """The T5 path allocates nothing of size B*H*Lq*Lk."""
     B, H, L, D = 1, 8, 4096, 64
@@ -645,3 +671,81 @@ def test_gpu_config_pruning():
     assert (16, 32) not in tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=1, DOT_PREC=None, **base))
     t5 = attn_mod._prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC=None, **{**base, "HAS_REL": True})
     assert tiles(t5) == {(64, 32), (64, 64), (128, 64)}
+
+
+# ----------------------------------------------------------------------------
+# K/V loads: Hopper's tensor-memory accelerator (device-side descriptors) or pointers.
+
+
+class _FlagSpy:
+    """Stands in for the kernel: records each launch's TMA flag, then runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.tma = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.tma.append(kwargs["TMA"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+TMA_CASES = [
+    # Lq, Lk, D, causal, mask, t5, splits
+    (7, 97, 80, False, True, False, 0),  # D < BLOCK_D: the descriptor zero-fills columns
+    (33, 33, 64, True, False, True, 0),
+    (1, 130, 32, True, True, False, 3),  # split-K decode, a ragged last block
+    (40, 100, 64, True, False, True, 2),
+]
+
+
+@pytest.mark.parametrize("Lq,Lk,D,causal,use_mask,t5,splits", TMA_CASES)
+def test_tma_and_pointer_loads_agree(Lq, Lk, D, causal, use_mask, t5, splits, device, monkeypatch):
+    if not hasattr(attn_mod, "_attn_fwd") or not kernels.triton_runnable(torch.device(device)):
+        pytest.skip("needs the Triton kernel")
+    B, H = 2, 2
+    q, k, v = _qkv(B, H, Lq, Lk, D, torch.float32, device)
+    kw = dict(causal=causal, _num_splits=splits)
+    if use_mask:
+        mask = torch.ones(B, Lk, dtype=torch.bool, device=device)
+        mask[1, Lk // 2:] = False
+        kw["attention_mask"] = mask
+    if t5:
+        kw.update(relative_bias=RelativeBias(torch.randn(16, H, device=device), not causal, 16, 40), scale=1.0)
+    spy = _FlagSpy(attn_mod._attn_fwd)
+    monkeypatch.setattr(attn_mod, "_attn_fwd", spy)
+    with_tma = attention(q, k, v, **kw)
+    with kernels.attention_tma(False):
+        without = attention(q, k, v, **kw)
+    assert spy.tma == [True, False]
+    torch.testing.assert_close(with_tma, without, atol=1e-6, rtol=1e-6)
+    kw.pop("_num_splits")
+    _check(with_tma, q, k, v, sdpa=False, **kw)
+
+
+def test_tma_only_where_the_layout_allows(device, monkeypatch):
+    if not hasattr(attn_mod, "_attn_fwd") or not kernels.triton_runnable(torch.device(device)):
+        pytest.skip("needs the Triton kernel")
+    B, H, L, D = 1, 2, 20, 32
+    spy = _FlagSpy(attn_mod._attn_fwd)
+    monkeypatch.setattr(attn_mod, "_attn_fwd", spy)
+    q, k, v = _qkv(B, H, L, L, D, torch.float32, device)
+    padded = torch.randn(B, H, L, D + 1, device=device)[..., :D]  # rows 132 bytes apart: not 16-byte aligned
+    kt = torch.randn(B, H, D, L, device=device).transpose(-1, -2)  # unit stride on L, not D
+    t5_step = RelativeBias(torch.randn(8, H, device=device), False, 8, 20)
+    for case, (kk, vv, kw) in {
+        "aligned": (k, v, {}),
+        "misaligned rows": (padded, v, {}),
+        "transposed": (kt, v, {}),
+        "T5 decode step": (k, v, dict(relative_bias=t5_step, causal=True, scale=1.0)),
+    }.items():
+        qq = q[:, :, -1:] if "decode" in case else q
+        out = attention(qq, kk, vv, **kw)
+        _check(out, qq, kk, vv, sdpa=False, **kw)
+        assert spy.tma[-1] == (case == "aligned"), case
+    monkeypatch.setenv("TRIFUSE_ATTENTION_TMA", "0")
+    attention(q, k, v)
+    assert spy.tma[-1] is False
+    with kernels.attention_tma(True):  # the scoped setting wins over the environment
+        attention(q, k, v)
+    assert spy.tma[-1] is True
