@@ -22,6 +22,10 @@ plus ``decode_step(tokens, positions, slot, cache, kv_len)``, the host-sync-free
 :class:`engine.graphs.StaticDecoder` and :class:`~engine.graphs.CUDAGraphDecoder`
 replay.
 
+An encoder-decoder mixes in :class:`EncoderDecoderDecoding` instead, which implements
+``start_decoding`` and ``new_static_cache`` once on top of the model's ``encode``,
+``decoder.project_encoder``, ``new_cache``, ``_decode`` and ``_logits``.
+
 The options are Hugging Face's ``generate`` keyword names (see :data:`OPTIONS`).
 Semantics and references: :mod:`engine.generation` (processors, the greedy/sampling
 loop) and :mod:`engine.beam_search`.
@@ -255,3 +259,69 @@ class Decoding:
         tokens = gen.decode_stream(pre.logits, step, pre.ids, cfg, generator=o.generator,
                                    prompt_ignore_length=ignore)
         return pre.ids, tokens
+
+
+#: Decoder positions a generation cache starts with; it doubles from there as decoding goes.
+CACHE_CHUNK = 64
+
+
+class EncoderDecoderDecoding(Decoding):
+    """:class:`Decoding` for an encoder-decoder: the encoder runs once, its keys/values are projected
+    once and shared by every beam, and the decoder feeds one token at a time through an
+    :class:`engine.cache.EncoderDecoderCache`.
+
+    The model provides ``encode(ids, mask)`` (``.last_hidden_state``),
+    ``decoder.project_encoder(hidden)``, ``new_cache(rows, max_len)``,
+    ``_decode(ids, mask, cross_kv, encoder_mask, cache, start)`` (hidden states, extras) and
+    ``_logits(hidden)``; ``max_decoder_positions`` bounds the decoder where it has a position table.
+    """
+
+    is_encoder_decoder = True
+
+    def _check_decoder_length(self, what: str, n: int) -> None:
+        limit = self.max_decoder_positions
+        if limit is not None and n > limit:
+            raise ValueError(f"{what} reaches {n} positions but {self.generation_name}'s position table holds "
+                             f"{limit} (max_position_embeddings)")
+
+    def start_decoding(self, input_ids: Tensor, mask: Tensor, *, num_beams: int, max_new_tokens: int,
+                       start_token: int, cache=None) -> Prefill:
+        """Run the encoder once and feed the decoder start token (``num_beams`` rows per input, sharing the
+        encoder's keys/values). A static ``cache`` (:meth:`new_static_cache`) gets the encoder state copied
+        into its fixed buffers, padded to its encoder length."""
+        enc = self.encode(input_ids, mask).last_hidden_state
+        kv = self.decoder.project_encoder(enc)  # once; beams share it (layers.Attention, cross=True)
+        b = input_ids.shape[0]
+        if cache is None:
+            # Memory follows the work done: the cache starts at most CACHE_CHUNK positions long and
+            # doubles as decoding goes (_step_logits), so max_new_tokens=10**8 with an early EOS costs
+            # what the tokens actually decoded cost. (Static decoding preallocates on purpose.)
+            cache = self.new_cache(b * num_beams, 1 + min(max_new_tokens, CACHE_CHUNK - 1))
+            cache.growable = True
+        else:
+            cache.reset()
+        cache.attach_encoder(kv, mask, enc)
+        start = torch.full((cache.batch_size, 1), start_token, dtype=torch.long, device=cache.keys.device)
+        first = self._step_logits(start, cache)
+
+        def step(tokens: Tensor, beam_idx: Optional[Tensor]) -> Tensor:
+            if beam_idx is not None:
+                cache.reorder(beam_idx)
+            return self._step_logits(tokens[:, None], cache)
+
+        return Prefill(start, first, step, cache)
+
+    def new_static_cache(self, rows: int, max_len: int, *, encoder_length: int):
+        """A fixed-capacity cache for static decoding (:mod:`engine.graphs`): ``max_len`` decoder positions,
+        zero-filled (masked slots still meet the kernel's dot products: 0 * NaN = NaN), and encoder
+        buffers padded to ``encoder_length`` (allocated by the first prefill), which keep their addresses."""
+        self._check_decoder_length("the static decoder", max_len)
+        return self.new_cache(rows, max_len).make_static(encoder_length)
+
+    def _step_logits(self, ids: Tensor, cache) -> Tensor:
+        """Feed ``ids`` ``[B, n]`` through the cache; the last position's logits ``[B, V]``."""
+        end = cache.length + ids.shape[1]
+        self._check_decoder_length("the decoder", end)
+        cache.ensure_capacity(end, self.max_decoder_positions)
+        x, _ = self._decode(ids, None, cache.cross_kv, cache.encoder_mask, cache, cache.length)
+        return self._logits(x[:, -1])

@@ -44,7 +44,7 @@ from trifuse import kernels
 from .. import generation as gen
 from .. import inputs
 from ..cache import EncoderDecoderCache, encoder_state
-from ..decoding import Decoding, Prefill
+from ..decoding import CACHE_CHUNK, EncoderDecoderDecoding
 from ..family import SEQ2SEQ, Family
 from ..layers import Attention, FeedForward, LayerNorm, PostLNBlock, check_activation, kernel_mask
 from ..loading import assemble_state, load_into, module_keys
@@ -167,7 +167,6 @@ class Seq2SeqOutput(ModelOutput):
 
 Seq2SeqLMOutput = Seq2SeqOutput
 
-_CACHE_CHUNK = 64  # decoder positions a generation cache starts with; it doubles from there
 
 #: The decoder's cache: :class:`engine.cache.EncoderDecoderCache`.
 BartCache = EncoderDecoderCache
@@ -256,7 +255,7 @@ class Decoder(nn.Module):
 EncoderOutputs = Union[Tensor, EncoderOutput, Seq2SeqOutput, Sequence[Tensor]]
 
 
-class BartModel(Decoding, nn.Module):
+class BartModel(EncoderDecoderDecoding, nn.Module):
     """BART (``BartForConditionalGeneration`` / ``BartModel`` / ``BartForSequenceClassification`` /
     ``BartForQuestionAnswering``); call it like Hugging Face's."""
 
@@ -284,7 +283,6 @@ class BartModel(Decoding, nn.Module):
 
     model_type = "bart"
     generation_name = "BART"
-    is_encoder_decoder = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -371,11 +369,8 @@ class BartModel(Decoding, nn.Module):
 
     _check_mask = staticmethod(inputs.check_mask)
 
-    def _check_length(self, what: str, n: int) -> None:
-        limit = self.config.max_position_embeddings
-        if n > limit:
-            raise ValueError(f"{what} reaches {n} positions but BART's position table holds "
-                             f"{limit} (max_position_embeddings)")
+    # The encoder and the decoder have position tables of the same size.
+    _check_length = EncoderDecoderDecoding._check_decoder_length
 
     def _eos_mask(self, input_ids: Tensor) -> Tensor:
         """Where each row's EOS tokens are (sequence classification reads the last one); every row
@@ -451,7 +446,7 @@ class BartModel(Decoding, nn.Module):
         if cache is not None:
             cache.ensure_capacity(start + n, self.config.max_position_embeddings)
         elif use_cache:
-            cache = self.new_cache(b, max(n, min(_CACHE_CHUNK, self.config.max_position_embeddings)))
+            cache = self.new_cache(b, max(n, min(CACHE_CHUNK, self.config.max_position_embeddings)))
             cache.growable = True
 
         enc_hidden, enc_states, cross_kv, enc_mask = encoder_state(self, cache, input_ids, attention_mask,
@@ -503,7 +498,7 @@ class BartModel(Decoding, nn.Module):
         head = self.shared.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head) + self.final_logits_bias
 
-    # -- decoding (engine.decoding.Decoding: generate, stream) -------------------
+    # -- decoding (engine.decoding.EncoderDecoderDecoding: generate, stream) -----
 
     def _check_generation(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> None:
         if self.task != "text2text-generation":
@@ -512,38 +507,6 @@ class BartModel(Decoding, nn.Module):
         self._check_ids("input_ids", input_ids)
         self._check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
         self._check_length("input_ids", input_ids.shape[1])
-
-    def start_decoding(self, input_ids: Tensor, mask: Tensor, *, num_beams: int, max_new_tokens: int,
-                       start_token: int, cache: Optional[BartCache] = None) -> Prefill:
-        """Run the encoder once and feed the decoder start token (``num_beams`` rows per input, sharing the
-        encoder's keys/values); see :mod:`engine.decoding`. A static ``cache`` (:meth:`new_static_cache`)
-        gets the encoder state copied into its fixed buffers, padded to its encoder length."""
-        enc = self.encode(input_ids, mask).last_hidden_state
-        kv = self.decoder.project_encoder(enc)  # once; beams share it (layers.Attention, cross=True)
-        b = input_ids.shape[0]
-        if cache is None:
-            # The cache starts at most _CACHE_CHUNK positions long and doubles as decoding goes.
-            cache = self.new_cache(b * num_beams, 1 + min(max_new_tokens, _CACHE_CHUNK - 1))
-            cache.growable = True
-        else:
-            cache.reset()
-        cache.attach_encoder(kv, mask, enc)
-        start = torch.full((cache.batch_size, 1), start_token, dtype=torch.long, device=cache.keys.device)
-        first = self._step_logits(start, cache)
-
-        def step(tokens: Tensor, beam_idx: Optional[Tensor]) -> Tensor:
-            if beam_idx is not None:
-                cache.reorder(beam_idx)
-            return self._step_logits(tokens[:, None], cache)
-
-        return Prefill(start, first, step, cache)
-
-    def new_static_cache(self, rows: int, max_len: int, *, encoder_length: int) -> BartCache:
-        """A fixed-capacity cache for static decoding (:mod:`engine.graphs`): ``max_len`` decoder positions,
-        zero-filled (masked slots still meet the kernel's dot products: 0 * NaN = NaN), and encoder
-        buffers padded to ``encoder_length`` (allocated by the first prefill), which keep their addresses."""
-        self._check_length("the static decoder", max_len)
-        return self.new_cache(rows, max_len).make_static(encoder_length)
 
     def decode_step(self, tokens: Tensor, positions: Optional[Tensor], slot: Tensor, cache: BartCache,
                     kv_len: int) -> Tensor:
@@ -563,13 +526,6 @@ class BartModel(Decoding, nn.Module):
         slot.add_(1)
         return self._logits(x[:, -1])
 
-    def _step_logits(self, ids: Tensor, cache: BartCache) -> Tensor:
-        """Feed ``ids`` ``[B, n]`` through the cache; the last position's logits ``[B, V]``."""
-        end = cache.length + ids.shape[1]
-        self._check_length("the decoder", end)
-        cache.ensure_capacity(end, self.config.max_position_embeddings)
-        x, _ = self._decode(ids, None, cache.cross_kv, cache.encoder_mask, cache, cache.length)
-        return self._logits(x[:, -1])
 
 
 def _shift_right(input_ids: Tensor, start_token: int) -> Tensor:

@@ -57,7 +57,7 @@ from trifuse import kernels
 from .. import generation as gen
 from .. import inputs
 from ..cache import EncoderDecoderCache, encoder_state
-from ..decoding import Decoding, Prefill
+from ..decoding import EncoderDecoderDecoding
 from ..family import SEQ2SEQ, Family
 from ..layers import Attention, RMSNorm, bias_act, check_activation, kernel_mask
 from ..loading import assemble_state, load_into
@@ -156,7 +156,6 @@ Seq2SeqLMOutput = Seq2SeqOutput  # Hugging Face's name for the generation head's
 # ----------------------------------------------------------------------------
 # The cache.
 
-_CACHE_CHUNK = 64  # decoder positions a generation cache starts with; it doubles from there
 
 
 #: The decoder's cache: :class:`engine.cache.EncoderDecoderCache` (T5's name for it).
@@ -306,7 +305,7 @@ class Decoder(nn.Module):
 EncoderOutputs = Union[Tensor, EncoderOutput, Seq2SeqOutput, Sequence[Tensor]]
 
 
-class T5Model(Decoding, nn.Module):
+class T5Model(EncoderDecoderDecoding, nn.Module):
     """T5 (``T5ForConditionalGeneration`` / ``T5Model`` / ``T5EncoderModel``); call it like Hugging Face's."""
 
     def __init__(self, c: T5Config, task: str = "text2text-generation", untied_head: bool = False):
@@ -506,11 +505,7 @@ class T5Model(Decoding, nn.Module):
         head = self.shared.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head)
 
-    # -- generation -----------------------------------------------------------
-
-    # -- decoding (engine.decoding.Decoding: generate, stream) -------------------
-
-    is_encoder_decoder = True
+    # -- decoding (engine.decoding.EncoderDecoderDecoding: generate, stream) -----
 
     def _check_generation(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> None:
         if self.task != "text2text-generation":
@@ -518,39 +513,6 @@ class T5Model(Decoding, nn.Module):
                              f"(task='text2text-generation') to generate")
         self._check_ids("input_ids", input_ids)
         self._check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
-
-    def start_decoding(self, input_ids: Tensor, mask: Tensor, *, num_beams: int, max_new_tokens: int,
-                       start_token: int, cache: Optional[T5Cache] = None) -> Prefill:
-        """Run the encoder once and feed the decoder start token (``num_beams`` rows per input, sharing the
-        encoder's keys/values); see :mod:`engine.decoding`. A static ``cache`` (:meth:`new_static_cache`)
-        gets the encoder state copied into its fixed buffers, padded to its encoder length."""
-        enc = self.encode(input_ids, mask).last_hidden_state
-        kv = self.decoder.project_encoder(enc)  # once; beams share it (layers.Attention, cross=True)
-        b = input_ids.shape[0]
-        if cache is None:
-            # Memory follows the work done: the cache starts at most _CACHE_CHUNK positions long and
-            # doubles as decoding goes (_step_logits), so max_new_tokens=10**8 with an early EOS costs
-            # what the tokens actually decoded cost. (Static decoding preallocates on purpose.)
-            cache = self.new_cache(b * num_beams, 1 + min(max_new_tokens, _CACHE_CHUNK - 1))
-            cache.growable = True
-        else:
-            cache.reset()
-        cache.attach_encoder(kv, mask, enc)
-        start = torch.full((cache.batch_size, 1), start_token, dtype=torch.long, device=cache.keys.device)
-        first = self._step_logits(start, cache)
-
-        def step(tokens: Tensor, beam_idx: Optional[Tensor]) -> Tensor:
-            if beam_idx is not None:
-                cache.reorder(beam_idx)
-            return self._step_logits(tokens[:, None], cache)
-
-        return Prefill(start, first, step, cache)
-
-    def new_static_cache(self, rows: int, max_len: int, *, encoder_length: int) -> T5Cache:
-        """A fixed-capacity cache for static decoding (:mod:`engine.graphs`): ``max_len`` decoder positions,
-        zero-filled (masked slots still meet the kernel's dot products: 0 * NaN = NaN), and encoder
-        buffers padded to ``encoder_length`` (allocated by the first prefill), which keep their addresses."""
-        return self.new_cache(rows, max_len).make_static(encoder_length)
 
     def decode_step(self, tokens: Tensor, positions: Optional[Tensor], slot: Tensor, cache: T5Cache,
                     kv_len: int) -> Tensor:
@@ -569,12 +531,6 @@ class T5Model(Decoding, nn.Module):
         x = self.decoder(self.shared(tokens), mask, cache.cross_kv, cache.encoder_mask, cache, slot,
                          self.stream_dtype)
         slot.add_(1)
-        return self._logits(x[:, -1])
-
-    def _step_logits(self, ids: Tensor, cache: T5Cache) -> Tensor:
-        """Feed ``ids`` ``[B, n]`` through the cache; the last position's logits ``[B, V]``."""
-        cache.ensure_capacity(cache.length + ids.shape[1])
-        x, _ = self._decode(ids, None, cache.cross_kv, cache.encoder_mask, cache, cache.length)
         return self._logits(x[:, -1])
 
 
