@@ -19,7 +19,19 @@ Run as a script with ``TRITON_INTERPRET`` unset (tests/test_compile_hopper.py do
 3. **Compiling.** ``triton.compile`` of each distinct specialization, in parallel
    processes; ptxas's own report (Triton's ``dump_ptxas_log``) gives registers,
    spills and stack; the kernel's metadata its shared memory; the PTX whether it
-   uses ``wgmma`` and the bulk tensor copy (TMA).
+   uses ``wgmma`` and the bulk tensor copy (TMA); ``nvdisasm`` (from Triton's NVIDIA
+   backend, ``triton.knobs.nvidia.nvdisasm``) the static SASS instruction count: every
+   instruction line of the cubin's code sections, predicated ones included, the
+   ``NOP`` padding (and any other ``NOP``) left out. Static: a loop body counts once,
+   however often it runs.
+4. **Peers.** A tutorial-06-style FlashAttention-2 forward of our own
+   (tests/peer_flash.py: TMA descriptors, exp2 online softmax, causal in two sweeps, no
+   masks or bias) as a baseline. The peer scenarios (``peer hd64``, ``peer hd128``) launch
+   trifuse's attention at B=8, H=16, L=2048, plain and causal, and bind the peer at every
+   (BLOCK_M, BLOCK_N, warps, stages) tile the shipped pruning keeps for those launches.
+   Peer rows are marked and never shipped (they do not count towards the exit status);
+   the report sets each next to trifuse's row for the same variant, dtype and tile.
+   ``--no-peers`` leaves them out; ``--scenarios peer`` selects only them.
 
 Prints one JSON line per compiled specialization. ``--write DIR`` also writes
 ``hopper-sm90.md`` and ``hopper-sm90.json`` there (bench/static/ holds the
@@ -56,9 +68,15 @@ HOPPER = GPUTarget("cuda", 90, 32)
 SM_REGISTERS, SM_SHARED, BLOCK_SHARED_MAX, SM_WARPS, SM_BLOCKS = 65536, 228 * 1024, 227 * 1024, 64, 32
 SHARED_RESERVED = 1024  # per block, taken by the driver
 KERNEL_MODULES = ("attention", "norm", "gelu")
+PEER_MODULE = "tests.peer_flash"  # the tutorial-06-style baseline (not shipped)
+PEER_SCENARIO = "peer "  # how the peer scenarios' names begin
+PEER_SHAPE = (8, 16, 2048)  # B, H, L of the side-by-side
+PEER_HEAD_DIMS = (64, 128)
 
 
 def _module(name: str):
+    if "." in name:  # a dotted module path (the peer)
+        return importlib.import_module(name)
     return importlib.import_module(f"trifuse.kernels.{name}")  # the module, not the op of the same name
 
 
@@ -70,13 +88,13 @@ class Recorder:
     """Stands in for a launched kernel (``kernel[grid](*args, **kwargs)``): binds each launch
     the way the JIT would and keeps the distinct specializations; launches nothing."""
 
-    def __init__(self, module: str, attr: str, kernel, scenario: list, found: dict):
+    def __init__(self, module: str, attr: str, kernel, scenario: list, found: dict, peer: bool = False):
         self.module, self.attr, self.kernel = module, attr, kernel
-        self.scenario, self.found = scenario, found
+        self.scenario, self.found, self.peer = scenario, found, peer
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            for job in bind(self.module, self.attr, self.kernel, args, kwargs):
+            for job in bind(self.module, self.attr, self.kernel, args, kwargs, peer=self.peer):
                 entry = self.found.setdefault(job["key"], job)
                 entry.setdefault("scenarios", [])
                 if self.scenario[0] not in entry["scenarios"]:
@@ -94,8 +112,9 @@ def _binder(fn, backend):
     return cached
 
 
-def bind(module: str, attr: str, kernel, args: tuple, kwargs: dict) -> list[dict]:
-    """The JIT's view of one launch: one compile job per config the autotuner would try."""
+def bind(module: str, attr: str, kernel, args: tuple, kwargs: dict, peer: bool = False) -> list[dict]:
+    """The JIT's view of one launch: one compile job per config the autotuner would try.
+    ``peer``: a baseline kernel launched with its tile as plain keywords (never shipped)."""
     from triton.compiler import make_backend
     from triton.runtime.autotuner import Autotuner
 
@@ -121,12 +140,16 @@ def bind(module: str, attr: str, kernel, args: tuple, kwargs: dict) -> list[dict
         options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, specialization, options)
         dtypes = sorted({v for v in signature.values() if isinstance(v, str) and v.startswith("*")})
         consts = {fn.arg_names[p[0]]: v for p, v in constexprs.items() if len(p) == 1}
+        if peer:  # its tile, as an autotune config would carry it
+            config = None
+            tile = {n: consts[n] for n in ("BLOCK_M", "BLOCK_N") if n in consts}
+            tile.update(num_warps=options.num_warps, num_stages=options.num_stages)
         job = {
-            "kernel": fn.__name__, "module": module, "attr": attr,
+            "kernel": fn.__name__, "module": module, "attr": attr, "peer": peer,
             "signature": signature, "constexprs": [[list(p), _plain(v)] for p, v in constexprs.items()],
             "attrs": [[list(p), v] for p, v in attrs.items()], "options": dict(options.__dict__),
-            "config": None if config is None else {**config.kwargs, "num_warps": config.num_warps,
-                                                  "num_stages": config.num_stages},
+            "config": tile if peer else None if config is None else {
+                **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
             "shipped_config": config is not None,
             "dtype": _io_dtype(signature, dtypes),
             "flags": {k: _plain(v) for k, v in consts.items() if k.isupper()},
@@ -156,6 +179,10 @@ def _io_dtype(signature: dict, dtypes: list) -> str:
     return first[1:]
 
 
+def _unwrapped(kernel):
+    return kernel.kernel if isinstance(kernel, Recorder) else kernel  # recording inside a recording
+
+
 @contextlib.contextmanager
 def recording(found: dict, scenario: list):
     """Every trifuse kernel launch inside the block is recorded (and not run); the ops take the
@@ -165,8 +192,11 @@ def recording(found: dict, scenario: list):
                (norm, "use_triton", lambda t: True), (gelu, "use_triton", lambda t: True)]
     for mod, name in ((att, "_attn_fwd_tuned"), (att, "_attn_combine"), (norm, "_norm_fwd"),
                       (norm, "_norm_fwd_looped"), (gelu, "_gelu_fwd")):
-        patches.append((mod, name, Recorder(mod.__name__.rsplit(".", 1)[-1], name, getattr(mod, name), scenario,
-                                            found)))
+        patches.append((mod, name, Recorder(mod.__name__.rsplit(".", 1)[-1], name, _unwrapped(getattr(mod, name)),
+                                            scenario, found)))
+    peer = _module(PEER_MODULE)
+    patches.append((peer, "_peer_fwd", Recorder(PEER_MODULE, "_peer_fwd", _unwrapped(peer._peer_fwd), scenario,
+                                                found, peer=True)))
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     try:
         for mod, name, value in patches:
@@ -279,16 +309,48 @@ def bench_scenarios(dtype: torch.dtype):
             ("split-K decode hd128 Lk8192", decode_hd128), ("norms and GELU, widths 768..32768", norms)]
 
 
-def record(dtypes=("fp16", "bf16"), scenarios: str | None = None, unpruned: bool = False) -> dict:
+def _kept_tiles(launch) -> list[tuple]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of every config the shipped pruning keeps for the attention
+    launches ``launch()`` makes (recorded on the side: nothing of it reaches the report)."""
+    seen: dict = {}
+    with recording(seen, ["(tiles)"]):
+        launch()
+    return sorted({(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])
+                   for j in seen.values() if j["kernel"] == "_attn_fwd" for c in [j["config"]]}, reverse=True)
+
+
+def peer_scenarios(dtype: torch.dtype):
+    """trifuse's attention and the tutorial-06-style peer (tests/peer_flash.py) at one shape, plain
+    and causal: the peer at each tile trifuse's autotuner would try there."""
+    from trifuse import kernels
+
+    peer = _module(PEER_MODULE)
+    B, H, L = PEER_SHAPE
+
+    def side_by_side(D):
+        q, k, v = (torch.empty(B, H, L, D, dtype=dtype) for _ in range(3))  # never read: nothing runs
+        for causal in (False, True):
+            tiles = _kept_tiles(lambda: kernels.attention(q, k, v, causal=causal))
+            kernels.attention(q, k, v, causal=causal)
+            for bm, bn, warps, stages in tiles:
+                peer.peer_attention(q, k, v, causal, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+    return [(f"{PEER_SCENARIO}hd{D} B{B} H{H} L{L}: trifuse and the tutorial-06-style peer (plain, causal)",
+             lambda D=D: side_by_side(D)) for D in PEER_HEAD_DIMS]
+
+
+def record(dtypes=("fp16", "bf16"), scenarios: str | None = None, unpruned: bool = False,
+           peers: bool = True) -> dict:
     """Every distinct specialization the scenarios launch (``scenarios``: a regex on their names).
-    ``unpruned``: bind the attention configs the Hopper pruning drops too (marked not shipped)."""
+    ``unpruned``: bind the attention configs the Hopper pruning drops too (marked not shipped).
+    ``peers``: the peer scenarios too."""
     found: dict = {}
     names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     att = _module("attention")
     dropped: dict = {}  # bound only with the pruning off
     for dt in dtypes:
         dtype = names[dt]
-        for name, fn in engine_scenarios(dtype) + bench_scenarios(dtype):
+        for name, fn in engine_scenarios(dtype) + bench_scenarios(dtype) + (peer_scenarios(dtype) if peers else []):
             if scenarios and not re.search(scenarios, name):
                 continue
             scenario = [f"{name} [{dt}]"]
@@ -336,6 +398,7 @@ def compile_job(job: dict) -> dict:
     attrs = {tuple(p): v for p, v in job["attrs"]}
     row = {k: job[k] for k in ("kernel", "dtype", "config", "shipped_config", "flags", "unit_args",
                                "ints_not_div16", "scenarios")}
+    row["peer"] = job.get("peer", False)
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
@@ -355,9 +418,37 @@ def compile_job(job: dict) -> dict:
                num_warps=warps, num_stages=job["options"].get("num_stages"),
                cubin_bytes=len(k.asm.get("cubin", b"")), wgmma=ptx.count("wgmma.mma_async"),
                mma_sync=ptx.count("mma.sync"), tma=ptx.count("cp.async.bulk.tensor"),
-               cp_async=len(re.findall(r"cp\.async\.c[ag]\.", ptx)))
+               cp_async=len(re.findall(r"cp\.async\.c[ag]\.", ptx)),
+               sass_instructions=sass_instructions(k.asm.get("cubin", b"")))
     row.update(occupancy(row["registers"], row["shared_bytes"], warps))
     return row
+
+
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+
+
+def sass_instructions(cubin: bytes) -> int | None:
+    """Static SASS instruction count of a cubin: the instruction lines ``nvdisasm -c`` prints for
+    its code sections (``/*addr*/ [@pred] OPCODE ... ;``), NOPs (the alignment padding) left out.
+    None when nvdisasm is missing or fails (the count is informative, not a check)."""
+    import subprocess
+    import tempfile
+
+    try:
+        tool = triton.knobs.nvidia.nvdisasm.path
+    except Exception:  # noqa: BLE001 - an older or newer Triton without the knob
+        return None
+    if not cubin or not tool:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            text = subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True,
+                                  timeout=120).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return sum(1 for op in _SASS_LINE.findall(text) if op != "NOP")
 
 
 def occupancy(registers, shared: int, warps: int) -> dict:
@@ -383,6 +474,11 @@ def problems(row: dict) -> list[str]:
     if not row["fits_shared"]:
         out.append(f"needs {row['shared_bytes'] // 1024} KB shared memory (> {BLOCK_SHARED_MAX // 1024} KB)")
     return out
+
+
+def shipped_problems(row: dict) -> list[str]:
+    """The exit-status rule: what is wrong with a shipped autotune config (peers are never shipped)."""
+    return problems(row) if row.get("shipped_config") and not row.get("peer") else []
 
 
 def compile_all(jobs: list[dict], workers: int) -> list[dict]:
@@ -418,6 +514,8 @@ def _variant(row: dict) -> str:
         return "+".join(parts) + f" hd{f.get('BLOCK_D')}"
     if row["kernel"] == "_attn_combine":
         return f"S{f.get('BLOCK_S')} D{f.get('BLOCK_D')}"
+    if row["kernel"] == "_peer_fwd":
+        return ("causal" if f.get("CAUSAL") else "plain") + f" hd{f.get('HEAD_DIM')}"
     return " ".join(f"{k}={v}" for k, v in f.items() if k.startswith(("IS_", "HAS_", "TANH", "BLOCK")))
 
 
@@ -433,39 +531,113 @@ def _cfg(row: dict) -> str:
     return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')} {c['num_warps']}w {c['num_stages']}s"
 
 
+def _n(v, fmt="{}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
-    bad = [r for r in rows if r.get("shipped_config") and problems(r)]
+    bad = [r for r in rows if shipped_problems(r)]
+    peers = sum(1 for r in rows if r.get("peer"))
     md = ["# Static Hopper (sm_90) report, faithful to the JIT", "",
-          f"Generated by `python tests/aot_hopper.py --dtypes {meta['dtypes']} --write bench/static` with Triton "
+          f"Generated by `python tests/aot_hopper.py --dtypes {meta['dtypes']}"
+          f"{'' if meta.get('peers', True) else ' --no-peers'} --write bench/static` with Triton "
           f"{meta['triton']} "
           f"(ptxas from its NVIDIA backend), torch {meta['torch']}, {meta['date']}. No GPU involved: every "
           "launch the engine and the benchmarks make at the device check's shapes was recorded on the CPU "
           "and bound by Triton's own JIT binder for sm_90 (unit strides as constexprs, 16-byte alignment and "
           "divisibility by 16 as the JIT sees them), once per autotune config the shipped pruning keeps.", "",
           f"{len(rows)} specializations compiled in {meta['seconds']:.0f} s; "
-          f"{sum(1 for r in rows if r.get('shipped_config'))} of them shipped attention configs. "
+          f"{sum(1 for r in rows if r.get('shipped_config'))} of them shipped attention configs"
+          + (f", {peers} a tutorial-06-style peer kernel's (marked *peer*, not shipped; see the last section). "
+             if peers else ". ")
           + (f"**{len(bad)} shipped configs spill or do not fit.**" if bad else
              "No shipped config spills or overflows shared memory."), "",
           "Occupancy is resident blocks per SM from registers (64K per SM, allocated per warp in 256s), "
           "shared memory (228 KB per SM, 1 KB reserved per block), warps (64) and blocks (32); `wgmma` "
           "counts `wgmma.mma_async` in the PTX (Hopper tensor cores), `cp.async` the Ampere-style async "
-          "copies, `TMA` the bulk tensor copies.", "",
+          "copies, `TMA` the bulk tensor copies; `SASS` the instructions `nvdisasm` lists for the cubin "
+          "(static: a loop body counts once; NOPs left out).", "",
           "| kernel | variant | dtype | config | regs | spill st/ld B | stack B | shared KB | blocks/SM (limit) "
-          "| wgmma | cp.async | TMA | ints not /16 | launched by |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| wgmma | cp.async | TMA | SASS | ints not /16 | launched by |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(rows, key=lambda r: (r["kernel"], _variant(r), r["dtype"], _cfg(r)))
     for r in order:
+        peer = " *peer*" if r.get("peer") else ""
         if not r["ok"]:
-            md.append(f"| {r['kernel']} | {_variant(r)} | {r['dtype']} | {_cfg(r)} | compile error | | | | | | | | | "
-                      f"{'; '.join(r['scenarios'])[:120]} |")
+            md.append(f"| {r['kernel']} | {_variant(r)} | {r['dtype']} | {_cfg(r)}{peer} | compile error "
+                      f"| | | | | | | | | | {'; '.join(r['scenarios'])[:120]} |")
             continue
-        flag = " **!**" if r.get("shipped_config") and problems(r) else ""
-        md.append(f"| {r['kernel']} | {_variant(r)} | {r['dtype']} | {_cfg(r)}{flag} | {r['registers']} | "
+        flag = " **!**" if shipped_problems(r) else ""
+        md.append(f"| {r['kernel']} | {_variant(r)} | {r['dtype']} | {_cfg(r)}{flag}{peer} | {r['registers']} | "
                   f"{r['spill_stores']}/{r['spill_loads']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
                   f"{r['blocks_per_sm']} ({r['occupancy_limit']}) | {r['wgmma']} | {r['cp_async']} | {r['tma']} | "
-                  f"{', '.join(r.get('ints_not_div16', [])) or '-'} | "
+                  f"{_n(r.get('sass_instructions'))} | {', '.join(r.get('ints_not_div16', [])) or '-'} | "
                   f"{'; '.join(r['scenarios'])[:120]} |")
+    md += side_by_side(rows)
     return "\n".join(md) + "\n"
+
+
+def _pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(trifuse row, peer row) for each variant, dtype and tile both were compiled at in the peer
+    scenarios. trifuse's rows come from the peer scenarios' own launches (the same shape)."""
+    ours = {}
+    for r in rows:
+        if (r["kernel"] == "_attn_fwd" and not r.get("peer")
+                and any(s.startswith(PEER_SCENARIO) for s in r.get("scenarios", []))):
+            ours.setdefault((_variant(r), r["dtype"], _cfg(r)), r)
+    out = []
+    for p in rows:
+        if p.get("peer") and (_variant(p), p["dtype"], _cfg(p)) in ours:
+            out.append((ours[(_variant(p), p["dtype"], _cfg(p))], p))
+    hd = lambda r: int(_variant(r).rsplit("hd", 1)[1])  # noqa: E731
+    out.sort(key=lambda t: (hd(t[1]), _variant(t[1]).startswith("causal"), t[1]["dtype"] != "fp16", t[1]["dtype"],
+                            -t[1]["config"]["BLOCK_M"], -t[1]["config"]["BLOCK_N"], -t[1]["config"]["num_warps"]))
+    return out
+
+
+def _spilled(row: dict):
+    st, ld = row.get("spill_stores"), row.get("spill_loads")
+    return None if st is None and ld is None else (st or 0) + (ld or 0)
+
+
+def side_by_side(rows: list[dict]) -> list[str]:
+    """The markdown section setting trifuse's attention next to the peer's (empty without peers)."""
+    pairs = _pairs(rows)
+    if not pairs:
+        return []
+    B, H, L = PEER_SHAPE
+    md = ["", "## Side by side with a tutorial-06-style kernel", "",
+          "trifuse's `_attn_fwd` (its mask, bias, T5 and split-K flags off; even plain, it keeps a masked "
+          "loop for a ragged end of the keys) and `_peer_fwd` (tests/peer_flash.py), our own minimal "
+          "FlashAttention-2 forward in the structure of Triton's tutorial 06: Q, K, V and O through TMA "
+          "descriptors, exp2 online softmax, causal in two sweeps (blocks below the diagonal unmasked, then "
+          "the diagonal masked); no padding mask, bias, ragged lengths or split-K. "
+          f"Both bound at B={B}, H={H}, L={L} at each tile trifuse's shipped pruning keeps there. Each cell "
+          "is *trifuse / peer*; the ratios are trifuse's over the peer's. The peer is a baseline, never shipped.",
+          "", "| variant | dtype | tile | regs | spill B (st+ld) | shared KB | blocks/SM | SASS | wgmma | cp.async "
+          "| TMA | regs ratio | SASS ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def both(a, b, fmt="{}"):
+        return f"{_n(a, fmt)} / {_n(b, fmt)}"
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if a and b else "-"
+
+    for t, p in pairs:
+        tile = _cfg(p) + ("" if t.get("shipped_config") else " (not shipped)")
+        if not (t["ok"] and p["ok"]):
+            which = " and ".join(n for n, r in (("trifuse", t), ("peer", p)) if not r["ok"])
+            md.append(f"| {_variant(p)} | {p['dtype']} | {tile} | {which}: compile error | | | | | | | | | |")
+            continue
+        kb = (t["shared_bytes"] / 1024, p["shared_bytes"] / 1024)
+        md.append(f"| {_variant(p)} | {p['dtype']} | {tile} | {both(t['registers'], p['registers'])} | "
+                  f"{both(_spilled(t), _spilled(p))} | "
+                  f"{both(*kb, '{:.0f}')} | {both(t['blocks_per_sm'], p['blocks_per_sm'])} | "
+                  f"{both(t.get('sass_instructions'), p.get('sass_instructions'))} | {both(t['wgmma'], p['wgmma'])} | "
+                  f"{both(t['cp_async'], p['cp_async'])} | {both(t['tma'], p['tma'])} | "
+                  f"{ratio(t['registers'], p['registers'])} | "
+                  f"{ratio(t.get('sass_instructions'), p.get('sass_instructions'))} |")
+    return md
 
 
 def main(argv=None) -> int:
@@ -483,6 +655,10 @@ def main(argv=None) -> int:
     p.add_argument("--unpruned", action="store_true",
                    help="also bind the attention configs the Hopper pruning (_hopper_fits) drops, to see "
                         "which of them would spill now (they are reported, not shipped)")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="the peer scenarios: trifuse's attention and the tutorial-06-style peer kernel "
+                        "(tests/peer_flash.py) at B8 H16 L2048, hd64 and hd128, side by side in the report "
+                        "(default: on; --no-peers leaves them out, --scenarios peer selects only them)")
     p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the markdown beside a written JSON")
     args = p.parse_args(argv)
     if args.render:
@@ -490,7 +666,8 @@ def main(argv=None) -> int:
         args.render.with_suffix(".md").write_text(markdown(doc["rows"], doc["meta"]))
         return 0
     t0 = time.perf_counter()
-    found = record(tuple(d.strip() for d in args.dtypes.split(",") if d.strip()), args.scenarios, args.unpruned)
+    found = record(tuple(d.strip() for d in args.dtypes.split(",") if d.strip()), args.scenarios, args.unpruned,
+                   args.peers)
     t_rec = time.perf_counter() - t0
     jobs = list(found.values())
     if args.match:
@@ -498,7 +675,7 @@ def main(argv=None) -> int:
     jobs = jobs[: args.limit]
     if args.list:
         for j in jobs:
-            print(_label(j), "(shipped)" if j["shipped_config"] else "")
+            print(_label(j), "(shipped)" if j["shipped_config"] else "(peer)" if j.get("peer") else "")
         return 0
     print(f"# {len(jobs)} distinct specializations recorded in {t_rec:.0f} s; compiling with {args.workers} "
           "workers", file=sys.stderr, flush=True)
@@ -506,16 +683,19 @@ def main(argv=None) -> int:
     for r in rows:
         print(json.dumps(r), flush=True)
     meta = {"triton": triton.__version__, "torch": torch.__version__, "seconds": time.perf_counter() - t0,
-            "date": time.strftime("%Y-%m-%d"), "dtypes": args.dtypes}
+            "date": time.strftime("%Y-%m-%d"), "dtypes": args.dtypes, "peers": args.peers}
     if args.write:
         args.write.mkdir(parents=True, exist_ok=True)
         (args.write / "hopper-sm90.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         (args.write / "hopper-sm90.md").write_text(markdown(rows, meta))
     failed = [r for r in rows if not r["ok"]]
-    bad = [r for r in rows if r.get("shipped_config") and problems(r)]
+    bad = [r for r in rows if shipped_problems(r)]
     for r in bad:
         print(f"# shipped config {r['kernel']} {_variant(r)} {r['dtype']} {_cfg(r)}: {'; '.join(problems(r))}",
               file=sys.stderr)
+    for r in rows:  # a baseline's spills are news, not a failure
+        if r.get("peer") and r["ok"] and problems(r):
+            print(f"# peer {_label(r)}: {'; '.join(problems(r))} (not shipped)", file=sys.stderr)
     return 1 if failed or bad else 0
 
 
