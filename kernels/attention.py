@@ -387,7 +387,11 @@ if HAS_TRITON:
         want_small = lq is not None and lq <= 32
         kept = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == want_small]
         if arg("DOT_PREC") == "tf32x3":  # fp32: three dots per product, only the smallest tiles hold
-            return [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in ((64, 32), (16, 32))] or kept
+            # At head dim 128 even 64x32 spills (156-436 B, with or without TMA): 16x32 (159-202
+            # registers) is all that holds there, for prefill too.
+            fp32_tiles = ((16, 32),) if block_d is not None and block_d > 64 else ((64, 32), (16, 32))
+            return [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in fp32_tiles] or \
+                [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (16, 32)]
         kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (16, 32)]  # fp32's
         if block_d is not None and block_d >= 256:  # K/V stages of 256-wide rows overflow shared memory
             kept = [c for c in kept if c.kwargs["BLOCK_N"] <= (128 if c.kwargs["BLOCK_M"] <= 32 else 64)] or kept

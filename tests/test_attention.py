@@ -668,6 +668,8 @@ def test_gpu_config_pruning():
     base = dict(BLOCK_D=64, HAS_REL=False, HAS_BIAS=False, HAS_MASK=False)
     assert tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC="tf32x3", **base)) == {(64, 32)}
     assert tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=1, DOT_PREC="tf32x3", **base)) == {(16, 32)}
+    hd128 = {**base, "BLOCK_D": 128}  # 64x32 spills there in fp32: 16x32 for prefill too
+    assert tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC="tf32x3", **hd128)) == {(16, 32)}
     assert (16, 32) not in tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=1, DOT_PREC=None, **base))
     t5 = attn_mod._prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC=None, **{**base, "HAS_REL": True})
     assert tiles(t5) == {(64, 32), (64, 64), (128, 64)}
