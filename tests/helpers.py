@@ -78,3 +78,23 @@ def bench_row_passed(row: dict) -> bool:
     noisy. Whether a timing is clean depends on the machine's load, so no test asserts it."""
     status = row["status"]
     return status in ("ok", "checked") or status.startswith("noisy")
+
+
+def hf_at_least(version: str) -> bool:
+    """Whether the installed transformers is ``version`` or newer (False without transformers)."""
+    import re
+
+    try:
+        import transformers
+    except ImportError:
+        return False
+
+    def parts(v: str) -> tuple:
+        return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+    return parts(transformers.__version__) >= parts(version)
+
+
+#: The transformers whose beam sampling (``do_sample`` with ``num_beams > 1``) trifuse matches draw for
+#: draw: the pinned 5.24. The GPU image's 5.17 draws differently in the last tokens (rehearsed on a
+#: torch 2.11 / transformers 5.17 venv), so the comparison runs only from 5.24 on.
+HF_BEAM_SAMPLE = hf_at_least("5.24")
