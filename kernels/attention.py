@@ -443,6 +443,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def _split_align() -> int:
     return _INTERPRET_BLOCKS[1] if INTERPRET else _GPU_SPLIT_ALIGN
 
@@ -501,7 +506,8 @@ def _use_tma(k: Tensor, v: Tensor) -> bool:
         enabled = os.environ.get("TRIFUSE_ATTENTION_TMA", "1") != "0"
     if not enabled or not _HAS_DESCRIPTORS:
         return False
-    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
+    if k.device.type == "cuda" and not _hopper_or_newer(k.device.index if k.device.index is not None
+                                                        else torch.cuda.current_device()):
         return False
     return _tma_rows(k) and _tma_rows(v)
 
