@@ -23,8 +23,9 @@ from trifuse.engine.pipelines import jsonable
 
 from .requests import BadRequest, Limits, check_inputs, check_parameters, image_from_request, one_line
 
-#: exceptions of a pipeline call that mean "this input or option is wrong": 400
-_INPUT_ERRORS = (TypeError, ValueError, KeyError, IndexError)
+#: exceptions of a pipeline call that mean "this input or option is wrong": 400 (an OSError: an
+#: input that cannot be read; the server itself opens no file a request names)
+_INPUT_ERRORS = (TypeError, ValueError, KeyError, IndexError, OSError)
 
 
 class ServerError(Exception):
