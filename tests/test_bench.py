@@ -65,8 +65,22 @@ def test_speedups_never_from_noisy_rows():
     assert all("speedup_vs_hf_eager" not in r for r in rows)  # no ratio against a noisy baseline
 
 
-def test_copy_bandwidth_is_positive():
-    assert copy_bandwidth("cpu", nbytes=1 << 20) > 0
+def test_copy_bandwidth_counts_bytes_read_and_written(monkeypatch):
+    """GB/s = (bytes read + bytes written) / the median copy time, and the timed call copies the whole
+    source buffer (its uniform [0, 1) values). The clock is stubbed: no load can change the answer."""
+    from trifuse.bench import timing
+
+    copied = []
+
+    def fake_measure(fn, device, **kw):
+        dst = fn()
+        copied.append((dst.numel() * dst.element_size(), float(dst.min()), float(dst.max()), float(dst.std())))
+        return Timing(np.array([0.25, 0.5, 4.0]))  # median 0.5 ms
+
+    monkeypatch.setattr(timing, "measure", fake_measure)
+    assert copy_bandwidth("cpu", nbytes=1 << 20) == pytest.approx(2 * (1 << 20) / 0.5e-3 / 1e9)
+    ((nbytes, lo, hi, std),) = copied
+    assert nbytes == 1 << 20 and 0 <= lo and hi < 1 and std == pytest.approx(12 ** -0.5, rel=0.05)
 
 
 def test_check_and_time_refuses_to_time_a_wrong_answer():
