@@ -278,6 +278,31 @@ def test_ort_runner_takes_torch_inputs(gpt2):
         runner(input_ids=ids)
 
 
+def test_graph_specs_declare_every_input_and_output(reference_backend):
+    """Every family's kind has its graph specs (``export.graphs.SPECS``, one class per kind as optimum's
+    OnnxConfig); each graph they make has one example and one dynamic-shape entry per input and an
+    axis label for every input and output, layer outputs included."""
+    from trifuse.engine.registry import families
+    from trifuse.export.graphs import SPECS, graphs_for, model_kind
+
+    assert {f.kind for f in families()} <= set(SPECS)
+    models = (tiny.bert(), tiny.gpt2(), tiny.t5(0), vit_hf("deit-32-p8", "ForImageClassificationWithTeacher"))
+    seen = set()
+    for hf in models:
+        model = engine.from_pretrained(hf)
+        graphs = graphs_for(model, layer_outputs=True)
+        kind = model_kind(model)[1]
+        assert [g.name for g in graphs] == [spec.name for spec in SPECS[kind]], model.model_type
+        for graph in graphs:
+            flat = [t for a in graph.example for t in (a if isinstance(a, list) else [a])]
+            dyn = [d for a in graph.dynamic for d in (a if isinstance(a, list) else [a])]
+            assert len(flat) == len(dyn) == len(graph.inputs), (model.model_type, graph.name)
+            assert set(graph.inputs) | set(graph.outputs) <= set(graph.dims), (model.model_type, graph.name)
+            assert any(name.startswith("hidden_states.") for name in graph.outputs)
+        seen.add(kind)
+    assert seen == set(SPECS)
+
+
 # ----------------------------------------------------------------------------
 # Bad input.
 
