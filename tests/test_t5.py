@@ -275,7 +275,7 @@ def test_cache_reorder_is_an_index_select(pairs, reference_backend):
         grouped = ours(decoder_input_ids=dec[:, :1], past_key_values=ours.new_cache(4, 2), encoder_outputs=(
             ours.encode(ids, mask).last_hidden_state,), attention_mask=mask).logits
         expanded = ours(ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), decoder_input_ids=dec[:, :1]).logits
-    assert rel_err(grouped, expanded) < 1e-6
+    assert rel_err(grouped, expanded) < 1e-5
 
 
 # ----------------------------------------------------------------------------
