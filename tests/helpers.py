@@ -7,7 +7,7 @@ few ulps, so an exact PyTorch result does not demand an exact kernel).
 
 Two code paths for one problem (TMA and pointer loads, one key split and several,
 the kernel and the reference, a cached step and a full forward) are each compared
-to the float64 reference within the dtype's budget (:func:`assert_paths_agree`),
+to the float64 reference within the dtype's budget (``test_attention._check_paths``),
 never to each other more tightly: paths round differently (block order, which
 numpy/BLAS kernel the CPU picks under Triton's interpreter, AVX-512 or not), so
 agreement to a few ulps holds on one machine and fails on the next. Where no
@@ -53,18 +53,6 @@ def assert_matches_reference(ours: torch.Tensor, ref64: torch.Tensor, dtype: tor
         assert ours_err <= bound, (
             f"{dtype} error {ours_err:.3g} exceeds 2x PyTorch's own error {torch_err:.3g} (+floor)"
         )
-
-
-def assert_paths_agree(paths: dict, ref64: torch.Tensor, dtype: torch.dtype,
-                       torch_lowp: torch.Tensor | None = None, scale: float = 1.0) -> None:
-    """Each of ``paths`` (name -> output) against the float64 reference within ``dtype``'s
-    budget, as :func:`assert_matches_reference`; a failure names the path."""
-    assert paths, "no paths to compare"
-    for name, out in paths.items():
-        try:
-            assert_matches_reference(out, ref64, dtype, torch_lowp=torch_lowp, scale=scale)
-        except AssertionError as e:
-            raise AssertionError(f"path {name!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------
