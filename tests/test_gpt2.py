@@ -487,7 +487,7 @@ def test_bad_checkpoints(tmp_path):
     for change, match in [
         ({"add_cross_attention": True}, "cross-attention"),
         ({"activation_function": "quick_gelu"}, "unsupported activation 'quick_gelu'"),
-        ({"n_head": 8}, r"head dim 8 .* outside the attention kernel's 16\.\.256"),
+        ({"n_embd": 640, "n_head": 2}, r"head dim 320 .* outside the attention kernel's 1\.\.256"),
         ({"architectures": ["GPT2ForSequenceClassification"]}, "GPT-2 head GPT2ForSequenceClassification is not"),
     ]:
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))

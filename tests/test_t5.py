@@ -495,8 +495,8 @@ def test_bad_checkpoints(tmp_path):
     cfg = hf.config.to_dict()
     with pytest.raises(ValueError, match="feed_forward_proj='gated-gelu-x' is not"):
         engine.models.t5.from_checkpoint({**cfg, "feed_forward_proj": "gated-gelu-x"}, state)
-    with pytest.raises(ValueError, match="d_kv=8 is unsupported"):
-        engine.models.t5.from_checkpoint({**cfg, "d_kv": 8}, state)
+    with pytest.raises(ValueError, match="d_kv=512 is unsupported"):
+        engine.models.t5.from_checkpoint({**cfg, "d_kv": 512}, state)
     with pytest.raises(ValueError, match="T5 head T5ForQuestionAnswering is not supported"):
         engine.models.t5.from_checkpoint({**cfg, "architectures": ["T5ForQuestionAnswering"]}, state)
     with pytest.raises(ValueError, match="unknown task 'summarization'"):
