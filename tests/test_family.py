@@ -173,9 +173,9 @@ def test_the_structural_check_bites(tmp_path):
 
 
 def test_adding_a_family_section_names_three_files():
-    """The README's 'Adding a model family' lists what the contract makes true: at most three files."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Adding a model family", 1)[1].split("\n## ", 1)[0]
+    """docs/adding-a-family.md lists what the contract makes true: at most three files."""
+    text = (ROOT / "docs" / "adding-a-family.md").read_text()
+    section = text.split("## The three files", 1)[1].split("\n## ", 1)[0]
     files = [line for line in section.splitlines() if line.startswith(("1. ", "2. ", "3. ", "4. "))]
     assert len(files) == 3, files
     assert "engine/models/" in files[0] and "tests/" in files[1] and "FAMILY_MODULES" in files[2]
