@@ -97,3 +97,12 @@ def test_front_page_names_what_the_code_registers():
     pipelines = (ROOT / "docs" / "pipelines.md").read_text()
     for task in TASKS + tuple(ALIASES):
         assert f'"{task}' in pipelines or f"`{task}`" in pipelines, task
+
+
+def test_benchmarks_page_lists_every_named_size():
+    """`trifuse bench` points at docs/benchmarks.md for its named sizes: every one is there."""
+    from trifuse.engine.registry import named_sizes
+
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    missing = [name for name in named_sizes() if f"`{name}`" not in text]
+    assert not missing, missing
