@@ -353,6 +353,38 @@ def test_headline_on_a_gpu_names_the_figures_that_matter():
     assert lines[4].startswith("On this CPU, trifuse's own path (its reference ops) against Hugging Face eager: 1.10x")
 
 
+def test_main_job_plan_covers_every_family_with_declared_sizes(monkeypatch):
+    """The main job's model rows (bench/default.py's PLAN) name sizes their family declares, every
+    registered family runs, and a family without a row still runs at its first named size."""
+    from trifuse.bench import default
+    from trifuse.engine import registry
+    from trifuse.engine.family import Family
+
+    rows = default._rows()
+    assert {fam.name for _, fam in rows} == {f.name for f in registry.families()}
+    for row, fam in rows:
+        assert {row.small, row.base, row.quick} <= set(fam.named_sizes), row
+        assert row.seconds > 0
+    plan = default._plan()
+    assert [label for label, _, _ in plan] == [row.label for row, _ in rows]
+    assert all(module == default.SUITE_OF_KIND[fam.kind] for (_, module, _), (_, fam) in zip(plan, rows))
+    assert set(default._quick_cpu_sizes()) < {row.label for row, _ in rows}
+
+    # A new family with no row: planned at its first sizes, the default weight; a row with an unknown size: refused.
+    base = registry.families()[0]
+    new = Family(name="newfam", kind=base.kind, model_types=("newfam",), model_classes=(), from_checkpoint=None,
+                 hf_classes={}, config_defaults={"newfam": {}}, example_inputs=None,
+                 named_sizes={"newfam-a": {"model_type": "newfam"}, "newfam-b": {"model_type": "newfam"}})
+    registered = registry.families()
+    monkeypatch.setattr(registry, "families", lambda: (*registered, new))
+    label, module, sizes = default._plan()[-1]
+    assert (label, module, sizes) == ("newfam", default.SUITE_OF_KIND[base.kind], ("newfam-a", "newfam-b"))
+    assert default._family_seconds()["newfam"] == default.DEFAULT_WEIGHT
+    monkeypatch.setattr(default, "PLAN", (default.PlanRow("x", "no-such-size", "bert-base", "bert-small", 1),))
+    with pytest.raises(ValueError, match="names sizes no family declares: no-such-size"):
+        default._plan()
+
+
 def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     """`trifuse bench` with no suite: kernels, families, export; one folder with an index."""
     from tests.test_bert import hf_model
