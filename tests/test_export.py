@@ -115,7 +115,7 @@ def test_translations_match_the_reference(tmp_path, opset):
         got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), xs)})
         for a, b in zip(got, m(*xs)):
             assert not np.isnan(a).any()
-            torch.testing.assert_close(torch.from_numpy(a), b, atol=5e-6, rtol=1e-5)
+            torch.testing.assert_close(torch.from_numpy(a), b, atol=2e-5, rtol=2e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_gpt2_prefill_then_step_with_past(gpt2):
     got = runner(input_ids=step, attention_mask=full, **past)
     ref = model(step, attention_mask=full, past_key_values=cache)
     torch.testing.assert_close(got["logits"], ref.logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got["present.1.value"], cache.values[1, :, :, :5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["present.1.value"], cache.values[1, :, :, :5], atol=2e-5, rtol=2e-5)
 
 
 def test_gpt2_greedy_tokens_equal(gpt2):

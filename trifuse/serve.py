@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from trifuse.cli import positive_int
+from trifuse.engine.cliargs import non_negative_float, port, positive_int
 from trifuse.engine.extras import require
 from trifuse.engine.pipelines import jsonable
 
@@ -386,13 +386,13 @@ def add_arguments(p) -> None:
     p.add_argument("--task", required=True, help="pipeline task, e.g. text-classification, fill-mask, "
                    "feature-extraction, question-answering, text-generation")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=8000, metavar="N", help="HTTP port (default 8000)")
+    p.add_argument("--port", type=port, default=8000, metavar="N", help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=positive_int, default=1, metavar="N", help="replicas of the model (default 1)")
-    p.add_argument("--gpus-per-replica", type=_non_negative_float, default=None, metavar="F",
+    p.add_argument("--gpus-per-replica", type=non_negative_float, default=None, metavar="F",
                    help="GPUs Ray reserves per replica (default: 1 with --device cuda, else 0)")
     p.add_argument("--max-batch-size", type=positive_int, default=32, metavar="N",
                    help="requests per batch (default 32)")
-    p.add_argument("--batch-wait-ms", type=_non_negative_float, default=5.0, metavar="MS",
+    p.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0, metavar="MS",
                    help="how long a batch waits to fill, in ms (default 5)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the pipeline's)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the checkpoint's)")
@@ -400,28 +400,6 @@ def add_arguments(p) -> None:
                    help="an existing Ray cluster (default: start a local Ray)")
     p.add_argument("--access-log", action="store_true", help="log every request (Ray Serve's access log)")
     p.set_defaults(func=main)
-
-
-def _port(text: str) -> int:
-    import argparse
-
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    import argparse
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
 
 
 def main(args) -> int:
