@@ -184,7 +184,7 @@ class DecoderBlock(nn.Module):
         d, h = c.d_model, c.decoder_attention_heads
         self.attn = Attention(d, h, causal=True, layer=layer)
         self.norm1 = LayerNorm(d, c.eps)
-        self.cross = Attention(d, h, cross=True)
+        self.cross = Attention(d, h, cross=True, layer=layer)
         self.norm2 = LayerNorm(d, c.eps)
         self.ffn = FeedForward(d, c.decoder_ffn_dim, c.activation_function)
         self.norm3 = LayerNorm(d, c.eps)
@@ -244,7 +244,8 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.layers):
             a, _ = block.attn(x, self_mask, cache=cache, start=start)
             x, _ = block.norm1(a, residual=x)
-            a, _ = block.cross(x, enc_mask, kv=self.cross_views(cross_kv, i))
+            kv = None if cross_kv is None else self.cross_views(cross_kv, i)  # None: a packed step's own
+            a, _ = block.cross(x, enc_mask, kv=kv, cache=cache)
             x, _ = block.norm2(a, residual=x)
             x, _ = block.norm3(block.ffn(x), residual=x)
             if hidden is not None:
@@ -480,6 +481,15 @@ class BartModel(EncoderDecoderDecoding, nn.Module):
         if cache is not None:
             cache.length = start + n
         return x, tuple(hidden) if hidden is not None else None
+
+    def packed_logits(self, ids: Tensor, positions: Tensor, step, rows: Tensor) -> Tensor:
+        """One continuous-batching step (:mod:`engine.continuous`): ``ids`` / ``positions`` ``[T]`` are
+        many sequences' decoder tokens in one row; ``step`` (:class:`engine.paged.PackedStep`) runs their
+        self- and cross-attention over its paged cache; the logits ``[len(rows), V]`` at the token
+        indices ``rows``."""
+        pos = F.embedding(positions[None] + _OFFSET, self.decoder.embed_positions)
+        x = self.decoder(self._embed(ids[None]), pos, None, None, None, step, 0)
+        return self._logits(x[0, rows])
 
     def _logits(self, x: Tensor) -> Tensor:
         head = self.shared.weight if self.lm_head is None else self.lm_head.weight

@@ -294,6 +294,16 @@ class GPT2Model(Decoding, nn.Module):
         positions.add_(1)
         return self._lm_logits(x[:, -1])
 
+    def packed_logits(self, ids: Tensor, positions: Tensor, step, rows: Tensor) -> Tensor:
+        """One continuous-batching step (:mod:`engine.continuous`): ``ids`` / ``positions`` ``[T]`` are
+        many sequences' tokens in one row, ``step`` (:class:`engine.paged.PackedStep`) runs their
+        attention over its paged cache; the logits ``[len(rows), V]`` at the token indices ``rows``."""
+        h, pending = self.wte(ids[None]), self.wpe(positions[None])
+        for block in self.layers:
+            h, pending, _ = block(h, pending, None, cache=step)
+        x, _ = self.ln_f(pending[:, rows], residual=h[:, rows])
+        return self._lm_logits(x[0])
+
     def _lm_logits(self, x: Tensor) -> Tensor:
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head)

@@ -209,7 +209,7 @@ class DecoderBlock(nn.Module):
         self.norm1 = RMSNorm(c.d_model, c.eps)
         self.attn = _attention(c, causal=True, layer=layer)
         self.norm2 = RMSNorm(c.d_model, c.eps)
-        self.cross = _attention(c, cross=True)
+        self.cross = _attention(c, cross=True, layer=layer)
         self.norm3 = RMSNorm(c.d_model, c.eps)
         self.ffn = FeedForward(c)
 
@@ -293,7 +293,8 @@ class Decoder(nn.Module):
             x, h = _norm_in(block.norm1, h, pending, compute)
             a, _ = block.attn(x, self_mask, cache=cache, start=start, bias=bias, relative_bias=rel)
             x, h = _norm_in(block.norm2, h, a, compute)
-            a, _ = block.cross(x, enc_mask, kv=self.cross_views(cross_kv, i))
+            kv = None if cross_kv is None else self.cross_views(cross_kv, i)  # None: a packed step's own
+            a, _ = block.cross(x, enc_mask, kv=kv, cache=cache)
             x, h = _norm_in(block.norm3, h, a, compute)
             pending = block.ffn(x)
             if hidden is not None:
@@ -485,6 +486,14 @@ class T5Model(EncoderDecoderDecoding, nn.Module):
         if hidden is not None:
             hidden[-1] = x
         return x, tuple(hidden) if hidden is not None else None
+
+    def packed_logits(self, ids: Tensor, positions: Tensor, step, rows: Tensor) -> Tensor:
+        """One continuous-batching step (:mod:`engine.continuous`): ``ids`` ``[T]`` are many sequences'
+        decoder tokens in one row (``positions`` unused: T5's are relative, and the step knows them);
+        ``step`` (:class:`engine.paged.PackedStep`) runs their self- and cross-attention over its paged
+        cache; the logits ``[len(rows), V]`` at the token indices ``rows``."""
+        x = self.decoder(self.shared(ids[None]), None, None, None, step, 0, self.stream_dtype)
+        return self._logits(x[0, rows])
 
     def _logits(self, x: Tensor) -> Tensor:
         if self.config.scale_decoder_outputs:
