@@ -27,9 +27,12 @@ registers (Dao 2023, "FlashAttention-2"). On top of that:
   ``[Lk, D]`` tensor descriptors for its head on the device, and the descriptor
   zero-fills past ``Lk`` and ``D``, so no key block needs address masks. That needs a
   unit last stride and 16-byte aligned heads and rows (any fused-QKV view of fp16/bf16
-  with ``D % 8 == 0`` qualifies); other layouts, GPUs before Hopper and T5's decode step
-  use pointer loads (``cp.async``). :func:`attention_tma` turns TMA off in a block, as does
+  with ``D % 8 == 0`` qualifies); other layouts, head dims under 16, GPUs before Hopper and
+  T5's decode step use pointer loads (``cp.async``). :func:`attention_tma` turns TMA off in a block, as does
   ``TRIFUSE_ATTENTION_TMA=0`` for the process.
+
+Any head dim ``D`` from 1 to 256 runs the kernel: the head is padded to a power-of-two
+block of at least 16 columns (``tl.dot``'s minimum), whose columns past ``D`` load as zeros.
 
 A query row that sees no key at all (all masked, causal with ``Lq > Lk``, or an
 all ``-inf`` bias) returns zeros, as flash-attn does, never NaN. fp16, bf16 and
@@ -52,7 +55,8 @@ import torch
 from torch import Tensor
 
 from ._checks import check_float
-from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, use_triton
+from . import cpu
+from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, path, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -426,8 +430,10 @@ if HAS_TRITON:
 #: Block sizes under Triton's interpreter: one small fixed config (autotuning would
 #: rerun every config on the CPU). Tests may swap it to cover BLOCK_M != BLOCK_N.
 _INTERPRET_BLOCKS = (32, 32)
-#: Smallest and largest head dim the kernel takes (tl.dot needs K >= 16; 256 fits registers).
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+#: Smallest and largest head dim attention takes (256 is what fits registers). Head dims under
+#: ``_MIN_BLOCK_D`` run padded to it: tl.dot needs K >= 16, and the padded columns are masked.
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
+_MIN_BLOCK_D = 16
 #: How far past max_distance the T5 lookup reaches: at least BLOCK_M + BLOCK_N of any config.
 _REL_PAD = 512
 #: Split-K never gives a split fewer keys than this (the merge would cost more than it saves).
@@ -538,7 +544,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optio
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    block_d = max(MIN_HEAD_DIM, next_power_of_2(D))
+    block_d = max(_MIN_BLOCK_D, next_power_of_2(D))  # q, K, V columns past D load as zeros
     dummy = q  # pointers the kernel never reads still need a tensor
     if mask is not None:
         mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -580,7 +586,8 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optio
         EVEN_D=block_d == D, BLOCK_D=block_d,
         # Not for T5's decode step: there Triton 3.6 (the GPU image's) spills 4 B with
         # descriptors, and 3.9 saves no registers (bench/static/hopper-sm90.md).
-        TMA=_use_tma(k, v) and not (rel_lut is not None and Lq <= 32),
+        # Nor for head dims under one block: rows that short gain nothing from bulk copies.
+        TMA=_use_tma(k, v) and not (rel_lut is not None and Lq <= 32) and D >= _MIN_BLOCK_D,
     )
     if flags["TMA"] and q.device.type == "cuda":
         _ensure_allocator()
@@ -619,6 +626,17 @@ class RelativeBias:
     num_buckets: int = 32
     max_distance: int = 128
     query_offset: Optional[int] = None
+
+    def dense(self, lq: int, lk: int, dtype: torch.dtype) -> Tensor:
+        """The bias ``[1, H, Lq, Lk]`` materialized (the native CPU path adds it to the scores), built
+        once per object and size: a model makes one ``RelativeBias`` per forward and its layers share it."""
+        offset = lk - lq if self.query_offset is None else int(self.query_offset)
+        key = (lq, lk, offset, dtype)
+        cache = self.__dict__.setdefault("_dense", {})
+        if key not in cache:
+            cache[key] = cpu.relative_bias_dense(self.table, bool(self.bidirectional), int(self.num_buckets),
+                                                 int(self.max_distance), offset, lq, lk, dtype)
+        return cache[key]
 
     def __repr__(self) -> str:  # the table itself is noise in a repr
         return (f"RelativeBias(table=<{tuple(self.table.shape)} {self.table.dtype}>, "
@@ -832,6 +850,9 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tens
             lut = _relative_lut(rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance)
         return _launch(q, k, v, attention_mask, bias, lut, rel_query_offset, rel_max_distance,
                        causal, scale, num_splits)
+    if q.dtype != torch.float64 and path(q) == "native":
+        return cpu.attention(q, k, v, attention_mask, bias, rel_table, rel_bidirectional, rel_num_buckets,
+                             rel_max_distance, rel_query_offset, causal, scale)
     return _reference(q, k, v, attention_mask, bias, rel_table, rel_bidirectional, rel_num_buckets,
                       rel_max_distance, rel_query_offset, causal, scale)
 
@@ -851,7 +872,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """``softmax(q @ k^T * scale + bias + relative_bias + masks) @ v``, fused.
 
     ``q``: ``[B, H, Lq, D]``; ``k``, ``v``: ``[B, H, Lk, D]``; any strides; same float
-    dtype and device; ``D`` in 16..256. Returns ``[B, H, Lq, D]`` in ``q``'s dtype,
+    dtype and device; ``D`` in 1..256. Returns ``[B, H, Lq, D]`` in ``q``'s dtype,
     contiguous.
 
     * ``scale``: defaults to ``1/sqrt(D)`` (T5 uses ``1.0``).
@@ -866,6 +887,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """
     op = "attention"
     table, bidir, nb, md, qoff, scale = _unpack(op, q, k, v, relative_bias, scale)
+    if table is not None and q.dtype != torch.float64 and path(q) == "native":
+        _check(op, q, k, v, attention_mask, bias, table, nb, md, scale)
+        dense = relative_bias.dense(q.shape[2], k.shape[2], q.dtype)  # shared by every layer's call
+        bias, table = (dense if bias is None else bias.to(q.dtype) + dense), None
     return torch.ops.trifuse.attention(q, k, v, attention_mask, bias, table, bidir, nb, md, qoff,
                                        bool(causal), scale, int(_num_splits))
 

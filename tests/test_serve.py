@@ -193,10 +193,13 @@ def _connect_ray(lines):
     address = next(line.split("Ray at ", 1)[1].split()[0] for line in lines if "trifuse serve: Ray at " in line)
     assert address.startswith("127.0.0.1:"), address
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # a local Ray's default: its token in ~/.ray/auth_token
     from ray._private import ray_constants
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time (ray may be imported already)
+    # A new local Ray turns on token auth (its token in ~/.ray/auth_token); a driver joining it
+    # by address must say so before connecting (RAY_AUTH_MODE=token, re-read as Ray does).
+    _enable_token_auth()
     import ray
 
     ray.init(address=address, logging_level="ERROR")
