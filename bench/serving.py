@@ -3,8 +3,8 @@
     python -m trifuse.bench.serving path/to/checkpoint --task text-classification \\
         [--concurrency 1 8 64] [--requests 256] [--max-batch-size 32] [--out results]
 
-Starts a local Ray, serves the pipeline twice (Ray Serve batching on, with
-``--max-batch-size``; and off, batches of one), and for each concurrency level runs that
+Starts ``trifuse serve`` twice, as a user does (Ray Serve batching on, with
+``--max-batch-size``; then off, batches of one), and for each concurrency level runs that
 many clients over loopback, each sending its requests one after another. Rows report
 requests/s over the level's wall time, latency p50/p90/p99 (and p10) per request, and the
 mean number of requests the replica gathered per forward pass. Every answer is checked
@@ -16,11 +16,15 @@ indicative: the clients, the proxy and the replica share the cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -90,31 +94,58 @@ def _close(a, b, tol=1e-4) -> bool:
     return a == b
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(checkpoint: str, task: str, *flags: str, timeout_s: float = 600):
+    """``trifuse serve CHECKPOINT --task TASK FLAGS`` on a free loopback port, as a user starts it:
+    yields its base URL once it answers, then stops it (SIGTERM) and waits for it to exit."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "trifuse", "serve", str(checkpoint), "--task", task, "--port", str(port), *flags]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log: list[str] = []
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            log.append(line)
+            if "trifuse serve: Ray at " in line:
+                break
+        else:
+            raise RuntimeError("trifuse serve did not come up in time:\n" + "".join(log[-30:]))
+        if proc.poll() is not None:
+            raise RuntimeError("trifuse serve exited:\n" + "".join(log[-30:]))
+        threading.Thread(target=lambda: [log.append(x) for x in proc.stdout], daemon=True).start()
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run(checkpoint: str, task: str, *, concurrency=(1, 8, 64), requests: int = 256, max_batch_size: int = 32,
         batch_wait_ms: float = 5.0, device=None, dtype=None) -> list[dict]:
-    import ray
-    from ray import serve
-
     import trifuse
-    import trifuse.serve as ts
     from trifuse.engine.pipelines import jsonable
 
     inputs = _inputs(task, requests)
     pipe = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype)
     expected = [jsonable(pipe(x)) for x in inputs]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(include_dashboard=False, logging_level="ERROR")
+    common = [*(["--device", device] if device else []), *(["--dtype", dtype] if dtype else [])]
     rows = []
-    try:
-        quiet = {"log_level": "WARNING", "enable_access_log": False}
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
-        for mode, bs in (("batched", max_batch_size), ("unbatched", 1)):
-            serve.run(ts.deployment(checkpoint, task, device=device, dtype=dtype, max_batch_size=bs,
-                                    batch_wait_timeout_s=batch_wait_ms / 1e3 if bs > 1 else 0.0, name=mode),
-                      name=mode, route_prefix=f"/{mode}", logging_config=quiet)
-            url = f"http://127.0.0.1:{port}/{mode}/"
+    for mode, bs in (("batched", max_batch_size), ("unbatched", 1)):
+        wait = batch_wait_ms if bs > 1 else 0.0
+        with served(checkpoint, task, "--max-batch-size", str(bs), "--batch-wait-ms", str(wait), *common) as url:
             _post(url, {"inputs": inputs[0]})  # warm-up (first forward pass, allocations)
             for clients in concurrency:
                 before = _stats(url)
@@ -129,10 +160,6 @@ def run(checkpoint: str, task: str, *, concurrency=(1, 8, 64), requests: int = 2
                 if r["wrong"]:
                     row["status"] = f"mismatch: {len(r['wrong'])} answers differ from trifuse.pipeline"
                 rows.append(row)
-            serve.delete(mode)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return rows
 
 

@@ -7,7 +7,7 @@ tutorial's ``_attn_fwd_inner`` is called per ``STAGE``.
 The op, the launcher and the reference live in :mod:`kernels.attention`, which imports the
 kernels under their own names (``_attn_fwd``, ``_attn_combine``: the names compiled kernels carry in
 the static report, bench/static/hopper-sm90.md). Why the tiles and the guards are what they are
-(measured with ``tests/aot_hopper.py``) is told in docs/kernels.md.
+(measured with ``bench/static/aot_hopper.py``) is told in docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ _TILES = [
 GPU_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _TILES]
 
 # What ptxas holds for sm_90 without spilling registers and within 227 KB of shared memory, as
-# measured on the launches the engine and the benchmarks make (tests/aot_hopper.py; the table is
+# measured on the launches the engine and the benchmarks make (bench/static/aot_hopper.py; the table is
 # bench/static/hopper-sm90.md, the history docs/kernels.md). CI (tests/test_compile_hopper.py)
 # fails when a kept config spills, so these follow the compiler, not a guess; `aot_hopper.py
 # --unpruned` shows what they drop. Head dims are "narrow" (BLOCK_D <= 64) or "wide". A warps

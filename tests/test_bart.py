@@ -311,7 +311,7 @@ def exported(tmp_path_factory):
 
 
 def test_onnx_export_verify_and_greedy(exported, monkeypatch):
-    from trifuse.export import onnx as ox
+    from trifuse.export import runtime as ox
 
     model, base, (enc, dec) = exported
     assert enc.name == "bart.encoder.onnx" and dec.name == "bart.decoder.onnx"
