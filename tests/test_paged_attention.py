@@ -102,11 +102,11 @@ def test_bias_reference_is_the_dense_ops():
 
 def test_split_keys(device):
     # Long keys across several programs, merged by the second kernel; splits land mid-block-table.
-    args = problem(heads=2, head_dim=16, block_size=8, lens=((1, 200), (2, 130), (1, 5)), blocks=48, seed=5,
+    args = problem(heads=2, head_dim=16, block_size=8, lens=((1, 300), (2, 130), (1, 5)), blocks=60, seed=5,
                    device=device)
     want = ref64(args)
     for splits in (2, 3, 16):
-        assert pa._split_plan(8, 200, splits, 132)[0] > 1
+        assert pa._split_plan(8, 300, splits, 132)[0] > 1
         assert_matches_reference(kernels.paged_attention(*args, _num_splits=splits), want, torch.float32)
     rel = t5_bias(2, device=device)
     assert_matches_reference(kernels.paged_attention(*args, relative_bias=rel, _num_splits=3),
@@ -117,7 +117,7 @@ def test_split_plan():
     assert pa._split_plan(4, 100, 0, 132) == (1, 100)  # short keys: one split
     assert pa._split_plan(10_000, 4096, 0, 132) == (1, 4096)  # enough programs already
     splits, per = pa._split_plan(8, 4096, 0, 132)
-    assert 1 < splits <= pa.MAX_SPLITS and per % pa._BLOCK_N == 0 and splits * per >= 4096
+    assert 1 < splits <= pa.MAX_SPLITS and per % pa._SPLIT_ALIGN == 0 and splits * per >= 4096
 
 
 def test_reference_backend_and_custom_op():
