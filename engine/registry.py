@@ -10,6 +10,7 @@ import torch
 
 from .family import Family
 from .loading import generation_defaults, read_checkpoint, read_generation_config
+from .layers import pack_linears
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -156,6 +157,8 @@ def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, devi
         generation = generation_defaults(read_generation_config(source))
         config.update({k: generation[k] for k in _GENERATION_IDS if k in generation})
     model = fam.from_checkpoint(config, state, task=task, dtype=dtype, device=device)
+    if device.type == "cpu":
+        pack_linears(model)  # oneDNN's GEMM on the native CPU path; nn.Linear everywhere else
     if fam.generative:
         model.generation_config = generation
     return model

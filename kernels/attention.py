@@ -55,7 +55,8 @@ import torch
 from torch import Tensor
 
 from ._checks import check_float
-from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, use_triton
+from . import cpu
+from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, path, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -626,6 +627,17 @@ class RelativeBias:
     max_distance: int = 128
     query_offset: Optional[int] = None
 
+    def dense(self, lq: int, lk: int, dtype: torch.dtype) -> Tensor:
+        """The bias ``[1, H, Lq, Lk]`` materialized (the native CPU path adds it to the scores), built
+        once per object and size: a model makes one ``RelativeBias`` per forward and its layers share it."""
+        offset = lk - lq if self.query_offset is None else int(self.query_offset)
+        key = (lq, lk, offset, dtype)
+        cache = self.__dict__.setdefault("_dense", {})
+        if key not in cache:
+            cache[key] = cpu.relative_bias_dense(self.table, bool(self.bidirectional), int(self.num_buckets),
+                                                 int(self.max_distance), offset, lq, lk, dtype)
+        return cache[key]
+
     def __repr__(self) -> str:  # the table itself is noise in a repr
         return (f"RelativeBias(table=<{tuple(self.table.shape)} {self.table.dtype}>, "
                 f"bidirectional={self.bidirectional}, num_buckets={self.num_buckets}, "
@@ -838,6 +850,9 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tens
             lut = _relative_lut(rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance)
         return _launch(q, k, v, attention_mask, bias, lut, rel_query_offset, rel_max_distance,
                        causal, scale, num_splits)
+    if q.dtype != torch.float64 and path(q) == "native":
+        return cpu.attention(q, k, v, attention_mask, bias, rel_table, rel_bidirectional, rel_num_buckets,
+                             rel_max_distance, rel_query_offset, causal, scale)
     return _reference(q, k, v, attention_mask, bias, rel_table, rel_bidirectional, rel_num_buckets,
                       rel_max_distance, rel_query_offset, causal, scale)
 
@@ -872,6 +887,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """
     op = "attention"
     table, bidir, nb, md, qoff, scale = _unpack(op, q, k, v, relative_bias, scale)
+    if table is not None and q.dtype != torch.float64 and path(q) == "native":
+        _check(op, q, k, v, attention_mask, bias, table, nb, md, scale)
+        dense = relative_bias.dense(q.shape[2], k.shape[2], q.dtype)  # shared by every layer's call
+        bias, table = (dense if bias is None else bias.to(q.dtype) + dense), None
     return torch.ops.trifuse.attention(q, k, v, attention_mask, bias, table, bidir, nb, md, qoff,
                                        bool(causal), scale, int(_num_splits))
 

@@ -30,7 +30,7 @@ def test_env_rejects_unknown_backend():
     assert "TRIFUSE_BACKEND='cuda-magic'" in out.stderr
 
 
-def test_cpu_without_interpreter_runs_reference():
+def test_cpu_without_interpreter_runs_native():
     code = ("import torch; from trifuse import kernels; from trifuse.kernels import norm\n"
             "norm._launch = None  # any Triton launch would now fail\n"
             "x = torch.randn(3, 8)\n"

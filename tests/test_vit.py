@@ -204,7 +204,7 @@ def test_preprocess_grayscale_and_files(tmp_path):
 
 
 def test_image_files_to_labels(tmp_path, reference_backend):
-    """The README's two lines: image files -> labels, as Hugging Face's processor + model."""
+    """docs/models.md's ViT lines: image files -> labels, as Hugging Face's processor + model."""
     hf = hf_model("vit-32-p8-rgb", "ForImageClassification")
     hf.save_pretrained(tmp_path)
     proc = hf_processor("ViT", size={"height": 32, "width": 32})

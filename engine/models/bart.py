@@ -43,7 +43,7 @@ from trifuse import kernels
 
 from .. import generation as gen
 from .. import inputs
-from ..cache import EncoderDecoderCache, encoder_state
+from ..cache import EncoderDecoderCache, encoder_state, self_attention_mask
 from ..decoding import CACHE_CHUNK, EncoderDecoderDecoding
 from ..family import SEQ2SEQ, Family
 from ..layers import Attention, FeedForward, LayerNorm, PostLNBlock, check_activation, kernel_mask
@@ -470,24 +470,11 @@ class BartModel(EncoderDecoderDecoding, nn.Module):
             out.start_logits, out.end_logits = start_logits.squeeze(-1), end_logits.squeeze(-1)
         return out
 
-    def _self_mask(self, decoder_attention_mask: Optional[Tensor], cache: Optional[BartCache], start: int,
-                   n: int) -> Optional[Tensor]:
-        if cache is None:
-            return kernel_mask(decoder_attention_mask)
-        end = start + n
-        if decoder_attention_mask is not None:
-            lo = end - decoder_attention_mask.shape[1]  # 0 (whole history) or start (new tokens only)
-            cache.mask[:, lo:end] = decoder_attention_mask.ne(0)
-            cache.padded = cache.padded or not bool(cache.mask[:, lo:end].all())
-        else:
-            cache.mask[:, start:end] = True
-        return cache.mask[:, :end] if cache.padded else None
-
     def _decode(self, ids: Tensor, decoder_attention_mask: Optional[Tensor], cross_kv: Tensor,
                 enc_mask: Optional[Tensor], cache: Optional[BartCache], start: int,
                 output_hidden_states: bool = False) -> Tuple[Tensor, Optional[tuple]]:
         n = ids.shape[1]
-        mask = self._self_mask(decoder_attention_mask, cache, start, n)
+        mask = self_attention_mask(decoder_attention_mask, cache, start, n)
         hidden = [] if output_hidden_states else None
         x = self.decoder(self._embed(ids), self.decoder.positions(start, n), mask, cross_kv, enc_mask, cache, start,
                          hidden)
@@ -529,8 +516,7 @@ class BartModel(EncoderDecoderDecoding, nn.Module):
         ``cache.encoder_mask``. Sets the mask at ``slot`` and advances ``slot`` in place;
         ``cache.length`` is the caller's to keep. Driven by :class:`engine.graphs.StaticDecoder`.
         """
-        mask = cache.mask[:, :kv_len]
-        mask.index_fill_(1, slot, True)
+        mask = cache.step_mask(slot, kv_len)
         x = self.decoder(self._embed(tokens), self.decoder.positions(slot, 1), mask, cache.cross_kv,
                          cache.encoder_mask, cache, slot)
         slot.add_(1)
@@ -680,6 +666,4 @@ FAMILY = Family(
         "bart-tiny": {**_BASE, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
                       "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
     },
-    bench_plan={"bart": ("bart-base", "bart-large", "bart-tiny")},
-    bench_seconds={"bart": 20},
 )
