@@ -256,9 +256,13 @@ def _cpu(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, token_
     # attention call per step and layer, masks by kv_len. Decode steps have one token per sequence,
     # so nothing is gathered twice; a prefill chunk's tokens share their sequence's gather.
     T, H, D = q.shape
-    seqs, inverse = torch.unique(token_seq, return_inverse=True)
-    k = _gather_keys(k_pool, block_tables, seqs, max_kv)[inverse]  # [T, Lmax, H, D]
-    v = _gather_keys(v_pool, block_tables, seqs, max_kv)[inverse]
+    if T == 1 or bool((token_seq[1:] > token_seq[:-1]).all()):  # one token per sequence (decoding)
+        k = _gather_keys(k_pool, block_tables, token_seq, max_kv)  # [T, Lmax, H, D]
+        v = _gather_keys(v_pool, block_tables, token_seq, max_kv)
+    else:  # prefill chunks: each sequence's keys gathered once, then shared by its tokens
+        seqs, inverse = torch.unique(token_seq, return_inverse=True)
+        k = _gather_keys(k_pool, block_tables, seqs, max_kv)[inverse]
+        v = _gather_keys(v_pool, block_tables, seqs, max_kv)[inverse]
     pos = torch.arange(max_kv, device=q.device)
     visible = pos[None, :] < kv_lens[:, None].long()  # [T, Lmax]
     if lut is None:

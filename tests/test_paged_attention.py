@@ -65,8 +65,10 @@ def cpu_path(args, rel=None, scale=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,heads", [(24, 3), (8, 2), (80, 1)])
-def test_kernel_and_cpu_path_match_float64(device, dtype, head_dim, heads):
-    args = problem(heads=heads, head_dim=head_dim, dtype=dtype, device=device)
+@pytest.mark.parametrize("lens", [((3, 7), (1, 33), (2, 2)), ((1, 7), (1, 33), (1, 2), (1, 1))],
+                         ids=["prefill+decode", "decode"])
+def test_kernel_and_cpu_path_match_float64(device, dtype, head_dim, heads, lens):
+    args = problem(heads=heads, head_dim=head_dim, lens=lens, dtype=dtype, device=device)
     want = ref64(args)
     lowp = cpu_path(args)
     assert_matches_reference(kernels.paged_attention(*args), want, dtype, torch_lowp=lowp)
