@@ -165,7 +165,9 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-def run(models, concurrency, n_requests, device, seed=0, modes=("engine", "static", "sequential")) -> list:
+def run(models, concurrency, n_requests, device, seed=0, modes=("engine", "static", "sequential"),
+        once=()) -> list:
+    """Rows per model, concurrency and mode; the modes in ``once`` run at the first concurrency only."""
     env = environment(device)
     rows = []
     for name in models:
@@ -175,8 +177,10 @@ def run(models, concurrency, n_requests, device, seed=0, modes=("engine", "stati
         # Warm-up (first calls allocate and pick kernels), then the timed runs.
         _generate_batch(model, reqs[:2])
         reference = None
-        for c in concurrency:
+        for ci, c in enumerate(concurrency):
             for mode in modes:
+                if mode in once and ci:
+                    continue
                 server = (EngineServer(model, max(c, 1)) if mode == "engine"
                           else BatchServer(model, STATIC_BATCH if mode == "static" else 1))
                 try:
@@ -199,6 +203,26 @@ def run(models, concurrency, n_requests, device, seed=0, modes=("engine", "stati
                 out = r.pop("outputs")
                 r["agrees_with_sequential"] = None if reference is None else sum(
                     a == b for a, b in zip(out, reference))
+    return rows
+
+
+def device_rows(models, concurrency, n_requests, device, once=("sequential",)) -> list:
+    """Rows for the device check (``bench/device``): the runs of :func:`run`, the modes in ``once`` only at
+    the first concurrency (one at a time is as slow at every concurrency), each row with a ``backend``
+    and a ``status``: ``checked`` when the engine's tokens equal one-at-a-time's, else how many do
+    (random weights leave near-ties an fp32 rounding can flip, so a difference is reported, not failed)."""
+    rows = run(models, concurrency, n_requests, device, once=once)
+    for r in rows:
+        agree = r.pop("agrees_with_sequential", None)
+        if r["mode"] == "engine":
+            ref = [x for x in rows if x["model"] == r["model"] and x["mode"] == "sequential"]
+            r["status"] = "timed" if not ref else "checked" if agree == r["requests"] else \
+                f"differs: {agree} of {r['requests']} requests equal one-at-a-time's"
+        else:
+            r["status"] = "timed"
+        r.update(suite="continuous", op=r["model"], shape=f"{r['requests']} req c{r['concurrency']}",
+                 backend={"engine": "trifuse-engine", "static": "static-batches-16",
+                          "sequential": "one-at-a-time"}[r["mode"]])
     return rows
 
 
