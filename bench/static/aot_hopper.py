@@ -71,7 +71,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 # H100 / H200 per SM: 64K 32-bit registers, 228 KB shared memory (227 KB for one block), 64 warps, 32 blocks.
 SM_REGISTERS, SM_SHARED, BLOCK_SHARED_MAX, SM_WARPS, SM_BLOCKS = 65536, 228 * 1024, 227 * 1024, 64, 32
 SHARED_RESERVED = 1024  # per block, taken by the driver
-KERNEL_MODULES = ("attention", "norm", "gelu")
+KERNEL_MODULES = ("attention", "norm", "gelu", "paged_attention")
 PEER_MODULE = "peer_flash"  # the tutorial-06-style baseline beside this file (not shipped)
 PEER_SCENARIO = "peer "  # how the peer scenarios' names begin
 PEER_SHAPE = (8, 16, 2048)  # B, H, L of the side-by-side
@@ -191,11 +191,13 @@ def _unwrapped(kernel):
 def recording(found: dict, scenario: list):
     """Every trifuse kernel launch inside the block is recorded (and not run); the ops take the
     Triton path on CPU tensors, as they would on CUDA tensors."""
-    att, norm, gelu = (_module(m) for m in KERNEL_MODULES)
+    att, norm, gelu, paged = (_module(m) for m in KERNEL_MODULES)
     patches = [(att, "_kernel_takes", lambda q: q.dtype != torch.float64),
-               (norm, "use_triton", lambda t: True), (gelu, "use_triton", lambda t: True)]
+               (norm, "use_triton", lambda t: True), (gelu, "use_triton", lambda t: True),
+               (paged, "use_triton", lambda t: True)]
     for mod, name in ((att, "_attn_fwd_tuned"), (att, "_attn_combine"), (norm, "_norm_fwd"),
-                      (norm, "_norm_fwd_looped"), (gelu, "_gelu_fwd")):
+                      (norm, "_norm_fwd_looped"), (gelu, "_gelu_fwd"), (paged, "_paged_fwd_tuned"),
+                      (paged, "_paged_merge")):
         patches.append((mod, name, Recorder(mod.__name__.rsplit(".", 1)[-1], name, _unwrapped(getattr(mod, name)),
                                             scenario, found)))
     peer = _module(PEER_MODULE)
@@ -309,7 +311,27 @@ def bench_scenarios(dtype: torch.dtype):
                 kernels.gelu(x, b, approximate="tanh")
                 kernels.gelu(x, gate=r)
 
+    def paged_steps():
+        # Continuous batching's step (engine.continuous): 64 decode tokens and a prefill chunk over a
+        # block pool, at GPT-2's, T5's (with its bias; cross-attention without) and a hd128 width; and
+        # one long sequence, whose keys split across programs.
+        for heads, d in ((12, 64), (8, 64), (32, 128)):
+            pool = torch.randn(2, 512, 16, heads, d, dtype=dtype)
+            tables = torch.arange(512, dtype=torch.int32).view(64, 8)
+            seq = torch.cat([torch.arange(64), torch.full((40,), 3)]).to(torch.int32)
+            lens = torch.cat([torch.randint(1, 128, (64,)), torch.arange(1, 41)]).to(torch.int32)
+            q = torch.randn(104, heads, d, dtype=dtype)
+            kernels.paged_attention(q, pool[0], pool[1], tables, seq, lens)
+            rel = kernels.RelativeBias(torch.randn(32, heads, dtype=dtype), False)
+            kernels.paged_attention(q, pool[0], pool[1], tables, seq, lens, relative_bias=rel, scale=1.0)
+            long_table = torch.arange(512, dtype=torch.int32)[None]
+            one = torch.tensor([0], dtype=torch.int32)
+            kernels.paged_attention(q[:1], pool[0], pool[1], long_table, one, torch.tensor([8000], dtype=torch.int32))
+            kernels.paged_attention(q[:1], pool[0], pool[1], long_table, one, torch.tensor([8000], dtype=torch.int32),
+                                    relative_bias=rel, scale=1.0)
+
     return [("attention hd128 L2048 (plain, causal, T5, T5 causal)", attention_hd128),
+            ("paged attention: engine steps hd64/hd128, T5 bias, split", paged_steps),
             ("split-K decode hd128 Lk8192", decode_hd128), ("norms and GELU, widths 768..32768", norms)]
 
 
@@ -516,7 +538,10 @@ def _variant(row: dict) -> str:
         if "Lq" in row["unit_args"]:
             parts.append("Lq=1")
         return "+".join(parts) + f" hd{f.get('BLOCK_D')}"
-    if row["kernel"] == "_attn_combine":
+    if row["kernel"] == "_paged_fwd":
+        parts = [n for n, on in (("T5", f.get("HAS_REL")), ("split", f.get("SPLIT"))) if on] or ["plain"]
+        return "+".join(parts) + f" hd{f.get('BLOCK_D')} bs{f.get('BLOCK_SIZE')}"
+    if row["kernel"] in ("_attn_combine", "_paged_merge"):
         return f"S{f.get('BLOCK_S')} D{f.get('BLOCK_D')}"
     if row["kernel"] == "_peer_fwd":
         return ("causal" if f.get("CAUSAL") else "plain") + f" hd{f.get('HEAD_DIM')}"
@@ -532,7 +557,8 @@ def _cfg(row: dict) -> str:
     c = row.get("config")
     if not c:
         return f"{row.get('num_warps')}w"
-    return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')} {c['num_warps']}w {c['num_stages']}s"
+    tile = f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}" if "BLOCK_M" in c else f"N{c.get('BLOCK_N')}"
+    return f"{tile} {c['num_warps']}w {c['num_stages']}s"
 
 
 def _n(v, fmt="{}") -> str:
