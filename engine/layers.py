@@ -141,6 +141,8 @@ class Attention(nn.Module):
       (an encoder-decoder projects its encoder output once for every layer). The ``g = B / B_enc``
       decoder rows of one encoder row (its beams) become ``g*n`` query rows of one batch item: no
       per-beam copy of the keys and values.
+    * ``cache`` may be an :class:`engine.paged.PackedStep` (``cache.packed``): ``x`` ``[1, T, hidden]``
+      holds the tokens of many sequences, and the step does their attention over its paged cache.
     * ``out``: the output projection. ``scale``: ``None`` is ``1/sqrt(head_dim)``; ``causal``: queries
       see keys up to their own position, bottom-right aligned (a query's position counts the cache).
       ``bias`` (dense, additive) and ``relative_bias`` (``kernels.RelativeBias``, computed in the
@@ -168,6 +170,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, cache=None, start: Union[int, Tensor] = 0,
                 kv: Optional[Tuple[Tensor, Tensor]] = None, bias: Optional[Tensor] = None,
                 relative_bias: Optional[kernels.RelativeBias] = None, need_probs: bool = False):
+        if getattr(cache, "packed", False):  # engine.paged.PackedStep: many sequences' tokens in one row
+            return self.out(cache.attention(self, x, relative_bias)), None
         b, n, _ = x.shape
         if self.cross:
             k, v = kv

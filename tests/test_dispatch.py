@@ -70,7 +70,7 @@ def test_reference_and_triton_agree(device):
 
     with kernels.use_backend("reference"):
         ref = block()
-    torch.testing.assert_close(block(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(), ref, atol=2e-5, rtol=2e-5)
 
 
 class _Block(torch.nn.Module):
