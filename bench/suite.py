@@ -386,7 +386,7 @@ def cpu_note(device: torch.device) -> str:
         return ("No GPU: the trifuse backend's Triton kernels are checked under Triton's interpreter, not timed; "
                 "CPU latencies of the PyTorch paths are shown for reference only.")
     return ("No GPU and no Triton interpreter (TRITON_INTERPRET=1 was not set before trifuse was imported): "
-            "the trifuse backend ran the PyTorch reference ops; its timings are not the kernels'.")
+            "the trifuse backend ran the native CPU path (kernels/cpu.py); its timings are not the Triton kernels'.")
 
 
 def _ort_backend(ort: OrtModel, inputs: dict) -> Callable:
