@@ -10,8 +10,6 @@ import torch
 
 from .family import Family
 from .loading import generation_defaults, read_checkpoint, read_generation_config
-from .layers import pack_linears
-from .quantize import check_quantize, quantize_linears
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -141,6 +139,11 @@ def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, devi
     ``generation_config.json`` sets its ``generate`` defaults (``model.generation_config``).
     ``quantize="int8"`` (CPU only) runs the layers' linears in int8 (:mod:`engine.quantize`).
     """
+    # Imported here: the CLI imports this module before `trifuse bench` decides on Triton's
+    # interpreter, which must happen before anything imports the kernels (engine.layers does).
+    from .layers import pack_linears
+    from .quantize import check_quantize, quantize_linears
+
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     check_quantize(quantize, device, dtype)
