@@ -9,7 +9,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from .family import Family
-from .loading import generation_defaults, read_checkpoint, read_generation_config
+from .decoding import generation_defaults
+from .loading import read_checkpoint, read_generation_config
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
