@@ -52,6 +52,27 @@ def read_json_object(file: Path) -> dict:
     return value
 
 
+def check_config_values(config: dict, defaults: dict) -> None:
+    """A ``ValueError`` naming the ``config.json`` field whose value cannot be what trifuse reads there:
+    a string (or bool, object) where the family's default is a number (``"hidden_size": "32"``), and a
+    token id (``*_token_id``) that is not an int (or a list of them) a 64-bit tensor can hold."""
+    for name, value in config.items():
+        if value is None:
+            continue
+        if name.endswith("_token_id"):
+            ids = value if isinstance(value, list) else [value]
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ValueError(f"config.json: {name!r} must be a token id (an int) or a list of them, got {value!r}")
+            if any(not -(1 << 63) <= i < 1 << 63 for i in ids):
+                raise ValueError(f"config.json: {name!r} = {value!r} is not a token id (beyond a 64-bit int)")
+            continue
+        default = defaults.get(name)
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, (str, bool, dict))
+                or isinstance(value, list) and not all(isinstance(v, (int, float)) for v in value)):
+            raise ValueError(f"config.json: {name!r} must be a number, got {type(value).__name__} {value!r}")
+
+
 def read_generation_config(source) -> dict:
     """The checkpoint's generation defaults, as Hugging Face keeps them: ``generation_config.json``
     (or a transformers model's ``generation_config``), only the values it sets. ``{}`` when none."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..family import ENCODER
-from ..registry import family_of, families, from_pretrained, resolve_dtype
+from ..registry import families, family_of, from_pretrained, resolve_device, resolve_dtype
 from ..tokenization import Tokenizer
 
 
@@ -73,13 +73,11 @@ class Pipeline:
         if config.get("model_type") not in model_types:
             raise ValueError(f"{self.task_name} runs on {', '.join(model_types)} checkpoints; {path} is "
                              f"{config.get('model_type')!r}")
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        # before anything loads: "gpu" or a missing CUDA device is a ValueError naming it
+        self.device = resolve_device(device if device is not None else
+                                     "cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_dtype(dtype)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.batch_size = batch_size or self.default_batch_size
+        self.batch_size = self.default_batch_size if batch_size is None else _batch_size(batch_size)
         self.defaults = dict(defaults or {})
         self.model = from_pretrained(path, dtype=self.dtype, device=self.device, task=self.model_task)
         self.tokenizer = Tokenizer.from_pretrained(path) if self.text else None
@@ -99,6 +97,10 @@ class Pipeline:
         if unknown:
             raise TypeError(f"{self.task_name} pipeline got unknown option(s) {', '.join(unknown)}; it takes "
                             f"{', '.join(sorted(self.options))}")
+        if kwargs.get("batch_size") is not None:
+            _batch_size(kwargs["batch_size"])
+        if kwargs.get("progress") not in (None, True, False):
+            raise TypeError(f"progress must be True, False or None, got {kwargs['progress']!r}")
         return {**self.options, **self.defaults, **kwargs}
 
     def __repr__(self) -> str:
@@ -241,6 +243,24 @@ class Pipeline:
         u = units[0]
         return {"output": result, "tokens": self.tokenizer.convert_ids_to_tokens(u.enc.ids),
                 "attentions": u.out["attentions"]}
+
+
+def _batch_size(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"batch_size must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"batch_size must be a positive int, got {value!r}")
+    return value
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """An option that must be an int >= ``minimum``: a ``TypeError`` naming it for another type (a JSON
+    string, a bool), a ``ValueError`` below the minimum; checked before any work."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
 
 
 def text_input(x, task: str) -> str:

@@ -7,7 +7,7 @@ import torch
 
 from ..family import VISION
 from ..images import ImageProcessor, load_image
-from .base import Pipeline, Unit, apply_function, classification_function
+from .base import Pipeline, Unit, apply_function, check_int, classification_function
 
 
 class ImageClassification(Pipeline):
@@ -54,10 +54,4 @@ def top_k(opts: dict) -> int:
     """The call's ``top_k``: None means transformers' default 5, 0 an empty list (as transformers
     answers); anything but an int >= 0 is an error naming it."""
     k = opts.get("top_k")
-    if k is None:
-        return 5
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"top_k must be an int >= 0, got {type(k).__name__} {k!r}")
-    if k < 0:
-        raise ValueError(f"top_k must be an int >= 0, got {k}")
-    return k
+    return 5 if k is None else check_int("top_k", k, 0)

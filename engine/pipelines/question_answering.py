@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Pipeline, Unit
+from .base import Pipeline, Unit, check_int
 
 
 class QuestionAnswering(Pipeline):
@@ -40,14 +40,18 @@ class QuestionAnswering(Pipeline):
         return super().__call__(inputs, **kwargs)
 
     def _settings(self, opts):
-        max_seq_len = opts.get("max_seq_len") or min(self.tokenizer.model_max_length, 384, self.max_tokens)
+        max_seq_len = opts.get("max_seq_len")
+        if max_seq_len is None:
+            max_seq_len = min(self.tokenizer.model_max_length, 384, self.max_tokens)
+        elif check_int("max_seq_len", max_seq_len, 1) > self.max_tokens:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the {self.max_tokens} tokens this model takes")
         doc_stride = opts.get("doc_stride")
-        doc_stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
+        doc_stride = min(max_seq_len // 2, 128) if doc_stride is None else check_int("doc_stride", doc_stride, 0)
         if doc_stride > max_seq_len:
             raise ValueError(f"`doc_stride` ({doc_stride}) is larger than `max_seq_len` ({max_seq_len})")
-        if opts.get("top_k", 1) < 1:
+        if check_int("top_k", opts.get("top_k", 1), 0) < 1:
             raise ValueError(f"top_k parameter should be >= 1 (got {opts['top_k']})")
-        if opts.get("max_answer_len", 15) < 1:
+        if check_int("max_answer_len", opts.get("max_answer_len", 15), 0) < 1:
             raise ValueError(f"max_answer_len parameter should be >= 1 (got {opts['max_answer_len']})")
         return max_seq_len, doc_stride
 
