@@ -38,7 +38,8 @@ class TextClassification(Pipeline):
 
     def _finish(self, x, units, opts):
         logits = units[0].out["logits"].numpy()
-        scores = apply_function(classification_function(opts.get("function_to_apply"), self.config, logits.shape[-1]), logits)
+        fn = classification_function(opts.get("function_to_apply"), self.config, logits.shape[-1])
+        scores = apply_function(fn, logits)
         top_k = opts.get("top_k")
         if top_k == "":  # not given: Hugging Face's legacy single best label
             i = int(scores.argmax())
