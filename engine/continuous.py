@@ -413,8 +413,9 @@ class GenerationEngine:
         plain = [i for i, r in enumerate(reqs) if _plain_greedy(r.cfg, len(r.tokens))]
         tokens = [0] * len(reqs)
         if plain:  # one argmax for every row no processor touches
-            for i, t in zip(plain, scores[plain].argmax(-1).tolist()):
-                tokens[i] = t
+            best = scores.argmax(-1).tolist()
+            for i in plain:
+                tokens[i] = best[i]
         plain = set(plain)
         for i, req in enumerate(reqs):
             if i in plain:

@@ -148,25 +148,61 @@ class Tokenizer:
         ``truncation``: ``True``/``"longest_first"``, ``"only_first"``, ``"only_second"``
         or ``None``/``False``; ``max_length`` defaults to ``model_max_length`` as in HF.
         """
+        _check_count("max_length", max_length, 1)
+        _check_count("stride", stride, 0)
+        if truncation not in (None, False, True, "longest_first", "only_first", "only_second", "do_not_truncate"):
+            raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'only_second', "
+                             f"got {truncation!r}")
+        texts = list(texts)
+        pairs = None if pairs is None else list(pairs)
         if truncation in (True, "longest_first", "only_first", "only_second"):
             strategy = "longest_first" if truncation is True else truncation
             limit = self.model_max_length if max_length is None else max_length
             if limit >= _UNLIMITED:  # no limit known: transformers warns and does not truncate
                 self.backend.no_truncation()
             else:
+                if pairs is not None and strategy != "longest_first":
+                    self._check_room(texts, pairs, strategy, limit, stride, add_special_tokens, is_split_into_words)
                 self.backend.enable_truncation(limit, stride=stride, strategy=strategy,
                                                direction=self.truncation_side)
         else:
             self.backend.no_truncation()
         try:
-            inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+            inputs = texts if pairs is None else list(zip(texts, pairs))
             encs = self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens,
                                              is_pretokenized=is_split_into_words)
+        except BaseException as e:  # tokenizers' Rust panics are BaseExceptions (pyo3's PanicException)
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            raise ValueError(f"the tokenizer could not encode these inputs: {str(e).splitlines()[0]}") from None
         finally:
             self.backend.no_truncation()
         if overflow:
             return [[e, *e.overflowing] for e in encs]
         return encs
+
+    def _check_room(self, texts, pairs, strategy, limit, stride, add_special_tokens, pretokenized) -> None:
+        """Truncating one side of a pair to ``limit`` tokens leaves that side ``limit`` minus the other
+        side minus the special tokens; tokenizers panics (a Rust backtrace, a ``BaseException``) when
+        ``stride`` does not fit in that room. Say so first, as a ``ValueError``."""
+        special = self.backend.num_special_tokens_to_add(True) if add_special_tokens else 0
+        lengths = [[len(e.ids) for e in self.backend.encode_batch(side, add_special_tokens=False,
+                                                                  is_pretokenized=pretokenized)]
+                   for side in (texts, pairs)]
+        cut, kept = (0, 1) if strategy == "only_first" else (1, 0)
+        names = ("first sequence", "second sequence")
+        for a, b in zip(*lengths):
+            n = (a, b)
+            if a + b + special <= limit:
+                continue  # nothing to cut
+            room = limit - special - n[kept]
+            if room <= 0:
+                raise ValueError(f"max_length {limit} leaves no room for the {names[cut]}: the {names[kept]} "
+                                 f"takes {n[kept]} tokens and the special tokens {special}")
+            if stride >= room:
+                raise ValueError(f"stride {stride} must be smaller than the {room} tokens of the {names[cut]} each "
+                                 f"window holds (max_length {limit} - {n[kept]} of the {names[kept]} - {special} "
+                                 f"special tokens)")
 
     def pad(self, encodings: Sequence, *, side: Optional[str] = None, device=None, type_ids: bool = True,
             pad_id: Optional[int] = None) -> Dict[str, Tensor]:
@@ -202,3 +238,12 @@ class Tokenizer:
         if clean is None:
             clean = self.clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean else text
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")

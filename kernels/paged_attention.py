@@ -152,9 +152,27 @@ if HAS_TRITON:
         tl.store(OUT + t * stride_ot + h * stride_oh + offs_d * stride_od, out.to(OUT.dtype.element_ty),
                  mask=offs_d < D)
 
+    def _prune(configs, named_args, **kwargs):
+        # A [BLOCK_N, BLOCK_D] fp32 tile of keys (then values) per program: keep the configs where it
+        # takes at most 64 registers a thread, and no 2-warp program past head dim 64 (32x128 on 2 warps
+        # spills 8 B on sm_90); the rest compile spill-free at 48-128 registers
+        # (bench/static/hopper-sm90.md, checked by tests/test_compile_hopper.py).
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] * block_d <= 64 * 32 * c.num_warps
+                and (c.num_warps > 2 or block_d <= 64)]
+        return kept or configs[:1]
 
-#: Keys per program step (BLOCK_N): 64 rows of at most 256 fp32 columns keep a program's tile in registers.
+    _GPU_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=2)
+                    for bn, w in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))]
+    if not INTERPRET:
+        _paged_fwd_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["BLOCK_D", "HAS_REL", "SPLIT", "BLOCK_SIZE"],
+                                           prune_configs_by={"early_config_prune": _prune})(_paged_fwd)
+
+
+#: Keys per program step under the interpreter (the GPU autotunes 32..128).
 _BLOCK_N = 64
+#: Split boundaries fall on multiples of every BLOCK_N a config may use.
+_SPLIT_ALIGN = 128
 #: Splits are worth it when the (token, head) programs alone leave the GPU this short of work.
 _SPLIT_MIN_KEYS = 256
 MAX_SPLITS = 16
@@ -169,8 +187,10 @@ def _split_plan(programs: int, max_kv: int, requested: int, n_sm: int) -> tuple:
         return 1, max(max_kv, 1)
     else:
         splits = min(-(-2 * n_sm // programs), max_kv // _SPLIT_MIN_KEYS, MAX_SPLITS)
+    if splits <= 1:
+        return 1, max(max_kv, 1)
     per = -(-max_kv // max(splits, 1))
-    per = -(-per // _BLOCK_N) * _BLOCK_N  # whole key blocks per split
+    per = -(-per // _SPLIT_ALIGN) * _SPLIT_ALIGN  # whole key blocks per split, whatever BLOCK_N runs
     splits = -(-max_kv // per)
     return (splits, per) if splits > 1 else (1, max(max_kv, 1))
 
@@ -201,14 +221,15 @@ def _launch(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, tok
     part_strides = o_part.stride() if splits > 1 else (0, 0, 0, 0)
     lse_strides = lse.stride() if splits > 1 else (0, 0, 0)
     rel = lut if lut is not None else dummy
-    _paged_fwd[(T, H, splits)](
-        q, k_pool, v_pool, block_tables, token_seq, kv_lens, rel, out, o_part, lse,
-        *q.stride(), *k_pool.stride(), *v_pool.stride(), *block_tables.stride(), *out.stride(),
-        *part_strides, *lse_strides, rel.stride(0) if lut is not None else 0,
-        H, D, max_distance, max_distance, scale * LOG2E, per,
-        HAS_REL=lut is not None, SPLIT=splits > 1, BLOCK_SIZE=k_pool.shape[1], BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
-        **({} if INTERPRET else {"num_warps": 4 if block_d <= 128 else 8, "num_stages": 2}),
-    )
+    args = (q, k_pool, v_pool, block_tables, token_seq, kv_lens, rel, out, o_part, lse,
+            *q.stride(), *k_pool.stride(), *v_pool.stride(), *block_tables.stride(), *out.stride(),
+            *part_strides, *lse_strides, rel.stride(0) if lut is not None else 0,
+            H, D, max_distance, max_distance, scale * LOG2E, per)
+    flags = dict(HAS_REL=lut is not None, SPLIT=splits > 1, BLOCK_SIZE=k_pool.shape[1], BLOCK_D=block_d)
+    if INTERPRET:
+        _paged_fwd[(T, H, splits)](*args, **flags, BLOCK_N=_BLOCK_N)
+    else:
+        _paged_fwd_tuned[(T, H, splits)](*args, **flags)
     if splits > 1:
         _paged_merge[(T, H)](o_part, lse, out, *o_part.stride(), *lse.stride(), *out.stride(), D, splits,
                              BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_D=block_d,
@@ -235,9 +256,13 @@ def _cpu(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, token_
     # attention call per step and layer, masks by kv_len. Decode steps have one token per sequence,
     # so nothing is gathered twice; a prefill chunk's tokens share their sequence's gather.
     T, H, D = q.shape
-    seqs, inverse = torch.unique(token_seq, return_inverse=True)
-    k = _gather_keys(k_pool, block_tables, seqs, max_kv)[inverse]  # [T, Lmax, H, D]
-    v = _gather_keys(v_pool, block_tables, seqs, max_kv)[inverse]
+    if T == 1 or bool((token_seq[1:] > token_seq[:-1]).all()):  # one token per sequence (decoding)
+        k = _gather_keys(k_pool, block_tables, token_seq, max_kv)  # [T, Lmax, H, D]
+        v = _gather_keys(v_pool, block_tables, token_seq, max_kv)
+    else:  # prefill chunks: each sequence's keys gathered once, then shared by its tokens
+        seqs, inverse = torch.unique(token_seq, return_inverse=True)
+        k = _gather_keys(k_pool, block_tables, seqs, max_kv)[inverse]
+        v = _gather_keys(v_pool, block_tables, seqs, max_kv)[inverse]
     pos = torch.arange(max_kv, device=q.device)
     visible = pos[None, :] < kv_lens[:, None].long()  # [T, Lmax]
     if lut is None:

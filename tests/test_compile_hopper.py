@@ -39,7 +39,11 @@ def test_every_launch_compiles_for_sm90_and_no_shipped_config_spills(tmp_path):
     assert all(r["sass_instructions"] for r in rows)  # nvdisasm ran on every cubin
     # Every kernel, every attention path the engine takes.
     assert {r["kernel"] for r in rows} == {"_norm_fwd", "_norm_fwd_looped", "_gelu_fwd", "_attn_fwd",
-                                           "_attn_combine"}
+                                           "_attn_combine", "_paged_fwd", "_paged_merge"}
+    paged = [r for r in rows if r["kernel"] == "_paged_fwd"]
+    assert all(r["shipped_config"] for r in paged)  # autotuned: every kept config is checked below
+    for flag in ("HAS_REL", "SPLIT"):
+        assert any(r["flags"][flag] for r in paged) and any(not r["flags"][flag] for r in paged), flag
     att = [r for r in rows if r["kernel"] == "_attn_fwd"]
     for flag in ("CAUSAL", "HAS_MASK", "HAS_BIAS", "HAS_REL", "SPLIT"):
         assert any(r["flags"][flag] for r in att), flag

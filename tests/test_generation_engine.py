@@ -218,3 +218,19 @@ def test_bad_requests_fail_before_any_work(models):
         GenerationEngine(model, max_num_seqs=0, background=False)
     with pytest.raises(ValueError, match="no LM head"):
         GenerationEngine(engine.from_pretrained(gpt2_hf(head="Model")), background=False)
+
+
+def test_benchmark_runs_and_checks_its_outputs(tmp_path):
+    from trifuse.bench import continuous as bc
+
+    reqs = bc.workload(5, seed=1, new=(4, 9))
+    assert all(3 <= len(p) <= 40 and 4 <= n <= 9 for p, n in reqs)
+    news = [n for _, n in reqs]
+    assert bc.ideal_ratio(reqs, batch=2) == pytest.approx(
+        (2 * max(news[:2]) + 2 * max(news[2:4]) + news[4]) / sum(news))
+    rows = bc.run(["gpt2-tiny"], [2], 3, "cpu", modes=("engine", "static", "sequential"))
+    assert {r["mode"] for r in rows} == {"engine", "static", "sequential"}
+    assert all(r["agrees_with_sequential"] == 3 and r["tokens_per_s"] > 0 for r in rows)
+    assert bc.summarize(rows)[0]["concurrency"] == 2
+    pytest.importorskip("matplotlib")
+    assert bc.plot(rows, tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0

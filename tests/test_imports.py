@@ -137,22 +137,11 @@ def _package_edges(name: str, targets: set, modules: dict) -> set:
     return keep
 
 
-#: circles found and owned elsewhere, each to be cut by its owner; listed so that no new one
-#: slips in (and the test fails once one is cut, until its entry goes)
-KNOWN_CIRCLES = {
-    # kernels/cpu.py imports relative_position_bucket from kernels/attention.py at call time,
-    # and attention imports cpu: the bucket function belongs in a module both import.
-    ("trifuse.kernels.attention", "trifuse.kernels.cpu"),
-}
-
-
 def test_no_import_circle():
     modules, graph = _graph()
     graph = {n: _package_edges(n, t, modules) for n, t in graph.items()}
     circles = {tuple(c) for c in _cycles(graph)}
-    new = circles - KNOWN_CIRCLES
-    assert not new, "import circles:\n" + "\n".join(" <-> ".join(c) for c in sorted(new))
-    assert not KNOWN_CIRCLES - circles, f"circles cut, drop them from KNOWN_CIRCLES: {KNOWN_CIRCLES - circles}"
+    assert not circles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in sorted(circles))
 
 
 def test_the_checks_see_a_circle_and_an_upward_import():

@@ -65,8 +65,10 @@ def cpu_path(args, rel=None, scale=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,heads", [(24, 3), (8, 2), (80, 1)])
-def test_kernel_and_cpu_path_match_float64(device, dtype, head_dim, heads):
-    args = problem(heads=heads, head_dim=head_dim, dtype=dtype, device=device)
+@pytest.mark.parametrize("lens", [((3, 7), (1, 33), (2, 2)), ((1, 7), (1, 33), (1, 2), (1, 1))],
+                         ids=["prefill+decode", "decode"])
+def test_kernel_and_cpu_path_match_float64(device, dtype, head_dim, heads, lens):
+    args = problem(heads=heads, head_dim=head_dim, lens=lens, dtype=dtype, device=device)
     want = ref64(args)
     lowp = cpu_path(args)
     assert_matches_reference(kernels.paged_attention(*args), want, dtype, torch_lowp=lowp)
@@ -102,11 +104,11 @@ def test_bias_reference_is_the_dense_ops():
 
 def test_split_keys(device):
     # Long keys across several programs, merged by the second kernel; splits land mid-block-table.
-    args = problem(heads=2, head_dim=16, block_size=8, lens=((1, 200), (2, 130), (1, 5)), blocks=48, seed=5,
+    args = problem(heads=2, head_dim=16, block_size=8, lens=((1, 300), (2, 130), (1, 5)), blocks=60, seed=5,
                    device=device)
     want = ref64(args)
     for splits in (2, 3, 16):
-        assert pa._split_plan(8, 200, splits, 132)[0] > 1
+        assert pa._split_plan(8, 300, splits, 132)[0] > 1
         assert_matches_reference(kernels.paged_attention(*args, _num_splits=splits), want, torch.float32)
     rel = t5_bias(2, device=device)
     assert_matches_reference(kernels.paged_attention(*args, relative_bias=rel, _num_splits=3),
@@ -117,7 +119,7 @@ def test_split_plan():
     assert pa._split_plan(4, 100, 0, 132) == (1, 100)  # short keys: one split
     assert pa._split_plan(10_000, 4096, 0, 132) == (1, 4096)  # enough programs already
     splits, per = pa._split_plan(8, 4096, 0, 132)
-    assert 1 < splits <= pa.MAX_SPLITS and per % pa._BLOCK_N == 0 and splits * per >= 4096
+    assert 1 < splits <= pa.MAX_SPLITS and per % pa._SPLIT_ALIGN == 0 and splits * per >= 4096
 
 
 def test_reference_backend_and_custom_op():

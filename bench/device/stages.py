@@ -323,6 +323,16 @@ def _model(ctx: Ctx, suite: str, name: str, backends: list[str], **kw) -> Callab
     return run
 
 
+def _continuous(ctx: Ctx, models: list[str], concurrency: list[int], requests: int) -> Callable[[], list[dict]]:
+    """Continuous batching (trifuse.GenerationEngine) against static batches of 16 and one request at a
+    time (bench/continuous.py), the engine's tokens checked against one-at-a-time's."""
+    def run():
+        from trifuse.bench import continuous
+
+        return continuous.device_rows(models, concurrency, requests, str(ctx.device))
+    return run
+
+
 def _tiny_checkpoints(folder: Path) -> dict[str, str]:
     """Tiny random BERT and ViT checkpoints (the suites' named sizes are base-sized or larger)."""
     import torch
@@ -351,6 +361,7 @@ def stage_models(ctx: Ctx) -> bool:
             ("vit tiny B1", 5, _model(ctx, "vision", ckpt["vit"], cpu, batch=[1])),
             ("gpt2-tiny B1 ctx16", 10, _model(ctx, "decoder", "gpt2-tiny", cpu, batch=[1], seq=[16])),
             ("t5-tiny B1 S16", 10, _model(ctx, "seq2seq", "t5-tiny", cpu, batch=[1], seq=[16])),
+            ("continuous batching gpt2-tiny 4 requests", 15, _continuous(ctx, ["gpt2-tiny"], [2], 4)),
         ]
     else:
         ours = ["trifuse", "trifuse-graphs", "hf-eager", "hf-sdpa"]
@@ -361,6 +372,10 @@ def stage_models(ctx: Ctx) -> bool:
             ("vit-base B1/B32", 30, _model(ctx, "vision", "vit-base-patch16-224", ours, batch=[1, 32])),
             ("bert-base B32 S384", 25, _model(ctx, "models", "bert-base", ours, batch=[32], seq=[384])),
             ("t5-base B1 S128", 45, _model(ctx, "seq2seq", "t5-base", ours, batch=[1], seq=[128])),
+            # 48 requests (prompts 3-40, 4-96 new tokens): engine vs static batches of 16, at concurrency 8
+            # and 64; one at a time at 8 only (it is the same work at every concurrency).
+            ("continuous batching gpt2 + t5-small, 48 requests", 120,
+             _continuous(ctx, ["gpt2", "t5-small"], [8, 64], 48)),
             ("bert-base torch.compile B1 S128 / B32 S384", 60,
              _model(ctx, "models", "bert-base", compiled, batch=[1, 32], seq=[128, 384])),
             ("vit-base torch.compile B1/B32", 50,

@@ -71,11 +71,12 @@ class PipelineServer:
 
     def __init__(self, checkpoint: str, task: str, *, device: Optional[str] = None, dtype: Optional[str] = None,
                  max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, pipeline=None,
-                 limits: Optional[Limits] = None):
+                 limits: Optional[Limits] = None, quantize: Optional[str] = None):
         if pipeline is None:
             import trifuse
 
-            pipeline = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype, batch_size=max_batch_size)
+            pipeline = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype, batch_size=max_batch_size,
+                                        quantize=quantize)
         self.pipeline, self.task, self.checkpoint = pipeline, task, checkpoint
         self.limits = limits or Limits()
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
