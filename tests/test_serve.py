@@ -530,6 +530,13 @@ def test_images_come_as_bytes_never_as_paths(tmp_path):
             image_from_request(text, limits)
     with pytest.raises(serve_mod.BadRequest, match="not an image"):
         image_from_request(base64.b64encode(b"hello world!").decode(), limits)
+    # loaded as transformers loads images: upright by the EXIF orientation (6: rotated 90 degrees), RGB
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    jpeg = io.BytesIO()
+    img.convert("L").save(jpeg, format="JPEG", exif=exif.tobytes())
+    upright = image_from_request(base64.b64encode(jpeg.getvalue()).decode(), limits)
+    assert upright.size == (9, 13) and upright.mode == "RGB"
     with pytest.raises(serve_mod.BadRequest, match="--max-image-pixels") as e:
         image_from_request(b64, serve_mod.Limits(max_image_pixels=100))
     assert e.value.status == 422

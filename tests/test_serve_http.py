@@ -399,6 +399,10 @@ def test_openai_shaped_errors_and_metrics(live):
     assert samples.get(("trifuse_generated_tokens_total", ()), 0) > 0
     assert any(name == "trifuse_batch_requests_count" and v > 0 for (name, _), v in samples.items())
     assert any(name == "trifuse_request_queue_seconds_bucket" for name, _ in samples)
+    # the completions ran on the continuous-batching engine, whose KV pool /metrics reports
+    assert samples.get(("trifuse_kv_blocks_total", ()), 0) > 0 and ("trifuse_engine_running_sequences", ()) in samples
+    engine = json.loads(_get(url + "stats"))["engine"]
+    assert engine["finished"] >= 10 and engine["generated"] > 0, engine
 
 
 def test_full_replica_answers_429_then_recovers(live):
