@@ -471,8 +471,8 @@ def test_each_failure_stays_with_its_request(gpt2, reference_backend):
 
 
 def test_gone_clients_are_skipped(checkpoints, reference_backend):
-    server = serve_mod.PipelineServer("x", "text-classification",
-                                      pipeline=trifuse.pipeline("text-classification", checkpoints["text-classification"]))
+    pipe = trifuse.pipeline("text-classification", checkpoints["text-classification"])
+    server = serve_mod.PipelineServer("x", "text-classification", pipeline=pipe)
     gone, here = serve_mod.Request("I love it", {}), serve_mod.Request("meh", {"top_k": 2})
     gone.gone.set()
     out = server.run_batch([gone, here])
