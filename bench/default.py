@@ -395,6 +395,9 @@ def headline(results: dict, env: dict, opts: Options, state: str, wall_s: float,
         fig = _speedup_figure(models, "reference", "On this CPU, trifuse's own path (its reference ops)")
         if fig:
             lines.append(fig)
+        fig = _speedup_figure(models, "trifuse-native", "On this CPU, trifuse's native CPU path")
+        if fig:
+            lines.append(fig)
         if results.get("cpu"):
             from .cpu import headline_lines
 

@@ -199,7 +199,7 @@ def _untimed_status(row: dict, backend: str, opts: Options, interpreted: bool) -
     tol = QUANTIZED_TOL if opts.quantize and ours else MODEL_TOL[opts.dtype]
     if row["rel_err"] > tol:
         return "mismatch"
-    if backend.startswith("trifuse") and interpreted:
+    if backend.startswith("trifuse") and backend != "trifuse-native" and interpreted:
         return "checked"
     return None
 
@@ -378,9 +378,9 @@ def cpu_notes(opts: Options) -> list[str]:
 
 
 # Encoders (BERT family, ViT): the backends side by side.
-ENCODER_BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile",
-                    "torch-compile-max-autotune", "onnxruntime-cpu", "onnxruntime-cuda")
-ENCODER_CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
+ENCODER_BACKENDS = ("trifuse", "trifuse-graphs", "trifuse-native", "reference", "hf-eager", "hf-sdpa",
+                    "torch-compile", "torch-compile-max-autotune", "onnxruntime-cpu", "onnxruntime-cuda")
+ENCODER_CPU_DEFAULT = ("trifuse", "trifuse-native", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
 
 
 def cpu_note(device: torch.device) -> str:
@@ -425,7 +425,11 @@ def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs
         with kernels.use_backend("reference"):
             return run_ours()
 
-    fns = {"trifuse": run_ours, "reference": run_reference,
+    def run_native():  # the CPU's fast path (kernels/cpu.py), whatever auto picks here
+        with kernels.use_backend("native"):
+            return run_ours()
+
+    fns = {"trifuse": run_ours, "reference": run_reference, "trifuse-native": run_native,
            "hf-eager": lambda: hf_eager(**inputs).last_hidden_state}
     if "trifuse-graphs" in backends:
         graphed = []

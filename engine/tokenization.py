@@ -161,7 +161,7 @@ class Tokenizer:
             if limit >= _UNLIMITED:  # no limit known: transformers warns and does not truncate
                 self.backend.no_truncation()
             else:
-                if pairs is not None and strategy != "longest_first":
+                if pairs is not None or stride or strategy == "only_second":
                     self._check_room(texts, pairs, strategy, limit, stride, add_special_tokens, is_split_into_words)
                 self.backend.enable_truncation(limit, stride=stride, strategy=strategy,
                                                direction=self.truncation_side)
@@ -182,19 +182,32 @@ class Tokenizer:
         return encs
 
     def _check_room(self, texts, pairs, strategy, limit, stride, add_special_tokens, pretokenized) -> None:
-        """Truncating one side of a pair to ``limit`` tokens leaves that side ``limit`` minus the other
-        side minus the special tokens; tokenizers panics (a Rust backtrace, a ``BaseException``) when
-        ``stride`` does not fit in that room. Say so first, as a ``ValueError``."""
-        special = self.backend.num_special_tokens_to_add(True) if add_special_tokens else 0
+        """Truncating to ``limit`` tokens leaves each window ``limit`` minus the special tokens (minus the
+        other side of a pair when one side is cut); tokenizers panics (a Rust backtrace, a
+        ``BaseException``) when ``stride`` does not fit in that room. Say so first, as a ``ValueError``."""
+        special = self.backend.num_special_tokens_to_add(pairs is not None) if add_special_tokens else 0
         lengths = [[len(e.ids) for e in self.backend.encode_batch(side, add_special_tokens=False,
                                                                   is_pretokenized=pretokenized)]
-                   for side in (texts, pairs)]
-        cut, kept = (0, 1) if strategy == "only_first" else (1, 0)
+                   for side in ((texts,) if pairs is None else (texts, pairs))]
+        if pairs is None:  # one sequence: the window is what the special tokens leave of max_length
+            room = limit - special
+            for n in lengths[0]:
+                if n > room and strategy == "only_second":
+                    raise ValueError(f"truncation='only_second' cuts the second of a pair; this input is one "
+                                     f"sequence of {n} tokens, over max_length {limit}")
+                if n > room and stride >= room:
+                    raise ValueError(f"stride {stride} must be smaller than the {max(room, 0)} tokens each window "
+                                     f"holds (max_length {limit} - {special} special tokens)")
+            return
         names = ("first sequence", "second sequence")
         for a, b in zip(*lengths):
             n = (a, b)
             if a + b + special <= limit:
                 continue  # nothing to cut
+            if strategy == "longest_first":
+                _check_longest_first(n, limit - special, stride)
+                continue
+            cut, kept = (0, 1) if strategy == "only_first" else (1, 0)
             room = limit - special - n[kept]
             if room <= 0:
                 raise ValueError(f"max_length {limit} leaves no room for the {names[cut]}: the {names[kept]} "
@@ -238,6 +251,24 @@ class Tokenizer:
         if clean is None:
             clean = self.clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean else text
+
+
+def _check_longest_first(n: tuple, room: int, stride: int) -> None:
+    """tokenizers' ``longest_first`` split of ``room`` tokens between a pair (its ``truncate_encodings``):
+    each side cut to a length that ``stride`` must stay below, or the library panics."""
+    if room <= 0:
+        return  # tokenizers keeps nothing of either side then: no stride check
+    short, long = sorted(n)
+    short_to = short if short <= room else room
+    long_to = short_to if short > room else max(short_to, room - short_to)
+    if short_to + long_to > room:
+        short_to, long_to = room // 2, room // 2 + room % 2
+    targets = (short_to, long_to) if n[0] <= n[1] else (long_to, short_to)
+    for side, (length, target) in enumerate(zip(n, targets)):
+        if 0 < target < length and stride >= target:
+            raise ValueError(f"stride {stride} must be smaller than the {target} tokens the "
+                             f"{('first', 'second')[side]} sequence keeps per window when the pair is truncated "
+                             f"to {room} tokens (longest first)")
 
 
 def _check_count(name: str, value, minimum: int) -> None:

@@ -2,6 +2,7 @@
 TypeError / ValueError, never a tokenizer panic, a KeyError or a silent default."""
 
 import json
+import random
 import re
 import shutil
 
@@ -48,6 +49,21 @@ def test_tokenizer_options_that_made_tokenizers_panic(ckpt):  # noqa: F811
         tok.encode([LONG], truncation=True, max_length=-1)
     with pytest.raises(TypeError, match="stride must be an int"):
         tok.encode([LONG], truncation=True, max_length=8, stride="2")
+    with pytest.raises(ValueError, match=r"stride 8 must be smaller than the 8 tokens each window holds"):
+        tok.encode([LONG], truncation=True, max_length=10, stride=8, overflow=True)  # [CLS] ... [SEP]
+    with pytest.raises(ValueError, match=r"stride 28 must be smaller than the \d+ tokens the (first|second) seq"):
+        tok.encode([LONG], [LONG], truncation=True, max_length=35, stride=28, overflow=True)
+    # Sizes drawn at random: every refusal is a ValueError or TypeError, never a panic (a BaseException).
+    rng = random.Random(0)
+    words = LONG.split()
+    for _ in range(300):
+        a, b = (" ".join(rng.choices(words, k=rng.randint(0, 30))) for _ in range(2))
+        kw = dict(truncation=rng.choice([True, "longest_first", "only_first", "only_second"]),
+                  max_length=rng.randint(1, 40), stride=rng.randint(0, 40), overflow=True)
+        try:
+            tok.encode([a], [b] if rng.random() < 0.7 else None, **kw)
+        except (ValueError, TypeError) as e:
+            assert "could not encode" not in str(e), (kw, str(e))  # refused before the library was called
     ner = trifuse.pipeline("ner", ckpt("ner"), device="cpu")
     with pytest.raises(ValueError, match="stride"):
         ner(LONG, aggregation_strategy="simple", stride=64)  # not smaller than the 64-token window
