@@ -345,8 +345,8 @@ class OpenAIRoutes:
                 joined = "".join(text)
                 completion_tokens += self._count([joined[len(prompt):] if s["echo"] else joined],
                                                  add_special_tokens=False)[0]
-                choices.append({"index": index, "finish_reason": finish, "logprobs": None,
-                                **({"message": {"role": "assistant", "content": joined}} if chat else {"text": joined})})
+                said = {"message": {"role": "assistant", "content": joined}} if chat else {"text": joined}
+                choices.append({"index": index, "finish_reason": finish, "logprobs": None, **said})
             self._generated(completion_tokens)
             return {"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices,
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
