@@ -157,7 +157,7 @@ def test_int8_linear_without_onednn(monkeypatch):
     q = Int8Linear.from_linear(lin)
     fast = q(x)
     monkeypatch.setattr(quantize, "ONEDNN", False)
-    torch.testing.assert_close(q(x), fast, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.double(), _int8_model64(x, lin).view(3, 5, 40), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(q(x).double(), _int8_model64(x, lin).view(3, 5, 40), atol=1e-4, rtol=1e-5)
 
 

@@ -76,6 +76,7 @@ def _app_class():
             self.name = served_model_name or _model_name(checkpoint)
             self.metrics = Metrics(self.name)
             self.server.on_batch = self.metrics.batch
+            self.metrics.engine_stats = self.server.engine_stats
             self.openai = OpenAIRoutes(self.server, self.name, self._run, self.metrics)
             self.max_concurrent, self.timeout_s = max_concurrent_requests, request_timeout_s
             self.in_flight = 0
