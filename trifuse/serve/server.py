@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import queue
 import threading
@@ -23,6 +24,8 @@ from trifuse.engine.pipelines import jsonable
 
 from .requests import BadRequest, Limits, check_inputs, check_parameters, image_from_request, one_line
 
+#: tasks ``engine=`` serves (translation_xx_to_yy too)
+GENERATION_TASKS = ("text-generation", "text2text-generation", "summarization", "translation")
 #: exceptions of a pipeline call that mean "this input or option is wrong": 400
 _INPUT_ERRORS = (TypeError, ValueError, KeyError, IndexError)
 
@@ -70,7 +73,7 @@ class PipelineServer:
 
     def __init__(self, checkpoint: str, task: str, *, device: Optional[str] = None, dtype: Optional[str] = None,
                  max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, pipeline=None,
-                 limits: Optional[Limits] = None):
+                 limits: Optional[Limits] = None, engine: Optional[dict] = None):
         if pipeline is None:
             import trifuse
 
@@ -79,12 +82,28 @@ class PipelineServer:
         self.limits = limits or Limits()
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self._lock = threading.Lock()  # one forward pass at a time per replica
+        self.engine = None
+        if engine is not None:
+            self._use_engine(engine)
         self._sizes: collections.Counter = collections.Counter()  # requests per batch -> how many batches
         self._requests = 0
         self._streams = 0  # streamed requests started (past their first step)
         self._skipped = 0  # requests whose clients were gone before their batch ran
         self._started = time.time()
         self.on_batch = None  # called with (requests, start, seconds) after each batch (metrics)
+
+    def _use_engine(self, options: dict) -> None:
+        """Generation on a :class:`trifuse.GenerationEngine` (continuous batching; ``options`` are its
+        keyword options): the pipeline's model generates through it, pipeline calls run concurrently
+        (each request on its own, the engine merging their steps) instead of one batch at a time."""
+        from trifuse.engine.continuous import EngineBackedModel, GenerationEngine
+
+        if self.task not in GENERATION_TASKS and not self.task.startswith("translation"):
+            raise ValueError(f"the generation engine serves {', '.join(GENERATION_TASKS)}, not {self.task}")
+        model = self.pipeline.model
+        self.engine = GenerationEngine(model, **options)
+        self.pipeline.model = EngineBackedModel(model, self.engine)
+        self._lock = contextlib.nullcontext()  # the engine's thread runs the forwards
 
     @property
     def prompt_room(self) -> int:
@@ -311,6 +330,7 @@ class PipelineServer:
                 "batch_sizes": {str(k): v for k, v in sorted(self._sizes.items())},
                 "mean_batch_size": self._requests / batches if batches else 0.0, "streams": self._streams,
                 "skipped": self._skipped,
-                "uptime_s": time.time() - self._started}
+                "uptime_s": time.time() - self._started,
+                **({"engine": self.engine.stats()} if self.engine is not None else {})}
 
 
