@@ -151,6 +151,8 @@ class Attention(nn.Module):
     ``forward`` returns ``(output, probabilities or None)``.
     """
 
+    quantizable = ("qkv", "q", "out")  # for engine.quantize
+
     def __init__(self, hidden: int, heads: int, head_dim: Optional[int] = None, *, qkv_bias: bool = True,
                  out_bias: bool = True, cross: bool = False, causal: bool = False, scale: Optional[float] = None,
                  layer: int = 0):
@@ -207,6 +209,8 @@ class RMSNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
+    quantizable = ("up", "down")
+
     def __init__(self, hidden: int, inner: int, act: str):
         super().__init__()
         self.up = nn.Linear(hidden, inner)

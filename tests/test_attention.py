@@ -738,17 +738,16 @@ def test_gpu_config_pruning():
     """The autotuner's pruning (GPU only, checked here as plain Python): fp32 (3xTF32 dots) keeps only
     the tiles that do not spill on Hopper, fp16/bf16 never get fp32's 16x32 decode tile, and a T5
     launch keeps its measured tiles."""
-    if not hasattr(attn_mod, "_prune_configs"):
-        pytest.skip("needs Triton")
-    cfgs = attn_mod._GPU_CONFIGS
+    tri = pytest.importorskip("trifuse.kernels._attention_triton", reason="needs Triton")
+    cfgs = tri.GPU_CONFIGS
     tiles = lambda kept: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}  # noqa: E731
     base = dict(BLOCK_D=64, HAS_REL=False, HAS_BIAS=False, HAS_MASK=False)
-    assert tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC="tf32x3", **base)) == {(64, 32)}
-    assert tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=1, DOT_PREC="tf32x3", **base)) == {(16, 32)}
+    assert tiles(tri.prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC="tf32x3", **base)) == {(64, 32)}
+    assert tiles(tri.prune_configs(cfgs, {}, LQ_KEY=1, DOT_PREC="tf32x3", **base)) == {(16, 32)}
     hd128 = {**base, "BLOCK_D": 128}  # 64x32 spills there in fp32: 16x32 for prefill too
-    assert tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC="tf32x3", **hd128)) == {(16, 32)}
-    assert (16, 32) not in tiles(attn_mod._prune_configs(cfgs, {}, LQ_KEY=1, DOT_PREC=None, **base))
-    t5 = attn_mod._prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC=None, **{**base, "HAS_REL": True})
+    assert tiles(tri.prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC="tf32x3", **hd128)) == {(16, 32)}
+    assert (16, 32) not in tiles(tri.prune_configs(cfgs, {}, LQ_KEY=1, DOT_PREC=None, **base))
+    t5 = tri.prune_configs(cfgs, {}, LQ_KEY=512, DOT_PREC=None, **{**base, "HAS_REL": True})
     assert tiles(t5) == {(64, 32), (64, 64), (128, 64)}
 
 

@@ -372,7 +372,7 @@ def record(dtypes=("fp16", "bf16"), scenarios: str | None = None, unpruned: bool
     ``peers``: the peer scenarios too."""
     found: dict = {}
     names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    att = _module("attention")
+    tri = _module("_attention_triton")  # the configs and their Hopper pruning
     dropped: dict = {}  # bound only with the pruning off
     for dt in dtypes:
         dtype = names[dt]
@@ -383,13 +383,13 @@ def record(dtypes=("fp16", "bf16"), scenarios: str | None = None, unpruned: bool
             with recording(found, scenario), torch.no_grad():
                 fn()
             if unpruned:
-                fits = att._hopper_fits
-                att._hopper_fits = lambda *a, **k: True
+                fits = tri.hopper_fits
+                tri.hopper_fits = lambda *a, **k: True
                 try:
                     with recording(dropped, scenario), torch.no_grad():
                         fn()
                 finally:
-                    att._hopper_fits = fits
+                    tri.hopper_fits = fits
     for key, job in dropped.items():
         if key not in found:
             found[key] = {**job, "shipped_config": False}
@@ -683,7 +683,7 @@ def main(argv=None) -> int:
                         "e.g. '_attn_fwd .*T5' (iterating on one kernel path)")
     p.add_argument("--list", action="store_true", help="print the selected specializations' labels, compile nothing")
     p.add_argument("--unpruned", action="store_true",
-                   help="also bind the attention configs the Hopper pruning (_hopper_fits) drops, to see "
+                   help="also bind the attention configs the Hopper pruning (hopper_fits) drops, to see "
                         "which of them would spill now (they are reported, not shipped)")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                    help="the peer scenarios: trifuse's attention and the tutorial-06-style peer kernel "

@@ -175,8 +175,10 @@ class FeedForward(nn.Module):
         self.wi = nn.Linear(c.d_model, (2 if c.gated else 1) * c.d_ff, bias=False)
         self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
 
+    quantizable = ("wi", "wo")  # for engine.quantize
+
     def forward(self, x: Tensor) -> Tensor:
-        h = F.linear(x, self.wi.weight)
+        h = self.wi(x)
         if self.gated:
             a, gate = h[..., : self.d_ff], h[..., self.d_ff:]  # views; the kernel reads them strided
             if self.act in _GELU_APPROX:
@@ -185,8 +187,9 @@ class FeedForward(nn.Module):
                 h = bias_act(a, None, self.act) * gate
         else:
             h = bias_act(h, None, self.act)
-        w = self.wo.weight  # fp32 in an fp16 model (see the module docstring)
-        return F.linear(h.to(w.dtype), w)
+        if isinstance(self.wo, nn.Linear):  # fp32 in an fp16 model (see the module docstring)
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
 
 
 def _attention(c: T5Config, **kw) -> Attention:

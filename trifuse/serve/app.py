@@ -29,6 +29,31 @@ def openai_error(message: str, status: int, param: Optional[str] = None) -> dict
                       "code": status}}
 
 
+def _bind_replica_grpc_to_loopback() -> None:
+    """Ray Serve binds each replica's inter-deployment gRPC server to every interface (``"[::]:0"``
+    in ``ray/serve/_private/replica.py``, no option to change it). On a Ray node that listens on
+    loopback only (the local Ray ``trifuse serve`` starts), bind it to 127.0.0.1 as well: called
+    in the replica's constructor, before Ray Serve starts that server."""
+    import ray
+
+    try:
+        from ray._common.network_utils import is_localhost
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "trifuse_loopback", False):
+        return
+    if not is_localhost(ray.util.get_node_ip_address()):
+        return
+
+    def bind(server, address: str):
+        return original(server, address.replace("[::]", "127.0.0.1", 1))
+
+    bind.trifuse_loopback = True
+    replica.add_port_to_grpc_server = bind
+
+
 def _app_class():
     """The Ray Serve deployment class."""
     require("trifuse serve", "serve", "ray", "starlette", "prometheus_client")
@@ -43,6 +68,7 @@ def _app_class():
     class TrifuseDeployment:
         def __init__(self, checkpoint, task, device, dtype, max_batch_size, batch_wait_timeout_s, limits=None,
                      served_model_name=None, max_concurrent_requests=512, request_timeout_s=300.0, engine=None):
+            _bind_replica_grpc_to_loopback()
             self.server = PipelineServer(checkpoint, task, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                          batch_wait_timeout_s=batch_wait_timeout_s, limits=limits, engine=engine)
             self.batched.set_max_batch_size(max_batch_size)

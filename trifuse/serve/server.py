@@ -26,8 +26,9 @@ from .requests import BadRequest, Limits, check_inputs, check_parameters, image_
 
 #: tasks ``engine=`` serves (translation_xx_to_yy too)
 GENERATION_TASKS = ("text-generation", "text2text-generation", "summarization", "translation")
-#: exceptions of a pipeline call that mean "this input or option is wrong": 400
-_INPUT_ERRORS = (TypeError, ValueError, KeyError, IndexError)
+#: exceptions of a pipeline call that mean "this input or option is wrong": 400 (an OSError: an
+#: input that cannot be read; the server itself opens no file a request names)
+_INPUT_ERRORS = (TypeError, ValueError, KeyError, IndexError, OSError)
 
 
 class ServerError(Exception):
