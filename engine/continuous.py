@@ -149,6 +149,8 @@ class GenerationEngine:
     def _drain(self, req: _Request, q: queue.SimpleQueue) -> Iterator[int]:
         try:
             while True:
+                while self._thread is None and q.empty():  # no loop of its own: step here
+                    self.step()
                 tok = q.get()
                 if tok is None:
                     break
@@ -478,11 +480,6 @@ class GenerationEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class EngineBackedModel:
