@@ -56,6 +56,7 @@ from torch import Tensor
 
 from ._checks import check_float
 from . import cpu
+from ._buckets import relative_position_bucket  # re-exported: kernels.relative_position_bucket
 from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, path, use_triton
 
 LOG2E = 1.4426950408889634
@@ -287,33 +288,6 @@ class RelativeBias:
         return (f"RelativeBias(table=<{tuple(self.table.shape)} {self.table.dtype}>, "
                 f"bidirectional={self.bidirectional}, num_buckets={self.num_buckets}, "
                 f"max_distance={self.max_distance}, query_offset={self.query_offset})")
-
-
-def relative_position_bucket(relative_position: Tensor, bidirectional: bool = True,
-                             num_buckets: int = 32, max_distance: int = 128) -> Tensor:
-    """T5's bucket of ``relative_position`` (key - query), as Hugging Face computes it.
-
-    Same arithmetic as ``T5Attention._relative_position_bucket`` step for step
-    (float32 log, truncation towards zero), so the buckets agree exactly.
-    Returns int64. Beyond ``+-max_distance`` the bucket no longer changes.
-    """
-    buckets = torch.zeros_like(relative_position, dtype=torch.long)
-    if bidirectional:
-        num_buckets //= 2
-        buckets = buckets + (relative_position > 0).to(torch.long) * num_buckets
-        distance = torch.abs(relative_position)
-    else:
-        distance = -torch.min(relative_position, torch.zeros_like(relative_position))
-    max_exact = num_buckets // 2
-    is_small = distance < max_exact
-    # Must stay the exact float32 expression HF evaluates, or boundary buckets move.
-    if_large = max_exact + (
-        torch.log(distance.float() / max_exact)
-        / math.log(max_distance / max_exact)
-        * (num_buckets - max_exact)
-    ).to(torch.long)
-    if_large = torch.min(if_large, torch.full_like(if_large, num_buckets - 1))
-    return buckets + torch.where(is_small, distance, if_large)
 
 
 # The lookup table is gathered from the live ``table`` on every call, never cached by the

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._buckets import relative_position_bucket
+
 
 def relative_bias_dense(table: Tensor, bidirectional: bool, num_buckets: int, max_distance: int,
                         query_offset: int, lq: int, lk: int, dtype: torch.dtype) -> Tensor:
     """T5's bias ``[1, H, Lq, Lk]`` in ``dtype``: ``table[bucket(j - (i + query_offset)), h]``."""
-    from .attention import relative_position_bucket  # the one bucket function (no import circle at load)
-
     rp = torch.arange(lk, device=table.device)[None, :] - (torch.arange(lq, device=table.device)[:, None]
                                                              + query_offset)
     buckets = relative_position_bucket(rp, bidirectional, num_buckets, max_distance)  # [Lq, Lk]

@@ -192,7 +192,10 @@ def recording(found: dict, scenario: list):
     """Every trifuse kernel launch inside the block is recorded (and not run); the ops take the
     Triton path on CPU tensors, as they would on CUDA tensors."""
     att, norm, gelu, paged = (_module(m) for m in KERNEL_MODULES)
-    patches = [(att, "_kernel_takes", lambda q: q.dtype != torch.float64),
+    # Triton "runs" on CPU tensors here, so nothing takes the native CPU path (which would, e.g., hand
+    # attention T5's bias densified and the engine's layers their CPU shapes).
+    patches = [(_module("_dispatch"), "triton_runnable", lambda device: True),
+               (att, "_kernel_takes", lambda q: q.dtype != torch.float64),
                (norm, "use_triton", lambda t: True), (gelu, "use_triton", lambda t: True),
                (paged, "use_triton", lambda t: True)]
     for mod, name in ((att, "_attn_fwd_tuned"), (att, "_attn_combine"), (norm, "_norm_fwd"),
@@ -213,55 +216,52 @@ def recording(found: dict, scenario: list):
             setattr(mod, name, value)
 
 
-def _hf(family: str):
-    """A base-width, one-layer Hugging Face model with random weights (no hub)."""
+def _hf(size: str, auto_class: str):
+    """A one-layer Hugging Face model at a named size's widths, random weights (no hub)."""
     import transformers
 
+    from trifuse.engine.registry import families
+
+    cfg = dict(next(f.named_sizes[size] for f in families() if size in f.named_sizes))
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    for depth in ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers"):
+        if hasattr(config, depth):
+            setattr(config, depth, 1)
     torch.manual_seed(0)
-    if family == "bert":
-        cfg = transformers.BertConfig(num_hidden_layers=1)  # bert-base widths
-        return transformers.BertModel(cfg, add_pooling_layer=False)
-    if family == "vit":
-        return transformers.ViTModel(transformers.ViTConfig(num_hidden_layers=1), add_pooling_layer=False)
-    if family == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1))
-    if family == "t5":
-        cfg = transformers.T5Config(d_model=768, d_kv=64, d_ff=3072, num_layers=1, num_heads=12,
-                                    decoder_start_token_id=0)  # t5-base widths
-        return transformers.T5ForConditionalGeneration(cfg)
-    raise ValueError(family)
+    return getattr(transformers, auto_class).from_config(config)
 
 
 def engine_scenarios(dtype: torch.dtype):
     """(name, zero-argument callable) pairs: what the engine launches at the device check's shapes."""
     from trifuse import engine, kernels
 
-    def model(family, task):
-        return engine.from_pretrained(_hf(family), task=task, dtype=dtype, device="cpu")
+    def model(size, auto_class, task):
+        return engine.from_pretrained(_hf(size, auto_class), task=task, dtype=dtype, device="cpu")
 
     def bert():
-        m = model("bert", "feature-extraction")
+        m = model("bert-base", "AutoModel", "feature-extraction")
         ids = torch.randint(3, 1000, (2, 128))
         mask = torch.ones_like(ids)
         mask[1, 100:] = 0  # padded: the engine passes an all-ones mask on as None
         m(input_ids=ids, attention_mask=mask)
 
     def vit():
-        model("vit", "feature-extraction")(pixel_values=torch.randn(2, 3, 224, 224, dtype=dtype))
+        vit = model("vit-base-patch16-224", "AutoModel", "feature-extraction")
+        vit(pixel_values=torch.randn(2, 3, 224, 224, dtype=dtype))
 
     def gpt2():
-        m = model("gpt2", "causal-lm")
+        m = model("gpt2", "AutoModelForCausalLM", "causal-lm")
         ids = torch.randint(0, 50000, (1, 512))
         m.generate(ids, torch.ones_like(ids), max_new_tokens=3, eos_token_id=[], pad_token_id=0)
 
     def t5():
-        m = model("t5", "text2text-generation")
+        m = model("t5-base", "AutoModelForSeq2SeqLM", "text2text-generation")
         ids = torch.randint(2, 30000, (1, 128))
         m.generate(ids, torch.ones_like(ids), max_new_tokens=3, eos_token_id=[], pad_token_id=0)
 
     def t5_padded():
         # A padded batch: the encoder's self-attention takes the mask and the T5 bias together.
-        m = model("t5", "text2text-generation")
+        m = model("t5-base", "AutoModelForSeq2SeqLM", "text2text-generation")
         ids = torch.randint(2, 30000, (2, 96))
         mask = torch.ones_like(ids)
         mask[1, 61:] = 0

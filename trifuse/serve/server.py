@@ -74,24 +74,27 @@ class PipelineServer:
 
     def __init__(self, checkpoint: str, task: str, *, device: Optional[str] = None, dtype: Optional[str] = None,
                  max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, pipeline=None,
-                 limits: Optional[Limits] = None, engine: Optional[dict] = None):
+                 limits: Optional[Limits] = None, quantize: Optional[str] = None,
+                 engine: Optional[dict] = None):
         if pipeline is None:
             import trifuse
 
-            pipeline = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype, batch_size=max_batch_size)
+            pipeline = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype, batch_size=max_batch_size,
+                                        quantize=quantize)
         self.pipeline, self.task, self.checkpoint = pipeline, task, checkpoint
         self.limits = limits or Limits()
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self._lock = threading.Lock()  # one forward pass at a time per replica
-        self.engine = None
-        if engine is not None:
-            self._use_engine(engine)
         self._sizes: collections.Counter = collections.Counter()  # requests per batch -> how many batches
         self._requests = 0
         self._streams = 0  # streamed requests started (past their first step)
         self._skipped = 0  # requests whose clients were gone before their batch ran
         self._started = time.time()
         self.on_batch = None  # called with (requests, start, seconds) after each batch (metrics)
+        self._engine = None  # the continuous-batching engine, started on first use (False: none)
+        self.engine = None  # set by engine=: every generation request (POST / too) runs on it
+        if engine is not None:
+            self._use_engine(engine)
 
     def _use_engine(self, options: dict) -> None:
         """Generation on a :class:`trifuse.GenerationEngine` (continuous batching; ``options`` are its
@@ -102,7 +105,7 @@ class PipelineServer:
         if self.task not in GENERATION_TASKS and not self.task.startswith("translation"):
             raise ValueError(f"the generation engine serves {', '.join(GENERATION_TASKS)}, not {self.task}")
         model = self.pipeline.model
-        self.engine = GenerationEngine(model, **options)
+        self.engine = self._engine = GenerationEngine(model, **options)  # the OpenAI routes' engine too
         self.pipeline.model = EngineBackedModel(model, self.engine)
         self._lock = contextlib.nullcontext()  # the engine's thread runs the forwards
 
@@ -114,6 +117,23 @@ class PipelineServer:
         except (AttributeError, TypeError, ValueError):
             room = 4096
         return min(room, 1 << 20)
+
+    def generation_engine(self):
+        """The continuous-batching engine (:class:`trifuse.GenerationEngine`) that runs this replica's
+        OpenAI completions together, step by step, started on first use; ``None`` where the task is
+        not text generation or the model cannot run in one."""
+        if self._engine is None:
+            self._engine = False
+            model = getattr(self.pipeline, "model", None)
+            if self.task == "text-generation" and callable(getattr(model, "packed_logits", None)):
+                from trifuse.engine.continuous import GenerationEngine
+
+                self._engine = GenerationEngine(model, max_num_seqs=self.max_batch_size)
+        return self._engine or None
+
+    def engine_stats(self) -> Optional[dict]:
+        """The generation engine's running/waiting sequences and KV-pool use, once it has started."""
+        return self._engine.stats() if self._engine else None
 
     def check(self, inputs, params: dict):
         """``inputs`` ready for the pipeline, or :class:`BadRequest`: option types and sizes against
@@ -330,8 +350,7 @@ class PipelineServer:
                 "max_batch_size": self.max_batch_size,
                 "batch_sizes": {str(k): v for k, v in sorted(self._sizes.items())},
                 "mean_batch_size": self._requests / batches if batches else 0.0, "streams": self._streams,
-                "skipped": self._skipped,
-                "uptime_s": time.time() - self._started,
-                **({"engine": self.engine.stats()} if self.engine is not None else {})}
+                "skipped": self._skipped, "engine": self.engine_stats(),
+                "uptime_s": time.time() - self._started}
 
 
