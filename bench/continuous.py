@@ -166,13 +166,13 @@ def _pct(xs, q):
 
 
 def run(models, concurrency, n_requests, device, seed=0, modes=("engine", "static", "sequential"),
-        once=()) -> list:
+        once=(), new=(4, 96)) -> list:
     """Rows per model, concurrency and mode; the modes in ``once`` run at the first concurrency only."""
     env = environment(device)
     rows = []
     for name in models:
         model = build(name, device)
-        reqs = workload(n_requests, seed, vocab=min(1000, model.config.vocab_size))
+        reqs = workload(n_requests, seed, new=new, vocab=min(1000, model.config.vocab_size))
         tokens = sum(n for _, n in reqs)
         # Warm-up (first calls allocate and pick kernels), then the timed runs.
         _generate_batch(model, reqs[:2])
@@ -206,12 +206,12 @@ def run(models, concurrency, n_requests, device, seed=0, modes=("engine", "stati
     return rows
 
 
-def device_rows(models, concurrency, n_requests, device, once=("sequential",)) -> list:
+def device_rows(models, concurrency, n_requests, device, once=("sequential",), new=(4, 96)) -> list:
     """Rows for the device check (``bench/device``): the runs of :func:`run`, the modes in ``once`` only at
     the first concurrency (one at a time is as slow at every concurrency), each row with a ``backend``
     and a ``status``: ``checked`` when the engine's tokens equal one-at-a-time's, else how many do
     (random weights leave near-ties an fp32 rounding can flip, so a difference is reported, not failed)."""
-    rows = run(models, concurrency, n_requests, device, once=once)
+    rows = run(models, concurrency, n_requests, device, once=once, new=new)
     for r in rows:
         agree = r.pop("agrees_with_sequential", None)
         if r["mode"] == "engine":

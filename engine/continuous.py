@@ -20,6 +20,7 @@ gives the same tokens every time, whatever runs beside it). Its result is the id
 ``model.generate`` adds after the prompt (after the decoder start token for an encoder-decoder),
 EOS included when generated. The logits processors are :mod:`engine.generation`'s. Beam search
 (``num_beams > 1``) runs outside the batch, through ``model.generate``, on the engine's thread.
+:class:`EngineBackedModel` puts a model's ``generate`` / ``stream`` on an engine (for pipelines).
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ class GenerationEngine:
     def _drain(self, req: _Request, q: queue.SimpleQueue) -> Iterator[int]:
         try:
             while True:
+                while self._thread is None and q.empty():  # no loop of its own: step here
+                    self.step()
                 tok = q.get()
                 if tok is None:
                     break
@@ -477,8 +480,52 @@ class GenerationEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
+
+
+class EngineBackedModel:
+    """A model whose ``generate`` and ``stream`` run through a :class:`GenerationEngine` (everything else is
+    the model's): what ``trifuse serve`` hands a generation pipeline, so that concurrent pipeline calls
+    share the engine's steps instead of each decoding its own static batch.
+
+    ``generate(input_ids, attention_mask, **options)`` submits each row (its padding dropped by the mask)
+    and returns what ``model.generate`` returns: the ids as given, then each row's new tokens, padded with
+    ``pad_token_id``. Beam search and ``num_return_sequences`` > 1 go to ``model.generate`` directly.
+    ``stream`` takes one row and yields ``[1]`` tensors, as ``model.stream``.
+    """
+
+    def __init__(self, model, engine: GenerationEngine):
+        self._model, self._engine = model, engine
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def _rows(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> List[Tensor]:
+        if attention_mask is None:
+            return list(input_ids)
+        return [ids[m.ne(0)] for ids, m in zip(input_ids, attention_mask)]
+
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+        if (kwargs.get("num_beams") or 1) != 1 or (kwargs.get("num_return_sequences") or 1) != 1:
+            return self._model.generate(input_ids, attention_mask, **kwargs)
+        rows = self._rows(input_ids, attention_mask)
+        futures = [self._engine.submit(r, **kwargs) for r in rows]
         try:
-            self.close()
-        except Exception:
-            pass
+            outs = [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()  # a no-op once done; frees the others if one failed
+        _, cfg, start = self._model.prepare(rows[0][None], **kwargs)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        width = max(len(o) for o in outs)
+        new = torch.tensor([o + [pad] * (width - len(o)) for o in outs], dtype=torch.long, device=input_ids.device)
+        if self._model.is_encoder_decoder:
+            head = torch.full((len(rows), 1), start, dtype=torch.long, device=input_ids.device)
+        else:
+            head = input_ids
+        return torch.cat([head, new.to(head.dtype)], dim=1) if width else head
+
+    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Iterator[Tensor]:
+        if input_ids.shape[0] != 1:
+            return self._model.stream(input_ids, attention_mask, **kwargs)
+        tokens = self._engine.stream(self._rows(input_ids, attention_mask)[0], **kwargs)
+        return (torch.tensor([t], device=input_ids.device) for t in tokens)

@@ -144,6 +144,7 @@ def test_beam_search_through_the_same_api(models, name):
         f = eng.submit(p, num_beams=3, max_new_tokens=6)
         g = eng.submit(p, max_new_tokens=6)
         run(eng, [f, g])
+        assert list(eng.stream(p, max_new_tokens=6)) == g.result()  # stepped by the iterator itself
     assert f.result() == alone(model, p, num_beams=3, max_new_tokens=6)
     assert g.result() == alone(model, p, max_new_tokens=6)
 

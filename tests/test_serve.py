@@ -592,3 +592,35 @@ def test_completions_equal_the_pipeline_with_and_without_the_engine(gpt2, refere
     assert e.value.status == 422
     with pytest.raises(serve_mod.BadRequest, match="not supported"):
         asyncio.run(routes.completions({"model": "m", "prompt": "x", "logprobs": 3}))
+
+
+def test_text_generation_on_the_generation_engine(gpt2):
+    """``engine=``: requests run one per thread, their steps merged by trifuse.GenerationEngine; each
+    answer equals the pipeline's, streamed or not, and /stats shows the engine's sequences and KV pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trifuse import kernels
+
+    before = kernels.get_backend()
+    kernels.set_backend("reference")  # the engine's own thread starts from the process-wide backend
+    try:
+        pipe = trifuse.pipeline("text-generation", gpt2)
+        server = serve_mod.PipelineServer(str(gpt2), "text-generation", engine={"max_num_seqs": 4},
+                                          pipeline=trifuse.pipeline("text-generation", gpt2))
+        prompts = ["Hello, my dog is", "The weather", "I", "Once upon a time there was", "Yes"]
+        params = {"max_new_tokens": 10, "do_sample": False}
+        with ThreadPoolExecutor(5) as pool:
+            got = list(pool.map(lambda p: server.run_batch([(p, params)])[0], prompts))
+        assert got == [serve_mod.jsonable(pipe(p, **params)) for p in prompts]
+        batch = server.run_batch([(prompts[:2], {**params, "return_full_text": False})])[0]
+        assert batch == serve_mod.jsonable(pipe(prompts[:2], return_full_text=False, **params))
+        want = pipe(prompts[0], return_full_text=False, **params)[0]["generated_text"]
+        assert "".join(server.stream(prompts[0], params)) == want
+        stats = server.stats()["engine"]
+        assert stats["finished"] >= 8 and stats["running"] == 0 and stats["kv_blocks_used"] == 0
+        assert {"waiting", "kv_blocks_total", "preemptions"} <= set(stats)
+        with pytest.raises(ValueError, match="generation engine serves"):
+            serve_mod.PipelineServer("x", "fill-mask", pipeline=object(), engine={})
+        server.engine.close()
+    finally:
+        kernels.set_backend(before)

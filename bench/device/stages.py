@@ -323,13 +323,14 @@ def _model(ctx: Ctx, suite: str, name: str, backends: list[str], **kw) -> Callab
     return run
 
 
-def _continuous(ctx: Ctx, models: list[str], concurrency: list[int], requests: int) -> Callable[[], list[dict]]:
+def _continuous(ctx: Ctx, models: list[str], concurrency: list[int], requests: int,
+                new: tuple = (4, 96)) -> Callable[[], list[dict]]:
     """Continuous batching (trifuse.GenerationEngine) against static batches of 16 and one request at a
     time (bench/continuous.py), the engine's tokens checked against one-at-a-time's."""
     def run():
         from trifuse.bench import continuous
 
-        return continuous.device_rows(models, concurrency, requests, str(ctx.device))
+        return continuous.device_rows(models, concurrency, requests, str(ctx.device), new=new)
     return run
 
 
@@ -361,7 +362,7 @@ def stage_models(ctx: Ctx) -> bool:
             ("vit tiny B1", 5, _model(ctx, "vision", ckpt["vit"], cpu, batch=[1])),
             ("gpt2-tiny B1 ctx16", 10, _model(ctx, "decoder", "gpt2-tiny", cpu, batch=[1], seq=[16])),
             ("t5-tiny B1 S16", 10, _model(ctx, "seq2seq", "t5-tiny", cpu, batch=[1], seq=[16])),
-            ("continuous batching gpt2-tiny 4 requests", 15, _continuous(ctx, ["gpt2-tiny"], [2], 4)),
+            ("continuous batching gpt2-tiny 4 requests", 5, _continuous(ctx, ["gpt2-tiny"], [2], 4, new=(2, 6))),
         ]
     else:
         ours = ["trifuse", "trifuse-graphs", "hf-eager", "hf-sdpa"]

@@ -575,9 +575,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
           f"(ptxas from its NVIDIA backend), torch {meta['torch']}, {meta['date']}. No GPU involved: every "
           "launch the engine and the benchmarks make at the device check's shapes was recorded on the CPU "
           "and bound by Triton's own JIT binder for sm_90 (unit strides as constexprs, 16-byte alignment and "
-          "divisibility by 16 as the JIT sees them), once per autotune config the shipped pruning keeps.", "",
+          "divisibility by 16 as the JIT sees them), once per autotune config the shipped pruning keeps."
+          + (f" {meta['note']}" if meta.get("note") else ""), "",
           f"{len(rows)} specializations compiled in {meta['seconds']:.0f} s; "
-          f"{sum(1 for r in rows if r.get('shipped_config'))} of them shipped attention configs"
+          f"{sum(1 for r in rows if r.get('shipped_config'))} of them shipped autotune configs"
           + (f", {peers} a tutorial-06-style peer kernel's (marked *peer*, not shipped; see the last section). "
              if peers else ". ")
           + (f"**{len(bad)} shipped configs spill or do not fit.**" if bad else

@@ -67,10 +67,12 @@ def _app_class():
 
     class TrifuseDeployment:
         def __init__(self, checkpoint, task, device, dtype, max_batch_size, batch_wait_timeout_s, limits=None,
-                     served_model_name=None, max_concurrent_requests=512, request_timeout_s=300.0, quantize=None):
+                     served_model_name=None, max_concurrent_requests=512, request_timeout_s=300.0, quantize=None,
+                     engine=None):
             _bind_replica_grpc_to_loopback()
             self.server = PipelineServer(checkpoint, task, device=device, dtype=dtype, max_batch_size=max_batch_size,
-                                         batch_wait_timeout_s=batch_wait_timeout_s, limits=limits, quantize=quantize)
+                                         batch_wait_timeout_s=batch_wait_timeout_s, limits=limits, quantize=quantize,
+                                         engine=engine)
             self.batched.set_max_batch_size(max_batch_size)
             self.batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
             self.name = served_model_name or _model_name(checkpoint)
@@ -91,7 +93,10 @@ def _app_class():
             inputs = self.server.check(inputs, params)
             request = Request(inputs, params)
             try:
-                result = await self.batched(request)
+                if self.server.engine is not None:  # continuous batching: the engine merges requests' steps
+                    result = (await asyncio.to_thread(self.server.run_batch, [request]))[0]
+                else:
+                    result = await self.batched(request)
             except asyncio.CancelledError:  # the client went away (or the timeout): skip it if not started
                 request.gone.set()
                 raise
@@ -212,12 +217,15 @@ def deployment(checkpoint, task: str, *, device: Optional[str] = None, dtype: Op
                max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, num_replicas: int = 1,
                gpus_per_replica: Optional[float] = None, cpus_per_replica: float = 1.0, name: str = "trifuse",
                limits: Optional[Limits] = None, served_model_name: Optional[str] = None,
-               max_concurrent_requests: int = 512, request_timeout_s: float = 300.0, quantize: Optional[str] = None):
+               max_concurrent_requests: int = 512, request_timeout_s: float = 300.0, quantize: Optional[str] = None,
+               engine: Optional[dict] = None):
     """A Ray Serve application serving ``trifuse.pipeline(task, checkpoint)``; pass it to
     ``serve.run`` or compose it with your own deployments. ``gpus_per_replica`` reserves GPUs
     per replica through Ray (default: 1 when ``device`` is CUDA, else none). ``limits`` caps
     what one request may ask for; past ``max_concurrent_requests`` in flight a replica answers
-    429; a request running longer than ``request_timeout_s`` is answered 504."""
+    429; a request running longer than ``request_timeout_s`` is answered 504. ``engine`` (generation tasks): a
+    :class:`trifuse.GenerationEngine`'s options, e.g. ``{}``: requests run on it (continuous batching)
+    instead of ``@serve.batch``."""
     for key, v in (("max_batch_size", max_batch_size), ("num_replicas", num_replicas),
                    ("max_concurrent_requests", max_concurrent_requests)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -241,4 +249,4 @@ def deployment(checkpoint, task: str, *, device: Optional[str] = None, dtype: Op
                            ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
                            max_ongoing_requests=ongoing, max_queued_requests=ongoing)
     return cls.bind(str(checkpoint), task, device, dtype, max_batch_size, batch_wait_timeout_s, limits or Limits(),
-                    served_model_name, max_concurrent_requests, request_timeout_s, quantize)
+                    served_model_name, max_concurrent_requests, request_timeout_s, quantize, engine)

@@ -32,6 +32,12 @@ def add_arguments(p) -> None:
                    help="requests per batch (default 32)")
     p.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0, metavar="MS",
                    help="how long a batch waits to fill, in ms (default 5)")
+    p.add_argument("--continuous-batching", action="store_true",
+                   help="generation tasks: run requests on trifuse.GenerationEngine (in-flight batching over a "
+                   "paged KV cache) instead of batches; --max-batch-size is then its max_num_seqs")
+    p.add_argument("--kv-cache-mib", type=positive_int, default=None, metavar="MIB",
+                   help="with --continuous-batching: the KV pool's size (default: max_num_seqs x 1024 tokens, "
+                   "at most 1 GiB)")
     p.add_argument("--max-concurrent-requests", type=positive_int, default=512, metavar="N",
                    help="requests in flight per replica; past it a request is answered 429 (default 512)")
     p.add_argument("--request-timeout-s", type=non_negative_float, default=300.0, metavar="S",
@@ -82,6 +88,15 @@ def start_local_ray(host: str) -> None:
              logging_level="ERROR", configure_logging=True)
 
 
+def _engine_options(args):
+    if not args.continuous_batching:
+        return None
+    opts = {"max_num_seqs": args.max_batch_size}
+    if args.kv_cache_mib:
+        opts["kv_cache_bytes"] = args.kv_cache_mib << 20
+    return opts
+
+
 def main(args) -> int:
     """Start Ray (local, or ``--address``), serve the app, wait for Ctrl-C / SIGTERM, shut down."""
     require("trifuse serve", "serve", "ray", "starlette", "prometheus_client")
@@ -112,7 +127,7 @@ def main(args) -> int:
                      num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                      cpus_per_replica=args.cpus_per_replica, limits=limits, served_model_name=args.served_model_name,
                      max_concurrent_requests=args.max_concurrent_requests, request_timeout_s=args.request_timeout_s,
-                     quantize=args.quantize)
+                     quantize=args.quantize, engine=_engine_options(args))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())

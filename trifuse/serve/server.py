@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import queue
 import threading
@@ -23,6 +24,8 @@ from trifuse.engine.pipelines import jsonable
 
 from .requests import BadRequest, Limits, check_inputs, check_parameters, image_from_request, one_line
 
+#: tasks ``engine=`` serves (translation_xx_to_yy too)
+GENERATION_TASKS = ("text-generation", "text2text-generation", "summarization", "translation")
 #: exceptions of a pipeline call that mean "this input or option is wrong": 400 (an OSError: an
 #: input that cannot be read; the server itself opens no file a request names)
 _INPUT_ERRORS = (TypeError, ValueError, KeyError, IndexError, OSError)
@@ -71,7 +74,8 @@ class PipelineServer:
 
     def __init__(self, checkpoint: str, task: str, *, device: Optional[str] = None, dtype: Optional[str] = None,
                  max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, pipeline=None,
-                 limits: Optional[Limits] = None, quantize: Optional[str] = None):
+                 limits: Optional[Limits] = None, quantize: Optional[str] = None,
+                 engine: Optional[dict] = None):
         if pipeline is None:
             import trifuse
 
@@ -88,6 +92,22 @@ class PipelineServer:
         self._started = time.time()
         self.on_batch = None  # called with (requests, start, seconds) after each batch (metrics)
         self._engine = None  # the continuous-batching engine, started on first use (False: none)
+        self.engine = None  # set by engine=: every generation request (POST / too) runs on it
+        if engine is not None:
+            self._use_engine(engine)
+
+    def _use_engine(self, options: dict) -> None:
+        """Generation on a :class:`trifuse.GenerationEngine` (continuous batching; ``options`` are its
+        keyword options): the pipeline's model generates through it, pipeline calls run concurrently
+        (each request on its own, the engine merging their steps) instead of one batch at a time."""
+        from trifuse.engine.continuous import EngineBackedModel, GenerationEngine
+
+        if self.task not in GENERATION_TASKS and not self.task.startswith("translation"):
+            raise ValueError(f"the generation engine serves {', '.join(GENERATION_TASKS)}, not {self.task}")
+        model = self.pipeline.model
+        self.engine = self._engine = GenerationEngine(model, **options)  # the OpenAI routes' engine too
+        self.pipeline.model = EngineBackedModel(model, self.engine)
+        self._lock = contextlib.nullcontext()  # the engine's thread runs the forwards
 
     @property
     def prompt_room(self) -> int:
