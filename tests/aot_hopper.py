@@ -67,7 +67,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 # H100 / H200 per SM: 64K 32-bit registers, 228 KB shared memory (227 KB for one block), 64 warps, 32 blocks.
 SM_REGISTERS, SM_SHARED, BLOCK_SHARED_MAX, SM_WARPS, SM_BLOCKS = 65536, 228 * 1024, 227 * 1024, 64, 32
 SHARED_RESERVED = 1024  # per block, taken by the driver
-KERNEL_MODULES = ("attention", "norm", "gelu")
+KERNEL_MODULES = ("attention", "norm", "gelu", "varlen")
 PEER_MODULE = "tests.peer_flash"  # the tutorial-06-style baseline (not shipped)
 PEER_SCENARIO = "peer "  # how the peer scenarios' names begin
 PEER_SHAPE = (8, 16, 2048)  # B, H, L of the side-by-side
@@ -187,11 +187,12 @@ def _unwrapped(kernel):
 def recording(found: dict, scenario: list):
     """Every trifuse kernel launch inside the block is recorded (and not run); the ops take the
     Triton path on CPU tensors, as they would on CUDA tensors."""
-    att, norm, gelu = (_module(m) for m in KERNEL_MODULES)
+    att, norm, gelu, varlen = (_module(m) for m in KERNEL_MODULES)
     patches = [(att, "_kernel_takes", lambda q: q.dtype != torch.float64),
+               (varlen, "_kernel_takes", lambda q: q.dtype != torch.float64),
                (norm, "use_triton", lambda t: True), (gelu, "use_triton", lambda t: True)]
     for mod, name in ((att, "_attn_fwd_tuned"), (att, "_attn_combine"), (norm, "_norm_fwd"),
-                      (norm, "_norm_fwd_looped"), (gelu, "_gelu_fwd")):
+                      (norm, "_norm_fwd_looped"), (gelu, "_gelu_fwd"), (varlen, "_varlen_fwd_tuned")):
         patches.append((mod, name, Recorder(mod.__name__.rsplit(".", 1)[-1], name, _unwrapped(getattr(mod, name)),
                                             scenario, found)))
     peer = _module(PEER_MODULE)
@@ -305,7 +306,25 @@ def bench_scenarios(dtype: torch.dtype):
                 kernels.gelu(x, b, approximate="tanh")
                 kernels.gelu(x, gate=r)
 
+    def varlen():
+        # bench/packed.py's batch: 32 sentences, log-normal lengths (median 24, at most 256), packed;
+        # q/k/v as views of a fused QKV projection (the engine's layout), at head dims 64 and 128.
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.distributions.LogNormal(torch.tensor(3.18), torch.tensor(0.8)).sample((32,))
+        lengths = lengths.round().clamp(1, 256).int()
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
+        L = int(lengths.max())
+        for H, D in ((12, 64), (16, 128)):
+            q, k, v = torch.empty(int(cu[-1]), 3, H, D, dtype=dtype).unbind(1)
+            rel = kernels.RelativeBias(torch.randn(32, H, generator=g).to(dtype), True)
+            kernels.attention_varlen(q, k, v, cu, cu, L, L)
+            kernels.attention_varlen(q, k, v, cu, cu, L, L, causal=True)
+            kernels.attention_varlen(q, k, v, cu, cu, L, L, relative_bias=rel, scale=1.0)
+            rel_c = kernels.RelativeBias(rel.table, False)
+            kernels.attention_varlen(q, k, v, cu, cu, L, L, causal=True, relative_bias=rel_c, scale=1.0)
+
     return [("attention hd128 L2048 (plain, causal, T5, T5 causal)", attention_hd128),
+            ("varlen B32 log-normal lengths, hd64 and hd128 (plain, causal, T5, T5 causal)", varlen),
             ("split-K decode hd128 Lk8192", decode_hd128), ("norms and GELU, widths 768..32768", norms)]
 
 
