@@ -56,7 +56,7 @@ def count_packed(monkeypatch):
         calls.append(p is not None)
         return p
 
-    for mod in ("bert",):
+    for mod in ("bert", "t5", "bart"):
         monkeypatch.setattr(importlib.import_module(f"trifuse.engine.models.{mod}"), "plan", spy)
     return calls
 
@@ -166,3 +166,50 @@ def test_pad_unpad_round_trip():
     assert torch.equal(back[mask.bool()], x[mask.bool()]) and not back[~mask.bool()].any()
     assert p.positions.tolist() == [0, 1, 2, 0, 2, 3]
     assert torch.equal(p.mask(), mask.bool())
+
+
+def _seq2seq_case(hf, vocab, pad, count_packed):
+    ids, mask = padded_batch(vocab, pad)
+    g = torch.Generator().manual_seed(5)
+    dec = torch.randint(3, vocab, (ids.shape[0], 6), generator=g)
+    model = engine.from_pretrained(hf)
+    with torch.no_grad():
+        ref_enc = hf.get_encoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        enc = model.encode(ids, mask, output_hidden_states=True)
+        assert count_packed == [True]
+        assert_real_tokens_match(enc.last_hidden_state, ref_enc.last_hidden_state, mask)
+        for a, b in zip(enc.hidden_states, ref_enc.hidden_states, strict=True):
+            assert_real_tokens_match(a, b, mask)
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        ours = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        assert rel_err(ours.logits, ref.logits) < TOL
+        ref_gen = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, num_beams=1)
+        ours_gen = model.generate(ids, mask, max_new_tokens=5)
+        assert ours_gen.tolist() == ref_gen.tolist()
+
+
+@pytest.mark.parametrize("flavour", ["relu", "gated-gelu"])
+def test_t5_encoder_packed_equals_hf(flavour, count_packed, reference_backend):
+    from tests.test_t5 import hf_model as t5_hf_model
+
+    _seq2seq_case(t5_hf_model(flavour), 99, 0, count_packed)
+
+
+def test_t5_encoder_packed_on_the_kernels(backend, count_packed):
+    from tests.test_t5 import hf_model as t5_hf_model
+
+    hf = t5_hf_model("relu")
+    ids, mask = padded_batch(99, 0)
+    with torch.no_grad():
+        ref = hf.get_encoder()(input_ids=ids, attention_mask=mask)
+        ours = engine.from_pretrained(hf).encode(ids, mask)
+    assert count_packed == [True]
+    assert_real_tokens_match(ours.last_hidden_state, ref.last_hidden_state, mask)
+
+
+@pytest.mark.parametrize("shape", ["base", "large"])
+def test_bart_encoder_packed_equals_hf(shape, count_packed, reference_backend):
+    from tests.test_bart import hf_model as bart_hf_model
+
+    hf = bart_hf_model(shape)
+    _seq2seq_case(hf, hf.config.vocab_size, 1, count_packed)
