@@ -12,8 +12,10 @@ model (MiniLM widths) -- see the docs page for the figures and how they were tak
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +27,19 @@ PACK_BELOW = 0.9
 #: ... and when the padded batch holds at least this many positions (a handful of tokens runs
 #: faster as one padded tensor than through the bookkeeping).
 PACK_MIN_POSITIONS = 64
+
+_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("trifuse_packing", default=True)
+
+
+@contextlib.contextmanager
+def use_packing(enabled: bool) -> Iterator[None]:
+    """``with engine.use_packing(False): model(ids, mask)`` runs padded batches padded (this thread
+    only), e.g. to time one against the other; packing is on by default."""
+    token = _enabled.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -109,13 +124,14 @@ def plan(attention_mask: Optional[Tensor], *, need_probs: bool = False) -> Optio
     the batch holds at least :data:`PACK_MIN_POSITIONS` positions, every row starts with a real
     token (left padding keeps the padded path: a padded row's first position is what the
     pooler and Hugging Face's classifiers read), no attention probabilities are asked for, and
-    nothing is being traced or captured (packing reads the mask back to the host).
+    nothing is being traced or captured (packing reads the mask back to the host), and packing is
+    not switched off (:func:`use_packing`).
     """
-    if attention_mask is None or need_probs or attention_mask.dim() != 2:
+    if attention_mask is None or need_probs or attention_mask.dim() != 2 or not _enabled.get():
         return None
     if torch.compiler.is_compiling() or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
         return None  # the export keeps the padded interface (docs/padding-free.md)
     if attention_mask.numel() < PACK_MIN_POSITIONS:
         return None
