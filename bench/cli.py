@@ -120,7 +120,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         close = [c for u in unknown for c in difflib.get_close_matches(u, list(SUITES) + named, n=3)]
         hint = f"did you mean {', '.join(dict.fromkeys(close))}? " if close else ""
         args.parser.error(f"unknown suite(s) {unknown}; {hint}choose a suite ({', '.join(SUITES)}), one of "
-                          f"{len(named)} named model sizes (e.g. {', '.join(named[::6])}; the README lists them) "
+                          f"{len(named)} named model sizes (e.g. {', '.join(named[::6])}; docs/benchmarks.md lists them) "
                           "or a checkpoint directory")
     if args.suites and args.keep_onnx:
         args.parser.error("--keep-onnx applies to the main job (no suite named) only")

@@ -44,32 +44,75 @@ from .suite import DTYPE_NAMES, Options, SuiteResult, cpu_note, error_status, on
 SUITE_OF_KIND = {"encoder": "models", "vision": "vision", "decoder": "decoder", "seq2seq": "seq2seq"}
 
 
-def _plan() -> list:
-    """``(label, suite module, (small size, base size))`` per row of every family's ``bench_plan``."""
-    from trifuse.engine.registry import families
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+    """One model row of the main job: sizes from a family's ``named_sizes`` (random weights)."""
 
-    return [(label, SUITE_OF_KIND[fam.kind], sizes[:2]) for fam in families()
-            for label, sizes in fam.bench_plan.items()]
+    label: str  # the report's row (and progress part) name
+    small: str  # checked and timed by --quick, exported to ONNX and verified
+    base: str  # added by --full
+    quick: str  # what a --quick run without a GPU checks: Triton's interpreter gets through it in seconds
+    seconds: float  # a --quick CPU run of the row (measured on 2 shared cores): the progress estimate
+
+
+#: The main job's model rows, in report order. A family with no row here still runs, at its first
+#: named size (``_rows``); a row picks sizes the report compares and says how long the row takes.
+PLAN = (
+    PlanRow("bert", "bert-small", "bert-base", "bert-small", 20),
+    PlanRow("roberta", "roberta-small", "roberta-base", "roberta-small", 20),
+    PlanRow("distilbert", "distilbert-small", "distilbert-base", "distilbert-small", 17),
+    PlanRow("albert", "albert-small", "albert-base", "albert-small", 14),
+    PlanRow("electra", "electra-small", "electra-base", "electra-small", 18),
+    PlanRow("gpt2", "gpt2-tiny", "gpt2", "gpt2-tiny", 15),
+    PlanRow("t5", "t5-small", "t5-base", "t5-tiny", 27),
+    PlanRow("vit", "vit-small-patch16-224", "vit-base-patch16-224", "vit-tiny", 14),
+    PlanRow("bart", "bart-base", "bart-large", "bart-tiny", 20),
+)
+
+
+def _rows() -> list:
+    """``(PlanRow, its family)`` for every row of :data:`PLAN`, then a default row (first named sizes) for
+    each registered family that has none: a new family is in the main job without touching this file."""
+    from trifuse.engine.registry import families, named_sizes
+
+    sizes = named_sizes()
+    rows = []
+    for row in PLAN:
+        unknown = [n for n in (row.small, row.base, row.quick) if n not in sizes]
+        if unknown:
+            raise ValueError(f"bench plan row {row.label!r} names sizes no family declares: {', '.join(unknown)}")
+        fams = {sizes[n][0].name for n in (row.small, row.base, row.quick)}
+        if len(fams) != 1:
+            raise ValueError(f"bench plan row {row.label!r} mixes families: {', '.join(sorted(fams))}")
+        rows.append((row, sizes[row.small][0]))
+    planned = {fam.name for _, fam in rows}
+    for fam in families():
+        if fam.name not in planned and fam.named_sizes:
+            names = list(fam.named_sizes)
+            rows.append((PlanRow(fam.name, names[0], names[min(1, len(names) - 1)], names[0], DEFAULT_WEIGHT),
+                         fam))
+    return rows
+
+
+def _plan() -> list:
+    """``(label, suite module, (small size, base size))`` per model row of the main job."""
+    return [(row.label, SUITE_OF_KIND[fam.kind], (row.small, row.base)) for row, fam in _rows()]
 
 
 def _family_seconds() -> dict:
-    from trifuse.engine.registry import families
-
-    return {label: t for fam in families() for label, t in fam.bench_seconds.items()}
+    return {row.label: row.seconds for row, _ in _rows()}
 
 
 def _quick_cpu_sizes() -> dict:
-    """A --quick run without a GPU checks each family at its plan's quick size: a toy size where Triton's
+    """A --quick run without a GPU checks each row at its quick size: a toy size where Triton's
     interpreter would take minutes over the small one (T5's decoder, ViT's 197 tokens), else the small size."""
-    from trifuse.engine.registry import families
-
-    return {label: sizes[2] for fam in families() for label, sizes in fam.bench_plan.items() if sizes[2] != sizes[0]}
+    return {row.label: row.quick for row, _ in _rows() if row.quick != row.small}
 
 
 # Seconds of each part of a --quick CPU run (its CPU time, measured on a shared 2-core machine,
 # which is about its wall time on 2 idle cores), for the progress display's estimate; a part not
 # listed counts as DEFAULT_WEIGHT. The estimate is rescaled by how the finished parts compared.
-WEIGHTS = {"kernels": 18, "attention": 13, "packed": 60}  # the families': their contracts' bench_seconds
+WEIGHTS = {"kernels": 18, "attention": 13, "packed": 60}  # the model rows': PLAN's seconds
 DEFAULT_WEIGHT = 20
 FULL_FACTOR = 3  # --full on a CPU: base sizes and whole sweeps
 

@@ -59,6 +59,29 @@ class KVCache:
         self.values[layer].index_copy_(2, slot, v)
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def self_attention_mask(self, attention_mask: Optional[Tensor], start: int, n: int) -> Optional[Tensor]:
+        """Record the mask of ``n`` new positions at ``[start, start + n)`` and return the self-attention
+        mask over everything cached, ``[B, start + n]`` bool, or ``None`` while no filled slot is masked.
+
+        ``attention_mask``: ``[B, n]`` (the new tokens) or ``[B, start + n]`` (the whole history), Hugging
+        Face's 1/True = attend; ``None`` attends to every new position.
+        """
+        end = start + n
+        if attention_mask is not None:
+            lo = end - attention_mask.shape[1]  # 0 (whole history) or start (new tokens only)
+            self.mask[:, lo:end] = attention_mask.ne(0)
+            self.padded = self.padded or not bool(self.mask[:, lo:end].all())
+        else:
+            self.mask[:, start:end] = True
+        return self.mask[:, :end] if self.padded else None
+
+    def step_mask(self, slot: Tensor, kv_len: int) -> Tensor:
+        """Static decoding's self-attention mask: unmask ``slot`` (a one-element long tensor) in place and
+        return the mask's first ``kv_len`` slots, with no read back to the host (CUDA graphs capture it)."""
+        mask = self.mask[:, :kv_len]
+        mask.index_fill_(1, slot, True)
+        return mask
+
     def ensure_capacity(self, end: int, limit: Optional[int] = None) -> None:
         """Make room for ``end`` positions: grow (doubling, up to ``limit``) or raise if fixed."""
         if end <= self.max_len:
@@ -185,6 +208,18 @@ class EncoderDecoderCache(KVCache):
     def __repr__(self) -> str:
         enc = None if self.cross_kv is None else tuple(self.cross_kv.shape[:2])
         return f"{type(self).__name__}({self._describe()}, encoder={enc})"
+
+
+def self_attention_mask(attention_mask: Optional[Tensor], cache: Optional[KVCache], start: int,
+                        n: int) -> Optional[Tensor]:
+    """A decoder's self-attention mask for ``n`` new positions at ``start``: with a ``cache``, its
+    :meth:`KVCache.self_attention_mask` (the mask is recorded there); without one, the kernel's mask of
+    ``attention_mask`` (``None`` when nothing is masked)."""
+    if cache is None:
+        from .layers import kernel_mask
+
+        return kernel_mask(attention_mask)
+    return cache.self_attention_mask(attention_mask, start, n)
 
 
 def encoder_state(model, cache: Optional[EncoderDecoderCache], input_ids: Optional[Tensor],

@@ -151,7 +151,7 @@ def print_report(report: Report, source) -> None:
 
 
 def add_arguments(p) -> None:
-    from trifuse.cli import positive_int
+    from .cliargs import positive_int
 
     p.add_argument("source", help="a Hugging Face checkpoint directory (any family trifuse runs)")
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"],

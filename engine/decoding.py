@@ -180,6 +180,14 @@ class Decoding:
                              "use generate() for beam search")
         return self._greedy_or_sampled(session, input_ids, attention_mask, o)[1]
 
+    def prepare(self, input_ids: Tensor, **kwargs):
+        """Check one request's ids and options as :meth:`generate` does, before any work:
+        ``(Options, GenerationConfig, decoder start token or None)``. For callers that run the
+        decoding loop themselves (:mod:`engine.continuous`)."""
+        o = options(self, kwargs)
+        cfg, _, _, _, start = self._setup(input_ids, None, o)
+        return o, cfg, start
+
     # -- shared setup ---------------------------------------------------------
 
     def _setup(self, input_ids, attention_mask, o: Options):
@@ -310,6 +318,14 @@ class EncoderDecoderDecoding(Decoding):
             return self._step_logits(tokens[:, None], cache)
 
         return Prefill(start, first, step, cache)
+
+    def cross_attention_kv(self, input_ids: Tensor) -> list:
+        """Encode one input ``[1, L]`` and project every decoder layer's cross-attention keys and values
+        once: a list over layers of ``(k, v)``, each ``[L, H, D]`` (views). For :mod:`engine.continuous`."""
+        enc = self.encode(input_ids).last_hidden_state
+        kv = self.decoder.project_encoder(enc)
+        views = (self.decoder.cross_views(kv, i) for i in range(self.cache_shape()[0]))
+        return [(k[0].transpose(0, 1), v[0].transpose(0, 1)) for k, v in views]
 
     def new_static_cache(self, rows: int, max_len: int, *, encoder_length: int):
         """A fixed-capacity cache for static decoding (:mod:`engine.graphs`): ``max_len`` decoder positions,

@@ -14,7 +14,7 @@ EXTRAS = {
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "hf": ("transformers", "tokenizers", "rich"),
     "bench": ("matplotlib", "rich", "transformers", "onnx", "onnxscript", "onnxruntime"),
-    "serve": ("ray", "starlette"),
+    "serve": ("ray", "starlette", "prometheus_client"),
 }
 
 

@@ -37,6 +37,63 @@ def bias_act(h: Tensor, bias: Optional[Tensor], name: str) -> Tensor:
     return _OTHER[name](h if bias is None else h + bias)
 
 
+def _onednn(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU freezing emits)
+    takes ``dtype`` on this CPU: fp32 on any x86-64, bf16 where oneDNN has a bf16 path (AVX-512 and up)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` that, on the native CPU path, runs oneDNN's GEMM with the bias (and a GELU) fused in.
+
+    bf16 weights are reordered once into oneDNN's blocked layout (a second copy, rebuilt whenever the
+    weight changes: the cache is keyed on its storage and version); fp32 weights are read as they are.
+    Elsewhere (CUDA, the interpreter, the reference backend, fp16/fp64) it is ``nn.Linear``.
+    :func:`pack_linears` swaps a model's ``nn.Linear`` modules for it (same parameters, same state dict).
+    """
+
+    _packed: Optional[Tuple[tuple, Tensor]] = None
+
+    def native(self, x: Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype == self.weight.dtype and _onednn(x.dtype)
+                and kernels.runs_native(x) and not torch.compiler.is_compiling())
+
+    def _weight(self) -> Tensor:
+        w = self.weight
+        if w.dtype != torch.bfloat16:
+            return w
+        try:
+            key = (w.data_ptr(), w._version, tuple(w.shape))
+        except RuntimeError:  # an inference tensor has no version counter: its data cannot change in place
+            key = (w.data_ptr(), None, tuple(w.shape))
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 128))
+        return self._packed[1]
+
+    def __getstate__(self):  # copies and pickles leave the packed weight behind (oneDNN's cannot be copied)
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
+
+    def forward(self, x: Tensor, gelu: Optional[str] = None) -> Tensor:
+        """``linear(x)``, or ``gelu(linear(x))`` with ``gelu`` the approximation (``"none"``/``"tanh"``)."""
+        if not self.native(x):
+            y = F.linear(x, self.weight, self.bias)
+            return y if gelu is None else kernels.gelu(y, approximate=gelu)
+        b = None if self.bias is None else self.bias.detach()
+        post = ("none", "") if gelu is None else ("gelu", gelu)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._weight(), b, post[0], [], post[1])
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Linear`` in ``model`` a :class:`PackedLinear` in place (parameters shared)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                child.__class__ = PackedLinear
+    return model
+
+
 class LayerNorm(nn.Module):
     def __init__(self, width: int, eps: float):
         super().__init__()
@@ -86,6 +143,8 @@ class Attention(nn.Module):
       (an encoder-decoder projects its encoder output once for every layer). The ``g = B / B_enc``
       decoder rows of one encoder row (its beams) become ``g*n`` query rows of one batch item: no
       per-beam copy of the keys and values.
+    * ``cache`` may be an :class:`engine.paged.PackedStep` (``cache.packed``): ``x`` ``[1, T, hidden]``
+      holds the tokens of many sequences, and the step does their attention over its paged cache.
     * ``out``: the output projection. ``scale``: ``None`` is ``1/sqrt(head_dim)``; ``causal``: queries
       see keys up to their own position, bottom-right aligned (a query's position counts the cache).
       ``bias`` (dense, additive) and ``relative_bias`` (``kernels.RelativeBias``, computed in the
@@ -96,6 +155,8 @@ class Attention(nn.Module):
 
     ``forward`` returns ``(output, probabilities or None)``.
     """
+
+    quantizable = ("qkv", "q", "out")  # for engine.quantize
 
     def __init__(self, hidden: int, heads: int, head_dim: Optional[int] = None, *, qkv_bias: bool = True,
                  out_bias: bool = True, cross: bool = False, causal: bool = False, scale: Optional[float] = None,
@@ -116,6 +177,8 @@ class Attention(nn.Module):
                 relative_bias: Optional[kernels.RelativeBias] = None, need_probs: bool = False):
         if isinstance(mask, Packed):
             return self._packed(x, mask, relative_bias), None
+        if getattr(cache, "packed", False):  # engine.paged.PackedStep: many sequences' tokens in one row
+            return self.out(cache.attention(self, x, relative_bias)), None
         b, n, _ = x.shape
         if self.cross:
             k, v = kv
@@ -161,6 +224,8 @@ class RMSNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
+    quantizable = ("up", "down")
+
     def __init__(self, hidden: int, inner: int, act: str):
         super().__init__()
         self.up = nn.Linear(hidden, inner)
@@ -168,8 +233,14 @@ class FeedForward(nn.Module):
         self.act = check_activation(act)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The up-projection's bias is added inside the fused activation.
-        return self.down(bias_act(F.linear(x, self.up.weight), self.up.bias, self.act))
+        up = self.up
+        if isinstance(up, PackedLinear) and self.act in _GELU and up.native(x):
+            return self.down(up(x, gelu=_GELU[self.act]))  # bias and GELU in oneDNN's GEMM epilogue
+        if isinstance(up, nn.Linear) and not kernels.runs_native(x):
+            # The up-projection's bias is added inside the fused activation.
+            return self.down(bias_act(F.linear(x, up.weight), up.bias, self.act))
+        # The native path (the bias in the GEMM, one pass for the activation), or a quantized linear.
+        return self.down(bias_act(up(x), None, self.act))
 
 
 class PostLNBlock(nn.Module):

@@ -118,7 +118,7 @@ class Pipeline:
     text = True  # tokenized input
 
     def __init__(self, path: Path, config: dict, *, device=None, dtype=None, batch_size: Optional[int] = None,
-                 defaults: Optional[dict] = None, task_name: Optional[str] = None):
+                 defaults: Optional[dict] = None, task_name: Optional[str] = None, quantize: Optional[str] = None):
         self.path, self.config = path, config
         self.task_name = task_name or self.task
         model_types = [t for f in families() if f.kind in self.kinds for t in f.model_types]
@@ -133,7 +133,8 @@ class Pipeline:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size or self.default_batch_size
         self.defaults = dict(defaults or {})
-        self.model = from_pretrained(path, dtype=self.dtype, device=self.device, task=self.model_task)
+        self.model = from_pretrained(path, dtype=self.dtype, device=self.device, task=self.model_task,
+                                     quantize=quantize)
         self.tokenizer = Tokenizer.from_pretrained(path) if self.text else None
         self.model_type = config.get("model_type")
         self.id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
@@ -1196,12 +1197,13 @@ _PIPELINES = {cls.task: cls for cls in (FeatureExtraction, SentenceEmbedding, Te
 
 
 def pipeline(task: str, model: Union[str, Path], *, device=None, dtype=None, batch_size: Optional[int] = None,
-             **task_defaults) -> Pipeline:
+             quantize: Optional[str] = None, **task_defaults) -> Pipeline:
     """A callable for ``task`` on the checkpoint directory ``model``, as ``transformers.pipeline``.
 
     ``device`` (default: CUDA when available, else the CPU), ``dtype`` (``"fp16"``,
     ``"bf16"``, ``torch.float32``, ...; default: the checkpoint's), ``batch_size``
-    (inputs per model call when given a list); ``task_defaults`` are options every call
+    (inputs per model call when given a list), ``quantize`` (``"int8"``: the CPU's int8 path,
+    see ``docs/cpu.md``); ``task_defaults`` are options every call
     gets unless it passes its own (``top_k=3``, ``aggregation_strategy="simple"``,
     ``num_beams=4``, ...). Unknown options are a ``TypeError`` naming them.
     """
@@ -1211,7 +1213,7 @@ def pipeline(task: str, model: Union[str, Path], *, device=None, dtype=None, bat
     config = json.loads((path / "config.json").read_text())
     cls = _PIPELINES[_canonical_task(task)]
     return cls(path, config, device=device, dtype=dtype, batch_size=batch_size, defaults=task_defaults,
-               task_name=ALIASES.get(task, task))
+               task_name=ALIASES.get(task, task), quantize=quantize)
 
 
 # ----------------------------------------------------------------------------

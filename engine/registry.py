@@ -10,6 +10,8 @@ import torch
 
 from .family import Family
 from .loading import generation_defaults, read_checkpoint, read_generation_config
+from .layers import pack_linears
+from .quantize import check_quantize, quantize_linears
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -126,7 +128,7 @@ def supported_model_types() -> tuple[str, ...]:
 
 
 def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, device=None,
-                    task: Optional[str] = None):
+                    task: Optional[str] = None, quantize: Optional[str] = None):
     """Load a Hugging Face checkpoint into trifuse.
 
     ``source``: a directory with ``config.json`` and ``model.safetensors`` (or
@@ -137,9 +139,11 @@ def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, devi
     dtype chosen as Hugging Face's ``dtype="auto"`` does when the tensors mix
     dtypes). Keys missing from the config take Hugging Face's defaults. A decoder's
     ``generation_config.json`` sets its ``generate`` defaults (``model.generation_config``).
+    ``quantize="int8"`` (CPU only) runs the layers' linears in int8 (:mod:`engine.quantize`).
     """
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
+    check_quantize(quantize, device, dtype)
     config, state = read_checkpoint(source)
     config = with_hf_defaults(config)
     model_type = config["model_type"]
@@ -156,6 +160,10 @@ def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, devi
         generation = generation_defaults(read_generation_config(source))
         config.update({k: generation[k] for k in _GENERATION_IDS if k in generation})
     model = fam.from_checkpoint(config, state, task=task, dtype=dtype, device=device)
+    if quantize is not None:
+        quantize_linears(model, quantize)
+    if device.type == "cpu":
+        pack_linears(model)  # oneDNN's GEMM on the native CPU path; nn.Linear everywhere else
     if fam.generative:
         model.generation_config = generation
     return model

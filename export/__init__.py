@@ -9,7 +9,9 @@
     runner = trifuse.export.OrtRunner(path)                       # torch tensors in, torch tensors out
     tokens = trifuse.export.ort_generate_greedy("gpt2.onnx", ids, mask, max_new_tokens=20)
 
-See :mod:`trifuse.export.onnx` (translations, graph layouts, metadata) and :mod:`trifuse.export.verify`.
+See :mod:`trifuse.export.onnx` (export, metadata), :mod:`~trifuse.export.ops` (the op translations),
+:mod:`~trifuse.export.graphs` (one graph spec per kind of model), :mod:`~trifuse.export.runtime` (ONNX Runtime)
+and :mod:`trifuse.export.verify`.
 """
 
 if __name__ != "trifuse.export":  # the source folder imported by its bare name

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from trifuse.cli import one_line, positive_int
+from trifuse.engine.cliargs import one_line, positive_int
 
 
 def add_export_arguments(p) -> None:

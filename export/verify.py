@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import onnx as ox
+from .runtime import empty_past
 
 #: Max error relative to the largest reference value, per exported dtype.
 BUDGETS = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
@@ -122,7 +123,7 @@ def make_inputs(model, meta: dict, *, batch: int = 3, seq: int = 11, seed: int =
     """Inputs for one forward of an encoder / ViT graph, off the export's example shapes, padded."""
     from trifuse.engine.inputs import token_batch
 
-    family, kind = ox._model_kind(model)
+    family, kind = ox.model_kind(model)
     example = json.loads(meta.get("trifuse.example_shapes", "{}"))
     dynamic = meta.get("trifuse.dynamic", "true") == "true"
     device = next(model.parameters()).device
@@ -234,19 +235,19 @@ def _torch_decoder(model, feed: Dict[str, Tensor], hidden: bool) -> Dict[str, Te
 
 
 def _check_match(meta: dict, model, path) -> Tuple[str, str]:
-    family, kind = ox._model_kind(model)
+    family, kind = ox.model_kind(model)
     problems = []
     if meta.get("trifuse.family") != family:
         problems.append(f"the file holds a {meta.get('trifuse.family')} model, the model is {family}")
     else:
-        theirs, ours = json.loads(meta.get("trifuse.config", "{}")), json.loads(ox._config_json(model))
+        theirs, ours = json.loads(meta.get("trifuse.config", "{}")), json.loads(ox.config_json(model))
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         if diff:
             problems.append("configs differ in " + ", ".join(f"{k} ({theirs.get(k)!r} in the file, "
                                                              f"{ours.get(k)!r} in the model)" for k in diff[:6]))
         if meta.get("trifuse.task") != str(getattr(model, "task", "")):
             problems.append(f"the file has the {meta.get('trifuse.task')} head, the model {model.task}")
-    dtype = ox._DTYPE_NAMES.get(next(model.parameters()).dtype)
+    dtype = ox.DTYPE_NAMES.get(next(model.parameters()).dtype)
     if not problems and meta.get("trifuse.dtype") != dtype:
         problems.append(f"the file is {meta.get('trifuse.dtype')}, the model {dtype}")
     if problems:
@@ -343,7 +344,7 @@ def verify(onnx_path, model, inputs: Optional[Dict[str, Tensor]] = None, provide
         if kind == "encoder" and "token_type_ids" in expected and "token_type_ids" not in feed:
             feed["token_type_ids"] = torch.zeros_like(feed["input_ids"])
         if kind == "decoder" and "past_key_values.0.key" not in feed and "input_ids" in feed:
-            feed.update(ox._empty_past(runner, feed["input_ids"].shape[0]))
+            feed.update(empty_past(runner, feed["input_ids"].shape[0]))
         unknown = sorted(set(feed) - set(expected))
         if unknown:
             raise ValueError(f"inputs {unknown} are not inputs of {path} ({', '.join(expected)})")
@@ -351,7 +352,7 @@ def verify(onnx_path, model, inputs: Optional[Dict[str, Tensor]] = None, provide
     elif kind == "decoder":
         c = model.config
         ids, mask, step_ids = _decoder_stages(model, meta, batch, seq, seed)
-        feed = {"input_ids": ids, "attention_mask": mask, **ox._empty_past(runner, ids.shape[0])}
+        feed = {"input_ids": ids, "attention_mask": mask, **empty_past(runner, ids.shape[0])}
         got = run_stage("prefill", feed)
         feed = {"input_ids": step_ids, "attention_mask": torch.cat([mask, torch.ones_like(step_ids)], dim=1)}
         feed.update({f"past_key_values.{i}.{kv}": got[f"present.{i}.{kv}"]
@@ -461,7 +462,7 @@ def _verify_seq2seq(paths, metas, model, inputs, providers, layerwise, batch, se
     enc_hidden = got["last_hidden_state"].to(device)  # ONNX Runtime's encoder output feeds both decoders
     fixed = {"encoder_attention_mask": mask, "cross_key_values": got["cross_key_values"]}
     dec_feed = {"decoder_input_ids": dec_ids, "decoder_attention_mask": torch.ones_like(dec_ids), **fixed,
-                **ox._empty_past(dec_runner, b)}
+                **empty_past(dec_runner, b)}
     for stage in ("prefill", "step"):
         out = dec_runner(**dec_feed)
         torch_feed = {k: v.to(device) for k, v in dec_feed.items()}

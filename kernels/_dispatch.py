@@ -1,15 +1,18 @@
-"""Where a trifuse op runs: the Triton kernel or the pure-PyTorch reference.
+"""Where a trifuse op runs: the Triton kernel, the native CPU path, or the pure-PyTorch reference.
 
-The rule, applied at call time inside every custom op:
+The rule, applied at call time inside every custom op (:func:`path`):
 
 * backend ``reference`` (``TRIFUSE_BACKEND=reference`` or :func:`set_backend`)
   runs the reference everywhere, for A/B checks;
-* otherwise CUDA tensors run the Triton kernel;
-* CPU tensors run the Triton kernel through Triton's interpreter when
-  ``TRITON_INTERPRET=1`` was set before trifuse was imported (Triton reads it
-  when a kernel is decorated), and the reference otherwise;
+* backend ``native`` runs :mod:`kernels.cpu` (PyTorch's fused native kernels: SDPA,
+  ``layer_norm``, ``gelu``) on any device: how tests reach the CPU fast path while
+  ``TRITON_INTERPRET=1`` is set;
+* backend ``auto`` (the default): CUDA tensors run the Triton kernel; CPU tensors run
+  the Triton kernel through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
+  before trifuse was imported (Triton reads it when a kernel is decorated: a debugging
+  and testing mode), and the native path otherwise;
 * backend ``triton`` refuses to fall back: a tensor the Triton path cannot take
-  is an error rather than a silent switch to the reference.
+  is an error rather than a silent switch to another path.
 
 :func:`set_backend` (and ``TRIFUSE_BACKEND``) sets the process-wide default;
 :func:`use_backend` overrides it for the calling thread (or asyncio task) only,
@@ -38,7 +41,7 @@ except ImportError:  # macOS, Windows, or a torch build without Triton
 #: i.e. when trifuse's kernel modules are imported, so read the flag once here.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "native", "reference")
 
 
 def _backend_from_env() -> str:
@@ -65,7 +68,7 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Force ``reference`` or ``triton`` in every thread, or go back to ``auto``.
+    """Force ``reference``, ``native`` or ``triton`` in every thread, or go back to ``auto``.
 
     A :func:`use_backend` block in progress keeps its own backend until it ends.
     """
@@ -98,10 +101,25 @@ def triton_runnable(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """The dispatch decision for an op whose main input is ``t``."""
+def path(t: torch.Tensor) -> str:
+    """The dispatch decision for an op whose main input is ``t``: ``triton``, ``native`` or ``reference``."""
     backend = get_backend()
-    if backend == "reference":
+    if backend in ("reference", "native"):
+        return backend
+    if backend == "auto" and t.device.type == "cpu" and not triton_runnable(t.device):
+        return "native"
+    return "triton" if use_triton(t) else "reference"
+
+
+def runs_native(t: torch.Tensor) -> bool:
+    """Whether ops on ``t`` take the native path (the layers then pick the shapes it runs fastest)."""
+    return path(t) == "native"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op whose main input is ``t`` runs the Triton kernel (``False``: see :func:`path`)."""
+    backend = get_backend()
+    if backend in ("reference", "native"):
         return False
     runnable = triton_runnable(t.device)
     if backend == "triton" and not runnable:

@@ -27,9 +27,12 @@ registers (Dao 2023, "FlashAttention-2"). On top of that:
   ``[Lk, D]`` tensor descriptors for its head on the device, and the descriptor
   zero-fills past ``Lk`` and ``D``, so no key block needs address masks. That needs a
   unit last stride and 16-byte aligned heads and rows (any fused-QKV view of fp16/bf16
-  with ``D % 8 == 0`` qualifies); other layouts, GPUs before Hopper and T5's decode step
-  use pointer loads (``cp.async``). :func:`attention_tma` turns TMA off in a block, as does
+  with ``D % 8 == 0`` qualifies); other layouts, head dims under 16, GPUs before Hopper and
+  T5's decode step use pointer loads (``cp.async``). :func:`attention_tma` turns TMA off in a block, as does
   ``TRIFUSE_ATTENTION_TMA=0`` for the process.
+
+Any head dim ``D`` from 1 to 256 runs the kernel: the head is padded to a power-of-two
+block of at least 16 columns (``tl.dot``'s minimum), whose columns past ``D`` load as zeros.
 
 A query row that sees no key at all (all masked, causal with ``Lq > Lk``, or an
 all ``-inf`` bias) returns zeros, as flash-attn does, never NaN. fp16, bf16 and
@@ -52,382 +55,31 @@ import torch
 from torch import Tensor
 
 from ._checks import check_float
-from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, use_triton
+from . import cpu
+from ._buckets import relative_position_bucket  # re-exported: kernels.relative_position_bucket
+from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, path, use_triton
 
 LOG2E = 1.4426950408889634
 
 _HAS_DESCRIPTORS = False
-if HAS_TRITON:
+if HAS_TRITON:  # the kernels, under the names the launcher (and bench/static/aot_hopper.py) patch
     import triton
-    import triton.language as tl
 
-    _HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+    from ._attention_triton import HAS_DESCRIPTORS as _HAS_DESCRIPTORS
+    from ._attention_triton import _attn_combine, _attn_fwd
+    from ._attention_triton import attn_fwd_tuned as _attn_fwd_tuned
 
-    @triton.jit
-    def _rel_tile(BAND0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # T5's bias for one [BLOCK_M, BLOCK_N] tile: Toeplitz, (i, j) -> BAND0[j - i]. One
-        # contiguous vector load of the BLOCK_M + BLOCK_N - 1 distances the tile spans, then
-        # a gather from that band (in registers / shared memory) forms the tile.
-        if BLOCK_M >= BLOCK_N:
-            BAND: tl.constexpr = 2 * BLOCK_M
-        else:
-            BAND: tl.constexpr = 2 * BLOCK_N
-        t = tl.arange(0, BAND)
-        band = tl.load(BAND0 - (BLOCK_M - 1) + t, mask=t < BLOCK_M + BLOCK_N - 1, other=0.0)
-        idx = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
-        return tl.reshape(tl.gather(band, tl.reshape(idx, [BLOCK_M * BLOCK_N]), 0), [BLOCK_M, BLOCK_N])
 
-    @triton.jit
-    def _attn_blocks(
-        acc, l_i, m_i, q,  # running state [BM, BD], [BM], [BM] and the query block [BM, BD]
-        K_HEAD,  # this (batch, head)'s keys: a pointer, or a [Lk, D] tensor descriptor when TMA
-        V_HEAD,  # this (batch, head)'s values, likewise
-        MASK_ROW,  # this batch's row of the padding mask (read when HAS_MASK)
-        BIAS_HEAD,  # this (batch, head)'s additive bias (read when HAS_BIAS)
-        REL_HEAD,  # this head's T5 bias by signed distance, centred, times log2(e) (read when REL)
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
-        offs_m, offs_d, m0, lo, hi,
-        Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-        HAS_BIAS: tl.constexpr, REL: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
-        TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        # Key blocks [lo, hi) into the online softmax. MASKED blocks may hold keys past
-        # Lk or above the causal diagonal; the caller only hands unmasked ones the
-        # fast path. Scores are kept in log2 units so the exponentials are exp2.
-        d_ok = offs_d < D
-        row_ok = offs_m < Lq
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < Lk
-            if HAS_MASK:
-                # Issued before QK^T, so that its latency hides behind the dot instead of
-                # stalling after the dot's wait.
-                if MASKED:
-                    km = tl.load(MASK_ROW + offs_n * stride_maskn, mask=n_ok, other=0)
-                else:
-                    km = tl.load(MASK_ROW + offs_n * stride_maskn)
-            if TMA:
-                # Bulk tensor copies (Hopper's TMA): the descriptor zero-fills keys past Lk and
-                # columns past D, so no block needs an address mask.
-                kt = tl.trans(K_HEAD.load([start_n, 0]))  # [BD, BN]
-                v = V_HEAD.load([start_n, 0])  # [BN, BD]
-            else:
-                kt_ptrs = K_HEAD + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn  # [BD, BN]
-                v_ptrs = V_HEAD + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BN, BD]
-                if MASKED:
-                    kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-                    v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                elif EVEN_D:
-                    kt = tl.load(kt_ptrs)
-                    v = tl.load(v_ptrs)
-                else:
-                    kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-                    v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-
-            if HAS_BIAS:
-                b_ptrs = BIAS_HEAD + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn
-                if MASKED:
-                    b_ok = row_ok[:, None] & n_ok[None, :]
-                else:
-                    b_ok = row_ok[:, None]  # padded query rows of the last block still need a guard
-                s += tl.load(b_ptrs, mask=b_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-            # T5 bias. REL: 0 none, 1 decide per block, 2 all keys >= max_distance before
-            # the queries (one scalar), 3 the band near the diagonal (lookup), 4 all keys
-            # >= max_distance after them (one scalar). The table reaches BLOCK_M + BLOCK_N
-            # past max_distance, so band blocks need no clamp: each row reads a contiguous run.
-            if REL == 1:
-                rp_min = start_n - (m0 + BLOCK_M - 1 + rel_off)
-                rp_max = start_n + BLOCK_N - 1 - (m0 + rel_off)
-                if rp_min >= max_distance:
-                    s += rel_hi
-                elif rp_max <= -max_distance:
-                    s += rel_lo
-                else:
-                    s += _rel_tile(REL_HEAD + (rel_center - rel_off) + (start_n - m0), BLOCK_M, BLOCK_N)
-            elif REL == 2:
-                s += rel_lo
-            elif REL == 3:
-                s += _rel_tile(REL_HEAD + (rel_center - rel_off) + (start_n - m0), BLOCK_M, BLOCK_N)
-            elif REL == 4:
-                s += rel_hi
-
-            if MASKED:
-                if CAUSAL:
-                    keep = n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + causal_off)  # [BM, BN]
-                    s = tl.where(keep, s, float("-inf"))
-                else:
-                    s = tl.where(n_ok[None, :], s, float("-inf"))
-            if HAS_MASK:
-                s = tl.where((km != 0)[None, :], s, float("-inf"))
-
-            # The running max starts at fp32's lowest finite value, not -inf, so a row with nothing
-            # visible yet keeps a finite max and exp2(-inf - max) is exactly 0 rather than NaN; no
-            # per-element guard needed (it cost 19 registers on causal hd64 128x64, 8 warps: one
-            # block per SM instead of two). Every score is finite or -inf, so nothing is lost.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            if REL != 0 and BLOCK_M <= 32:
-                # Never true (m_new is finite), but without it Triton 3.6, the GPU image's, spills
-                # 4 B in T5's decode step (tests/aot_hopper.py; 3.9 is the same either way).
-                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-            m_i = m_new
-        return acc, l_i, m_i
-
-    @triton.jit
-    def _attn_fwd(
-        Q,  # queries [B, H, Lq, D], any strides
-        K,  # keys [B, H, Lk, D], any strides
-        V,  # values [B, H, Lk, D], any strides
-        OUT,  # output [B, H, Lq, D] (written unless SPLIT)
-        MASK,  # padding mask [B, Lk], nonzero = attend, int or uint8 (read when HAS_MASK)
-        BIAS,  # additive bias viewed as [B, H, Lq, Lk], stride 0 where broadcast (HAS_BIAS)
-        REL,  # relative bias by distance -rel_center..rel_center [H, 2*rel_center+1], fp32, x log2(e)
-        O_PART,  # per-split normalized output [S, B*H, Lq, D], fp32 (written when SPLIT)
-        LSE,  # per-split log2-sum-exp [S, B*H, Lq], fp32, -inf if empty (written when SPLIT)
-        stride_qb, stride_qh, stride_qm, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_ob, stride_oh, stride_om, stride_od,
-        stride_maskb, stride_maskn,
-        stride_biasb, stride_biash, stride_biasm, stride_biasn,
-        stride_relh,
-        stride_ps, stride_pbh, stride_pm, stride_pd,
-        stride_ls, stride_lbh, stride_lm,
-        H, Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, qk_scale, keys_per_split,
-        LQ_KEY, LK_KEY,  # bucketed sizes, only an autotuning key
-        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_REL: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-        EVEN_D: tl.constexpr,  # D == BLOCK_D: unmasked key blocks need no mask at all
-        TMA: tl.constexpr,  # K and V through tensor descriptors (rows 16-byte aligned, unit last stride)
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # Program (query block, batch*head, key split).
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        split = tl.program_id(2)
-        b = (bh // H).to(tl.int64)  # base offsets can pass 2**31 on big batches
-        h = (bh % H).to(tl.int64)
-        m0 = pid_m * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_ok = offs_m < Lq
-        d_ok = offs_d < D
-
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
-        K_HEAD = K + b * stride_kb + h * stride_kh
-        V_HEAD = V + b * stride_vb + h * stride_vh
-        if TMA:
-            K_HEAD = tl.make_tensor_descriptor(K_HEAD, shape=[Lk, D], strides=[stride_kn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-            V_HEAD = tl.make_tensor_descriptor(V_HEAD, shape=[Lk, D], strides=[stride_vn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-        MASK_ROW = MASK + b * stride_maskb
-        BIAS_HEAD = BIAS + b * stride_biasb + h * stride_biash
-        REL_HEAD = REL + h * stride_relh
-        rel_lo = 0.0
-        rel_hi = 0.0
-        if HAS_REL:
-            rel_lo = tl.load(REL_HEAD + rel_center - max_distance)
-            rel_hi = tl.load(REL_HEAD + rel_center + max_distance)
-
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)  # fp32's lowest: see _attn_blocks
-
-        # This split's keys [lo, hi). Blocks that are wholly in range (and, if causal,
-        # wholly at or below the diagonal for the block's first row) run unmasked; the
-        # rest up to the last row's horizon run masked; keys beyond it are never read.
-        lo = split * keys_per_split
-        hi = tl.minimum(lo + keys_per_split, Lk)
-        full_end = hi
-        end = hi
-        if CAUSAL:
-            full_end = tl.minimum(full_end, m0 + causal_off + 1)
-            end = tl.minimum(end, m0 + BLOCK_M + causal_off)
-        mid = lo + (tl.maximum(full_end - lo, 0) // BLOCK_N) * BLOCK_N
-        if HAS_REL:
-            # The unmasked blocks in three runs, so that only the band near the diagonal
-            # pays for the lookup (its registers and spills stay out of the other loops):
-            # [lo, band_lo) keys wholly max_distance or more before every query of the
-            # block, [band_lo, band_hi) the band, [band_hi, mid) wholly max_distance after.
-            left_last = m0 + rel_off - max_distance - BLOCK_N + 1  # last start_n of a left block
-            band_lo = tl.minimum(lo + (tl.maximum(left_last - lo + BLOCK_N, 0) // BLOCK_N) * BLOCK_N, mid)
-            right_first = m0 + BLOCK_M - 1 + rel_off + max_distance  # first start_n of a right block
-            band_hi = lo + ((tl.maximum(right_first - lo, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-            band_hi = tl.minimum(tl.maximum(band_hi, band_lo), mid)
-            acc, l_i, m_i = _attn_blocks(
-                acc, l_i, m_i, q, K_HEAD, V_HEAD, MASK_ROW, BIAS_HEAD, REL_HEAD,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
-                offs_m, offs_d, m0, lo, band_lo,
-                Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-                False, CAUSAL, HAS_MASK, HAS_BIAS, 2, EVEN_D, DOT_PREC, TMA, BLOCK_M, BLOCK_N,
-            )
-            acc, l_i, m_i = _attn_blocks(
-                acc, l_i, m_i, q, K_HEAD, V_HEAD, MASK_ROW, BIAS_HEAD, REL_HEAD,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
-                offs_m, offs_d, m0, band_lo, band_hi,
-                Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-                False, CAUSAL, HAS_MASK, HAS_BIAS, 3, EVEN_D, DOT_PREC, TMA, BLOCK_M, BLOCK_N,
-            )
-            acc, l_i, m_i = _attn_blocks(
-                acc, l_i, m_i, q, K_HEAD, V_HEAD, MASK_ROW, BIAS_HEAD, REL_HEAD,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
-                offs_m, offs_d, m0, band_hi, mid,
-                Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-                False, CAUSAL, HAS_MASK, HAS_BIAS, 4, EVEN_D, DOT_PREC, TMA, BLOCK_M, BLOCK_N,
-            )
-        else:
-            acc, l_i, m_i = _attn_blocks(
-                acc, l_i, m_i, q, K_HEAD, V_HEAD, MASK_ROW, BIAS_HEAD, REL_HEAD,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
-                offs_m, offs_d, m0, lo, mid,
-                Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-                False, CAUSAL, HAS_MASK, HAS_BIAS, 0, EVEN_D, DOT_PREC, TMA, BLOCK_M, BLOCK_N,
-            )
-        # Then the blocks that need masking (the causal diagonal, the ragged end of Lk).
-        acc, l_i, m_i = _attn_blocks(
-            acc, l_i, m_i, q, K_HEAD, V_HEAD, MASK_ROW, BIAS_HEAD, REL_HEAD,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn, stride_biasm, stride_biasn,
-            offs_m, offs_d, m0, mid, end,
-            Lq, Lk, D, causal_off, rel_off, max_distance, rel_center, rel_lo, rel_hi, qk_scale,
-            True, CAUSAL, HAS_MASK, HAS_BIAS, 1 if HAS_REL else 0, EVEN_D, DOT_PREC, TMA, BLOCK_M, BLOCK_N,
-        )
-
-        # Rows that saw no key have l == 0 and acc == 0: dividing by 1 leaves zeros.
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        io_ok = row_ok[:, None] & d_ok[None, :]
-        if SPLIT:
-            bh64 = bh.to(tl.int64)
-            split64 = split.to(tl.int64)
-            p_ptrs = (O_PART + split64 * stride_ps + bh64 * stride_pbh
-                      + offs_m[:, None] * stride_pm + offs_d[None, :] * stride_pd)
-            tl.store(p_ptrs, out, mask=io_ok)
-            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-            tl.store(LSE + split64 * stride_ls + bh64 * stride_lbh + offs_m * stride_lm, lse, mask=row_ok)
-        else:
-            o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=io_ok)
-
-    @triton.jit
-    def _attn_combine(
-        O_PART,  # per-split normalized output [S, B*H, Lq, D], fp32
-        LSE,  # per-split log2-sum-exp [S, B*H, Lq], fp32
-        OUT,  # output [B, H, Lq, D]
-        stride_ps, stride_pbh, stride_pm, stride_pd,
-        stride_ls, stride_lbh, stride_lm,
-        stride_ob, stride_oh, stride_om, stride_od,
-        H, D, num_splits,
-        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # One program per (query row, batch*head): each split's output is weighted by
-        # its share exp2(lse_s - lse) of the row's total softmax mass.
-        m = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        s_ok = offs_s < num_splits
-        lse = tl.load(LSE + offs_s * stride_ls + bh * stride_lbh + m * stride_lm, mask=s_ok,
-                      other=float("-inf"))
-        lse_max = tl.max(lse, 0)
-        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # every split empty: all weights 0
-        w = tl.math.exp2(lse - lse_max)  # [BS]
-        total = tl.sum(w, 0)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        # Splits one at a time: a [S, D] tile would not fit registers at S=64, D=256.
-        for s in range(0, num_splits):
-            w_s = tl.math.exp2(tl.load(LSE + s * stride_ls + bh * stride_lbh + m * stride_lm) - lse_max)
-            o = tl.load(O_PART + s * stride_ps + bh * stride_pbh + m * stride_pm + offs_d * stride_pd,
-                        mask=offs_d < D, other=0.0)
-            acc += w_s * o
-        out = acc / tl.where(total == 0.0, 1.0, total)
-        b = bh // H
-        h = bh % H
-        tl.store(OUT + b * stride_ob + h * stride_oh + m * stride_om + offs_d * stride_od,
-                 out.to(OUT.dtype.element_ty), mask=offs_d < D)
-
-    def _hopper_fits(c, block_d: int, rel: bool, bias: bool, mask: bool = False, causal: bool = False) -> bool:
-        # Whether ptxas holds this config for sm_90 without spilling registers and within
-        # 227 KB of shared memory, as measured on the launches the engine and benchmarks make
-        # (tests/aot_hopper.py, table in bench/static/hopper-sm90.md; Triton 3.9, and 3.6, the GPU
-        # image's, for fp16: "3.6" marks configs pruned because only 3.6 spills them).
-        # CI (tests/test_compile_hopper.py) fails when a config kept here spills, so the rules
-        # follow the compiler, not a guess; `aot_hopper.py --unpruned` shows what is dropped.
-        bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
-        if rel:  # the T5 band: 100-175 registers in the shipped tiles (182-254 with the old gather)
-            if bm <= 32:
-                return (bm, bn) == (16, 64)  # 16x256 and 32x128 spill at head dim 64; 16x128 sits at 255
-            if block_d > 64:
-                return (bm, bn, w) == (64, 32, 4)  # 128x64 8w sits at 255 registers, the rest spill
-            return (bm, bn, w) in ((64, 32, 4), (64, 64, 4), (128, 64, 8))  # with a mask 128x32 hits 255
-        if block_d <= 64 and (bm, bn) == (16, 256):
-            return False  # 4 bytes of spill at head dim 64
-        if mask and block_d <= 64 and (bm, bn, w) == (128, 64, 4):
-            return False  # 4 bytes of spill once the mask load is issued ahead of QK^T
-        if block_d > 64 and (bm, bn, w) == (128, 64, 4):
-            return False  # spills at head dim 128 (the 8-warp 128x64 does not)
-        if block_d > 64 and (bm, bn) in ((64, 128), (16, 256)):
-            return False  # 3.6: 8 bytes of spill at head dim 128 (3.9: 255 and 141 registers)
-        if bias and bm <= 32 and (bm, bn) == (32, 64):
-            return False  # 3.6: 8 bytes of spill on the dense-bias decode step
-        if causal and block_d > 64 and (bm, bn) == (128, 128):
-            return False  # 3.6 with TMA loads: 12 bytes of spill (3.9: 241 registers; 255 without TMA)
-        if bias and block_d > 64 and (bm, bn) == (128, 128):
-            return False  # the bias tile's stages overflow shared memory at head dim 128
-        return True
-
-    def _prune_configs(configs, named_args, **kwargs):
-        # Short query blocks for decode (a 128-row block would be 127/128 padding),
-        # full-size blocks otherwise; then only configs Hopper holds without spilling.
-        def arg(name):
-            return kwargs.get(name, named_args.get(name))
-
-        lq, block_d = arg("LQ_KEY"), arg("BLOCK_D")
-        want_small = lq is not None and lq <= 32
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == want_small]
-        if arg("DOT_PREC") == "tf32x3":  # fp32: three dots per product, only the smallest tiles hold
-            # At head dim 128 even 64x32 spills (156-436 B, with or without TMA): 16x32 (159-202
-            # registers) is all that holds there, for prefill too.
-            fp32_tiles = ((16, 32),) if block_d is not None and block_d > 64 else ((64, 32), (16, 32))
-            return [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in fp32_tiles] or \
-                [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (16, 32)]
-        kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (16, 32)]  # fp32's
-        if block_d is not None and block_d >= 256:  # K/V stages of 256-wide rows overflow shared memory
-            kept = [c for c in kept if c.kwargs["BLOCK_N"] <= (128 if c.kwargs["BLOCK_M"] <= 32 else 64)] or kept
-        if block_d is not None:
-            kept = [c for c in kept if _hopper_fits(c, block_d, bool(arg("HAS_REL")), bool(arg("HAS_BIAS")),
-                                                    bool(arg("HAS_MASK")), bool(arg("CAUSAL")))] or kept
-        return kept or configs
-
-    _GPU_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4),
-            (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
-            # decode / short queries
-            (16, 64, 4, 3), (16, 128, 4, 3), (16, 256, 8, 2), (32, 64, 4, 3), (32, 128, 4, 3),
-            (16, 32, 4, 3),  # fp32 decode only
-        ]
-    ]
-    if not INTERPRET:
-        _attn_fwd_tuned = triton.autotune(
-            configs=_GPU_CONFIGS,
-            key=["LQ_KEY", "LK_KEY", "BLOCK_D", "CAUSAL", "HAS_MASK", "HAS_BIAS", "HAS_REL", "SPLIT", "TMA"],
-            prune_configs_by={"early_config_prune": _prune_configs},
-        )(_attn_fwd)
-
+# ----------------------------------------------------------------------------
+# The launcher.
 
 #: Block sizes under Triton's interpreter: one small fixed config (autotuning would
 #: rerun every config on the CPU). Tests may swap it to cover BLOCK_M != BLOCK_N.
 _INTERPRET_BLOCKS = (32, 32)
-#: Smallest and largest head dim the kernel takes (tl.dot needs K >= 16; 256 fits registers).
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+#: Smallest and largest head dim attention takes (256 is what fits registers). Head dims under
+#: ``_MIN_BLOCK_D`` run padded to it: tl.dot needs K >= 16, and the padded columns are masked.
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
+_MIN_BLOCK_D = 16
 #: How far past max_distance the T5 lookup reaches: at least BLOCK_M + BLOCK_N of any config.
 _REL_PAD = 512
 #: Split-K never gives a split fewer keys than this (the merge would cost more than it saves).
@@ -538,7 +190,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optio
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    block_d = max(MIN_HEAD_DIM, next_power_of_2(D))
+    block_d = max(_MIN_BLOCK_D, next_power_of_2(D))  # q, K, V columns past D load as zeros
     dummy = q  # pointers the kernel never reads still need a tensor
     if mask is not None:
         mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -578,9 +230,10 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optio
         # kilobytes at every tile on Hopper and one TF32 pass is 3e-3 off); fp16/bf16: default.
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else None,
         EVEN_D=block_d == D, BLOCK_D=block_d,
-        # Not for T5's decode step: there Triton 3.6 (the GPU image's) spills 4 B with
-        # descriptors, and 3.9 saves no registers (bench/static/hopper-sm90.md).
-        TMA=_use_tma(k, v) and not (rel_lut is not None and Lq <= 32),
+        # Not for T5's decode step, where descriptors save nothing and the GPU image's Triton
+        # spills with them (docs/kernels.md).
+        # Nor for head dims under one block: rows that short gain nothing from bulk copies.
+        TMA=_use_tma(k, v) and not (rel_lut is not None and Lq <= 32) and D >= _MIN_BLOCK_D,
     )
     if flags["TMA"] and q.device.type == "cuda":
         _ensure_allocator()
@@ -620,37 +273,21 @@ class RelativeBias:
     max_distance: int = 128
     query_offset: Optional[int] = None
 
+    def dense(self, lq: int, lk: int, dtype: torch.dtype) -> Tensor:
+        """The bias ``[1, H, Lq, Lk]`` materialized (the native CPU path adds it to the scores), built
+        once per object and size: a model makes one ``RelativeBias`` per forward and its layers share it."""
+        offset = lk - lq if self.query_offset is None else int(self.query_offset)
+        key = (lq, lk, offset, dtype)
+        cache = self.__dict__.setdefault("_dense", {})
+        if key not in cache:
+            cache[key] = cpu.relative_bias_dense(self.table, bool(self.bidirectional), int(self.num_buckets),
+                                                 int(self.max_distance), offset, lq, lk, dtype)
+        return cache[key]
+
     def __repr__(self) -> str:  # the table itself is noise in a repr
         return (f"RelativeBias(table=<{tuple(self.table.shape)} {self.table.dtype}>, "
                 f"bidirectional={self.bidirectional}, num_buckets={self.num_buckets}, "
                 f"max_distance={self.max_distance}, query_offset={self.query_offset})")
-
-
-def relative_position_bucket(relative_position: Tensor, bidirectional: bool = True,
-                             num_buckets: int = 32, max_distance: int = 128) -> Tensor:
-    """T5's bucket of ``relative_position`` (key - query), as Hugging Face computes it.
-
-    Same arithmetic as ``T5Attention._relative_position_bucket`` step for step
-    (float32 log, truncation towards zero), so the buckets agree exactly.
-    Returns int64. Beyond ``+-max_distance`` the bucket no longer changes.
-    """
-    buckets = torch.zeros_like(relative_position, dtype=torch.long)
-    if bidirectional:
-        num_buckets //= 2
-        buckets = buckets + (relative_position > 0).to(torch.long) * num_buckets
-        distance = torch.abs(relative_position)
-    else:
-        distance = -torch.min(relative_position, torch.zeros_like(relative_position))
-    max_exact = num_buckets // 2
-    is_small = distance < max_exact
-    # Must stay the exact float32 expression HF evaluates, or boundary buckets move.
-    if_large = max_exact + (
-        torch.log(distance.float() / max_exact)
-        / math.log(max_distance / max_exact)
-        * (num_buckets - max_exact)
-    ).to(torch.long)
-    if_large = torch.min(if_large, torch.full_like(if_large, num_buckets - 1))
-    return buckets + torch.where(is_small, distance, if_large)
 
 
 # The lookup table is gathered from the live ``table`` on every call, never cached by the
@@ -832,6 +469,9 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tens
             lut = _relative_lut(rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance)
         return _launch(q, k, v, attention_mask, bias, lut, rel_query_offset, rel_max_distance,
                        causal, scale, num_splits)
+    if q.dtype != torch.float64 and path(q) == "native":
+        return cpu.attention(q, k, v, attention_mask, bias, rel_table, rel_bidirectional, rel_num_buckets,
+                             rel_max_distance, rel_query_offset, causal, scale)
     return _reference(q, k, v, attention_mask, bias, rel_table, rel_bidirectional, rel_num_buckets,
                       rel_max_distance, rel_query_offset, causal, scale)
 
@@ -851,7 +491,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """``softmax(q @ k^T * scale + bias + relative_bias + masks) @ v``, fused.
 
     ``q``: ``[B, H, Lq, D]``; ``k``, ``v``: ``[B, H, Lk, D]``; any strides; same float
-    dtype and device; ``D`` in 16..256. Returns ``[B, H, Lq, D]`` in ``q``'s dtype,
+    dtype and device; ``D`` in 1..256. Returns ``[B, H, Lq, D]`` in ``q``'s dtype,
     contiguous.
 
     * ``scale``: defaults to ``1/sqrt(D)`` (T5 uses ``1.0``).
@@ -866,6 +506,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """
     op = "attention"
     table, bidir, nb, md, qoff, scale = _unpack(op, q, k, v, relative_bias, scale)
+    if table is not None and q.dtype != torch.float64 and path(q) == "native":
+        _check(op, q, k, v, attention_mask, bias, table, nb, md, scale)
+        dense = relative_bias.dense(q.shape[2], k.shape[2], q.dtype)  # shared by every layer's call
+        bias, table = (dense if bias is None else bias.to(q.dtype) + dense), None
     return torch.ops.trifuse.attention(q, k, v, attention_mask, bias, table, bidir, nb, md, qoff,
                                        bool(causal), scale, int(_num_splits))
 

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ._checks import check_float, check_like, rows_view
-from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, use_triton
+from . import cpu
+from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, path, use_triton
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -114,6 +115,8 @@ def _gelu_op(x: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], approxim
     _check(x, bias, gate, approximate)
     if use_triton(x) and x.dtype != torch.float64:
         return _launch(x, bias, gate, approximate)
+    if x.dtype != torch.float64 and path(x) == "native":
+        return cpu.gelu(x, bias, gate, approximate)
     return gelu_reference(x, bias, approximate, gate).contiguous()
 
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_eps, check_float, check_like, rows_view
-from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, use_triton
+from . import cpu
+from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, path, use_triton
 
 if HAS_TRITON:
     import triton
@@ -233,6 +234,8 @@ def _run(op, x, residual, weight, bias, eps, rms):
     _check(op, x, residual, weight, bias, eps)
     if use_triton(x) and x.dtype != torch.float64:
         return _launch(x, residual, weight, bias, eps, rms)
+    if x.dtype != torch.float64 and path(x) == "native":
+        return cpu.norm(x, residual, weight, bias, eps, rms)
     return _fused_reference(x, residual, weight, bias, eps, rms)
 
 

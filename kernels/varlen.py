@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_float
-from ._dispatch import HAS_TRITON, INTERPRET, get_backend, next_power_of_2, use_triton
+from ._dispatch import HAS_TRITON, INTERPRET, get_backend, next_power_of_2, path, use_triton
 from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, RelativeBias, attention_reference, relative_position_bucket
 
 LOG2E = 1.4426950408889634
@@ -323,12 +323,13 @@ def _kernel_takes(q: Tensor) -> bool:
 
 
 def _path(q: Tensor) -> str:
-    """``triton``; ``native`` (SDPA per sequence) for CPU tensors the kernel does not take; else ``reference``."""
+    """``triton``; ``native`` (SDPA per sequence: the ``native`` backend, or CPU tensors the kernel does not
+    take); else ``reference`` (fp64, the ``reference`` backend, or a device Triton cannot run on)."""
     if get_backend() == "reference" or q.dtype == torch.float64:
         return "reference"
     if _kernel_takes(q):
         return "triton"
-    return "native" if q.device.type == "cpu" else "reference"
+    return "native" if path(q) == "native" or q.device.type == "cpu" else "reference"
 
 
 def _tma_ok(t: Tensor) -> bool:
@@ -379,10 +380,12 @@ def _launch(q, k, v, cu_q, cu_k, max_q, by_dist, rel_offset, max_distance, causa
 @torch.library.custom_op("trifuse::attention_varlen", mutates_args=())
 def _varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                max_seqlen_k: int, rel_table: Optional[Tensor], rel_bidirectional: bool, rel_num_buckets: int,
-               rel_max_distance: int, rel_query_offset: Optional[int], causal: bool, scale: float) -> Tensor:
+               rel_max_distance: int, rel_query_offset: Optional[int], causal: bool, scale: float,
+               validated: bool) -> Tensor:
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rel_table, rel_num_buckets,
            rel_max_distance, scale)
-    _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if not validated:
+        _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     rel = (rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance, rel_query_offset)
     path = _path(q)
     if path == "triton":
@@ -396,7 +399,7 @@ def _varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
 
 @_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rel_table, rel_bidirectional,
-      rel_num_buckets, rel_max_distance, rel_query_offset, causal, scale):
+      rel_num_buckets, rel_max_distance, rel_query_offset, causal, scale, validated):
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rel_table, rel_num_buckets,
            rel_max_distance, scale)
     return q.new_empty(q.shape)
@@ -417,17 +420,21 @@ def _unpack(q: Tensor, relative_bias: Optional[RelativeBias], scale: Optional[fl
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
-                     relative_bias: Optional[RelativeBias] = None, scale: Optional[float] = None) -> Tensor:
+                     relative_bias: Optional[RelativeBias] = None, scale: Optional[float] = None,
+                     _validated: bool = False) -> Tensor:
     """Attention within each of ``B`` packed sequences; see the module docstring.
 
     ``q`` ``[total_q, H, D]``, ``k``/``v`` ``[total_k, H, D]`` (any strides, one float dtype and
     device, ``D`` in 16..256); ``cu_seqlens_q``/``cu_seqlens_k`` int32 ``[B + 1]``, non-decreasing
     from 0; ``max_seqlen_*`` at least the longest sequence. Returns ``[total_q, H, D]`` in ``q``'s
     dtype (rows past ``cu_seqlens_q[-1]`` are zeros). ``scale`` defaults to ``1/sqrt(D)``.
+    ``_validated`` (private): the prefix sums were checked already (the engine's packed batches,
+    built once per forward, skip reading them back to the host at every layer).
     """
     table, bidir, nb, md, qoff, scale = _unpack(q, relative_bias, scale)
     return torch.ops.trifuse.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                              int(max_seqlen_k), table, bidir, nb, md, qoff, bool(causal), scale)
+                                              int(max_seqlen_k), table, bidir, nb, md, qoff, bool(causal), scale,
+                                              bool(_validated))
 
 
 def attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

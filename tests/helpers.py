@@ -1,9 +1,18 @@
 """Comparison rules shared by the kernel tests.
 
-fp32 results are compared to a float64 reference with tight tolerances. Low
+fp32 results are compared to a float64 reference within fp32's budget (``TOL``). Low
 precision follows flash-attention's rule: our error against the float64
 reference is at most twice PyTorch's own error in that dtype (plus a floor of a
 few ulps, so an exact PyTorch result does not demand an exact kernel).
+
+Two code paths for one problem (TMA and pointer loads, one key split and several,
+the kernel and the reference, a cached step and a full forward) are each compared
+to the float64 reference within the dtype's budget (``test_attention._check_paths``),
+never to each other more tightly: paths round differently (block order, which
+numpy/BLAS kernel the CPU picks under Triton's interpreter, AVX-512 or not), so
+agreement to a few ulps holds on one machine and fails on the next. Where no
+float64 reference exists (whole models, ONNX Runtime), paths are compared to each
+other with at least ``TOL``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from trifuse.engine import check as check_mod
 from trifuse.engine.graphs import StaticDecoder
 from trifuse.engine.models.bart import BartCache, Seq2SeqOutput
 
-#: A bart-base-like and a bart-large-like body, scaled down (head dim 16, the kernel's smallest).
+#: A bart-base-like and a bart-large-like body, scaled down (head dim 16).
 SHAPES = {
     "base": dict(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                  decoder_attention_heads=2, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=40),
@@ -311,7 +311,7 @@ def exported(tmp_path_factory):
 
 
 def test_onnx_export_verify_and_greedy(exported, monkeypatch):
-    from trifuse.export import onnx as ox
+    from trifuse.export import runtime as ox
 
     model, base, (enc, dec) = exported
     assert enc.name == "bart.encoder.onnx" and dec.name == "bart.decoder.onnx"

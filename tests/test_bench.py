@@ -65,8 +65,22 @@ def test_speedups_never_from_noisy_rows():
     assert all("speedup_vs_hf_eager" not in r for r in rows)  # no ratio against a noisy baseline
 
 
-def test_copy_bandwidth_is_positive():
-    assert copy_bandwidth("cpu", nbytes=1 << 20) > 0
+def test_copy_bandwidth_counts_bytes_read_and_written(monkeypatch):
+    """GB/s = (bytes read + bytes written) / the median copy time, and the timed call copies the whole
+    source buffer (its uniform [0, 1) values). The clock is stubbed: no load can change the answer."""
+    from trifuse.bench import timing
+
+    copied = []
+
+    def fake_measure(fn, device, **kw):
+        dst = fn()
+        copied.append((dst.numel() * dst.element_size(), float(dst.min()), float(dst.max()), float(dst.std())))
+        return Timing(np.array([0.25, 0.5, 4.0]))  # median 0.5 ms
+
+    monkeypatch.setattr(timing, "measure", fake_measure)
+    assert copy_bandwidth("cpu", nbytes=1 << 20) == pytest.approx(2 * (1 << 20) / 0.5e-3 / 1e9)
+    ((nbytes, lo, hi, std),) = copied
+    assert nbytes == 1 << 20 and 0 <= lo and hi < 1 and std == pytest.approx(12 ** -0.5, rel=0.05)
 
 
 def test_check_and_time_refuses_to_time_a_wrong_answer():
@@ -337,6 +351,38 @@ def test_headline_on_a_gpu_names_the_figures_that_matter():
     assert lines[1] == "**All 2 checks passed** (models 2/2)."
     assert "**Timing of the Triton kernels needs a GPU; see scripts/device-check.sh.**" in lines[3]
     assert lines[4].startswith("On this CPU, trifuse's own path (its reference ops) against Hugging Face eager: 1.10x")
+
+
+def test_main_job_plan_covers_every_family_with_declared_sizes(monkeypatch):
+    """The main job's model rows (bench/default.py's PLAN) name sizes their family declares, every
+    registered family runs, and a family without a row still runs at its first named size."""
+    from trifuse.bench import default
+    from trifuse.engine import registry
+    from trifuse.engine.family import Family
+
+    rows = default._rows()
+    assert {fam.name for _, fam in rows} == {f.name for f in registry.families()}
+    for row, fam in rows:
+        assert {row.small, row.base, row.quick} <= set(fam.named_sizes), row
+        assert row.seconds > 0
+    plan = default._plan()
+    assert [label for label, _, _ in plan] == [row.label for row, _ in rows]
+    assert all(module == default.SUITE_OF_KIND[fam.kind] for (_, module, _), (_, fam) in zip(plan, rows))
+    assert set(default._quick_cpu_sizes()) < {row.label for row, _ in rows}
+
+    # A new family with no row: planned at its first sizes, the default weight; a row with an unknown size: refused.
+    base = registry.families()[0]
+    new = Family(name="newfam", kind=base.kind, model_types=("newfam",), model_classes=(), from_checkpoint=None,
+                 hf_classes={}, config_defaults={"newfam": {}}, example_inputs=None,
+                 named_sizes={"newfam-a": {"model_type": "newfam"}, "newfam-b": {"model_type": "newfam"}})
+    registered = registry.families()
+    monkeypatch.setattr(registry, "families", lambda: (*registered, new))
+    label, module, sizes = default._plan()[-1]
+    assert (label, module, sizes) == ("newfam", default.SUITE_OF_KIND[base.kind], ("newfam-a", "newfam-b"))
+    assert default._family_seconds()["newfam"] == default.DEFAULT_WEIGHT
+    monkeypatch.setattr(default, "PLAN", (default.PlanRow("x", "no-such-size", "bert-base", "bert-small", 1),))
+    with pytest.raises(ValueError, match="names sizes no family declares: no-such-size"):
+        default._plan()
 
 
 def test_main_job_smoke(tmp_path, monkeypatch, capsys):

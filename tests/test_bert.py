@@ -104,7 +104,7 @@ def test_output_attentions(reference_backend):
         ref = hf(input_ids=ids, attention_mask=mask, output_attentions=True)
     assert len(ours.attentions) == len(ref.attentions) == 2
     for a, b in zip(ours.attentions, ref.attentions):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
         # Probabilities over the keys, none on padding.
         torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
         assert (a[1, :, :, 6:] == 0).all()
@@ -132,7 +132,7 @@ def test_task_override_and_pytorch_bin(tmp_path, reference_backend):
     ids, mask = batch(hf.config)
     with torch.no_grad():
         ref = hf.bert(input_ids=ids, attention_mask=mask)
-        torch.testing.assert_close(model(ids, mask).last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(ids, mask).last_hidden_state, ref.last_hidden_state, atol=2e-5, rtol=2e-5)
 
 
 def _saves_bin() -> bool:

@@ -2,13 +2,13 @@
 autotune config spills or overflows shared memory. No GPU needed.
 
 The interpreter runs kernels as numpy and accepts code the compiler rejects, and a
-register or shared-memory budget is only visible in ptxas's report. tests/aot_hopper.py
+register or shared-memory budget is only visible in ptxas's report. bench/static/aot_hopper.py
 records every launch the engine and the benchmarks make (the real launchers, real
 strides and alignments), binds each with Triton's own JIT binder for sm_90, once per
 config the shipped autotune pruning keeps, and compiles them through ptxas. This test
 runs it for fp16 (bf16 compiles to the same registers but for the conversions; the
 committed report, bench/static/hopper-sm90.md, has both), without the peer scenarios
-(the tutorial-06-style baseline, tests/peer_flash.py), of which one tile is checked
+(the tutorial-06-style baseline, bench/static/peer_flash.py), of which one tile is checked
 on its own.
 """
 
@@ -23,12 +23,14 @@ import pytest
 pytest.importorskip("triton")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(REPO, "bench", "static")  # aot_hopper.py and the peer kernel: tools, not tests
+AOT = os.path.join(TOOLS, "aot_hopper.py")
 
 
 def test_every_launch_compiles_for_sm90_and_no_shipped_config_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["PYTHONPATH"] = REPO
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "aot_hopper.py"), "--dtypes", "fp16",
+    out = subprocess.run([sys.executable, AOT, "--dtypes", "fp16",
                           "--workers", str(min(4, os.cpu_count() or 1)), "--no-peers", "--write", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=1500)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -37,13 +39,17 @@ def test_every_launch_compiles_for_sm90_and_no_shipped_config_spills(tmp_path):
     assert all(r["sass_instructions"] for r in rows)  # nvdisasm ran on every cubin
     # Every kernel, every attention path the engine takes.
     assert {r["kernel"] for r in rows} == {"_norm_fwd", "_norm_fwd_looped", "_gelu_fwd", "_attn_fwd",
-                                           "_attn_combine", "_varlen_fwd"}
+                                           "_attn_combine", "_paged_fwd", "_paged_merge", "_varlen_fwd"}
     # Packed sequences: every variant (plain, causal, T5) on tensor cores, K/V through TMA (the
     # fused-QKV views of the packed batch have 16-byte aligned rows).
     varlen = [r for r in rows if r["kernel"] == "_varlen_fwd"]
     assert {(r["flags"]["CAUSAL"], r["flags"]["HAS_REL"]) for r in varlen} == {(False, False), (True, False),
                                                                                (False, True), (True, True)}
     assert all(r["flags"]["TMA"] and r["tma"] > 0 and r["wgmma"] > 0 for r in varlen)
+    paged = [r for r in rows if r["kernel"] == "_paged_fwd"]
+    assert all(r["shipped_config"] for r in paged)  # autotuned: every kept config is checked below
+    for flag in ("HAS_REL", "SPLIT"):
+        assert any(r["flags"][flag] for r in paged) and any(not r["flags"][flag] for r in paged), flag
     att = [r for r in rows if r["kernel"] == "_attn_fwd"]
     for flag in ("CAUSAL", "HAS_MASK", "HAS_BIAS", "HAS_REL", "SPLIT"):
         assert any(r["flags"][flag] for r in att), flag
@@ -73,18 +79,18 @@ def _aot_env():
 
 
 def _aot_report_logic(monkeypatch):
-    """tests/aot_hopper.py, imported here for its report logic only (no kernel is bound or run):
+    """bench/static/aot_hopper.py, imported here for its report logic only (no kernel is bound or run):
     it refuses to load under the interpreter, which is off for the import."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    sys.modules.pop("tests.aot_hopper", None)
-    return importlib.import_module("tests.aot_hopper")
+    monkeypatch.syspath_prepend(TOOLS)
+    sys.modules.pop("aot_hopper", None)
+    return importlib.import_module("aot_hopper")
 
 
 def test_peer_baseline_compiles_beside_ours_and_is_never_shipped(tmp_path, monkeypatch):
     # One tile of the side-by-side (hd64 fp16 plain, 128x64 8 warps): trifuse's row and the
     # peer's, bound through the same JIT binder, compiled, and paired in the report.
-    script = os.path.join(REPO, "tests", "aot_hopper.py")
-    out = subprocess.run([sys.executable, script, "--dtypes", "fp16", "--scenarios", "peer hd64", "--peers",
+    out = subprocess.run([sys.executable, AOT, "--dtypes", "fp16", "--scenarios", "peer hd64", "--peers",
                           "--match", "plain hd64 fp16 128x64 8w 3s",
                           "--workers", "1",  # two compiles: spawning workers would cost more than it saves
                           "--write", str(tmp_path)], capture_output=True, text=True, env=_aot_env(), timeout=600)
@@ -118,7 +124,7 @@ def test_peer_baseline_compiles_beside_ours_and_is_never_shipped(tmp_path, monke
 # attention path (plain decode, mask, causal split-K, T5 encoder and KV-cache decode), the
 # split-K merge, the norms and GELU, and one tile of the tutorial-06-style peer (tests/test_peer_flash.py
 # runs it on the GPU machine too) with trifuse's plain and causal hd64 rows beside it. Run by hand:
-#   env -u TRITON_INTERPRET PYTHONPATH=. .venvs/gpuimage/bin/python tests/aot_hopper.py --dtypes fp16
+#   env -u TRITON_INTERPRET PYTHONPATH=. .venvs/gpuimage/bin/python bench/static/aot_hopper.py --dtypes fp16
 GPUIMAGE_SUBSET = ["--dtypes", "fp16", "--scenarios", "t5-base encode 128|bert|gpt2|norms|peer hd64",
                    "--match", r"_attn_fwd .* (64x32 4w 4s|16x64 4w 3s)|_attn_combine|_norm_fwd|_gelu_fwd"
                               r"|_peer_fwd plain hd64 fp16 128x64 8w"]
@@ -139,7 +145,7 @@ def test_gpu_image_triton_compiles_the_kernels_for_sm90(tmp_path):
     version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"], capture_output=True,
                              text=True, env=env, timeout=300)
     assert version.returncode == 0, version.stderr[-2000:]
-    out = subprocess.run([python, os.path.join(REPO, "tests", "aot_hopper.py"), *GPUIMAGE_SUBSET,
+    out = subprocess.run([python, AOT, *GPUIMAGE_SUBSET,
                           "--workers", str(min(4, os.cpu_count() or 1))],
                          capture_output=True, text=True, env=env, timeout=1500)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from trifuse.bench import device
+from trifuse.bench.device import runner, stages
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,13 +50,20 @@ def test_dry_run_every_stage_and_a_timeout(tmp_path):
     ours = [r for r in rows["kernels"] if r.get("backend") == "trifuse"]
     assert ours and all(r["status"] == "checked" for r in ours)
     assert {r["item"] for r in rows["models"]} == {"bert tiny B1 S16", "vit tiny B1", "gpt2-tiny B1 ctx16",
-                                                    "t5-tiny B1 S16"}
+                                                    "t5-tiny B1 S16", "continuous batching gpt2-tiny 4 requests"}
+    engine_rows = [r for r in rows["models"] if r.get("backend") == "trifuse-engine"]
+    assert engine_rows and all(r["status"] == "checked" for r in engine_rows)
     assert all(r["status"] == "checked" for r in rows["models"] if r.get("backend") == "trifuse")
     assert rows["memcheck"] == [{"check": "workload without compute-sanitizer", "exit_code": 0}]
-    files = sorted(p.name for p in out.iterdir())
-    assert {"device-check.json", "summary.md", "device-check.log", "rows.jsonl", "attention.png"} <= set(files)
-    assert len(files) <= 8 and all(p.is_file() for p in out.iterdir())  # what comes back from $OUT
-    assert "| environment | timeout |" in (out / "summary.md").read_text()
+    files = {p.name for p in out.iterdir()}
+    written = {"device-check.json", "summary.md", "device-check.log", "rows.jsonl"}
+    plots = {"attention.png", "kernels.png", "models.png"}
+    assert written | {"attention.png"} <= files <= written | plots  # the documented files, nothing else
+    assert all(p.is_file() for p in out.iterdir())
+    summary = (out / "summary.md").read_text()
+    assert "| environment | timeout |" in summary
+    linked = {line for line in summary.splitlines() if line.startswith("![")}
+    assert linked == {f"![{png}]({png})" for png in files & plots}  # every plot made is linked, none missing
     tail = proc.stdout.strip().splitlines()[-40:]
     assert any(line.startswith("environment  timeout") for line in tail)
     assert any(line.startswith("goals (issue 20)") for line in tail)
@@ -64,22 +72,22 @@ def test_dry_run_every_stage_and_a_timeout(tmp_path):
 def test_environment_stage_in_process(tmp_path, monkeypatch):
     rows_file = tmp_path / "rows.jsonl"
     monkeypatch.setenv("TRIFUSE_DEVICE_ROWS", str(rows_file))
-    assert device.stage_environment(device.Ctx(60, dry_run=True))
+    assert stages.stage_environment(stages.Ctx(60, dry_run=True))
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [r["what"] for r in rows] == ["device", "versions", "ceiling", "ceiling"]
     assert rows[2]["name"] == "copy_gbps" and rows[2]["value"] > 0
-    assert device._device_record(rows)["copy_gbps"] == rows[2]["value"]
+    assert runner.device_record(rows)["copy_gbps"] == rows[2]["value"]
 
 
 def test_stage_items_skip_what_the_budget_cannot_hold(tmp_path, monkeypatch):
     monkeypatch.setenv("TRIFUSE_DEVICE_ROWS", str(tmp_path / "rows.jsonl"))
     monkeypatch.setenv("TRIFUSE_DEVICE_STAGE", "kernels")
-    ctx = device.Ctx(30, dry_run=True)
+    ctx = stages.Ctx(30, dry_run=True)
     ran = []
     clean = ctx.items([("small", 1, lambda: ran.append(1) or [{"backend": "trifuse", "status": "checked"}]),
                        ("too big", 10_000, lambda: ran.append(2) or []),
                        ("broken", 1, lambda: 1 / 0)])
-    rows = device._read_rows(tmp_path / "rows.jsonl", "kernels")
+    rows = runner.read_rows(tmp_path / "rows.jsonl", "kernels")
     assert ran == [1] and not clean
     assert rows[0] == {"item": "small", "backend": "trifuse", "status": "checked"}
     assert rows[1]["item"] == "too big" and rows[1]["status"].startswith("skipped: needs ~10000 s")
@@ -87,15 +95,15 @@ def test_stage_items_skip_what_the_budget_cannot_hold(tmp_path, monkeypatch):
 
 
 def test_deadlines_share_what_is_left():
-    stages = list(device.STAGES)
-    total = sum(s.weight for s in stages)
-    assert device._stage_deadlines(480, stages, 0, {}) == pytest.approx(480 * stages[0].weight / total)
+    plan = list(device.STAGES)
+    total = sum(s.weight for s in plan)
+    assert runner.stage_deadline(480, plan, 0, {}) == pytest.approx(480 * plan[0].weight / total)
     # time a stage did not use rolls over to the ones after it
-    later = device._stage_deadlines(480, stages[2:], 100, {})
-    assert later == pytest.approx(380 * stages[2].weight / sum(s.weight for s in stages[2:]))
-    assert device._stage_deadlines(480, stages, 0, {"environment": 3.0}) == 3.0
+    later = runner.stage_deadline(480, plan[2:], 100, {})
+    assert later == pytest.approx(380 * plan[2].weight / sum(s.weight for s in plan[2:]))
+    assert runner.stage_deadline(480, plan, 0, {"environment": 3.0}) == 3.0
     with pytest.raises(SystemExit, match="STAGE=SECONDS"):
-        device._parse_overrides(["bogus=1"])
+        runner.parse_overrides(["bogus=1"])
 
 
 def _gpu_doc():

@@ -30,7 +30,7 @@ def test_env_rejects_unknown_backend():
     assert "TRIFUSE_BACKEND='cuda-magic'" in out.stderr
 
 
-def test_cpu_without_interpreter_runs_reference():
+def test_cpu_without_interpreter_runs_native():
     code = ("import torch; from trifuse import kernels; from trifuse.kernels import norm\n"
             "norm._launch = None  # any Triton launch would now fail\n"
             "x = torch.randn(3, 8)\n"
@@ -70,7 +70,7 @@ def test_reference_and_triton_agree(device):
 
     with kernels.use_backend("reference"):
         ref = block()
-    torch.testing.assert_close(block(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(), ref, atol=2e-5, rtol=2e-5)
 
 
 class _Block(torch.nn.Module):

@@ -140,7 +140,7 @@ def test_triton_path_is_taken_under_interpreter(monkeypatch, device):
         y_ref = kernels.layer_norm(x, w, b)
     assert calls == [1]
     # the reference backend runs PyTorch's fused norm on the specification's fp32 contract
-    torch.testing.assert_close(y_ref, kernels.layer_norm_reference(x, w, b))
+    torch.testing.assert_close(y_ref, kernels.layer_norm_reference(x, w, b), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("residual", [False, True])

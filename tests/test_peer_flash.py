@@ -1,4 +1,4 @@
-"""The tutorial-06-style peer kernel (tests/peer_flash.py) computes attention: PyTorch SDPA agrees.
+"""The tutorial-06-style peer kernel (bench/static/peer_flash.py) computes attention: PyTorch SDPA agrees.
 
 The peer is only a baseline for the static Hopper report, but a baseline that computed
 something else would make the side-by-side meaningless. Without a GPU it runs under
@@ -9,6 +9,8 @@ is imported), so shapes stay small; fp32 and fp16 (the interpreter's bf16 dot is
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ from tests.helpers import TOL, assert_matches_reference
 
 pytest.importorskip("triton")
 
-from tests.peer_flash import peer_attention  # noqa: E402 - after conftest chose interpreter or compiler
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "static"))  # the tool's folder
+from peer_flash import peer_attention  # noqa: E402 - after conftest chose interpreter or compiler
 
 
 def _runs(device: str) -> None:

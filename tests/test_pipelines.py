@@ -529,7 +529,7 @@ def test_output_attentions_and_plot(ckpt, tmp_path, reference_backend):
     with torch.no_grad():
         ref = hf(**tok("the cat sat on the mat", return_tensors="pt"), output_attentions=True).attentions
     assert res["tokens"] == tok.convert_ids_to_tokens(tok("the cat sat on the mat")["input_ids"])
-    torch.testing.assert_close(res["attentions"], torch.stack([a[0] for a in ref]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res["attentions"], torch.stack([a[0] for a in ref]), atol=2e-5, rtol=2e-5)
     png = trifuse.plot_attention(res, layer=1, head=0, path=tmp_path / "att.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="layer 5 out of range"):

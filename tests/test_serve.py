@@ -22,6 +22,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,6 +186,26 @@ def _lines(chunks) -> list:
     return [json.loads(line) for line in b"".join(chunks).decode().splitlines()]
 
 
+def _connect_ray(lines):
+    """Join the local Ray that `trifuse serve` started (the address it printed, never "auto":
+    other Rays may run on the machine). It listens on 127.0.0.1 only, so this process must be
+    in Ray's single-machine mode too, or Ray would look for it on another address."""
+    address = next(line.split("Ray at ", 1)[1].split()[0] for line in lines if "trifuse serve: Ray at " in line)
+    assert address.startswith("127.0.0.1:"), address
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time (ray may be imported already)
+    # A new local Ray turns on token auth (its token in ~/.ray/auth_token); a driver joining it
+    # by address must say so before connecting (RAY_AUTH_MODE=token, re-read as Ray does).
+    _enable_token_auth()
+    import ray
+
+    ray.init(address=address, logging_level="ERROR")
+    return ray
+
+
 def _wait_for(proc, needle, deadline):
     lines = []
     while time.time() < deadline:
@@ -209,14 +230,13 @@ def test_trifuse_serve_end_to_end(checkpoints, gpt2, reference_backend):
            "--task", "text-classification", "--port", str(port), "--max-batch-size", "16", "--batch-wait-ms", "20"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        _wait_for(proc, "trifuse serve: Ray at ", time.time() + 300)
+        lines = _wait_for(proc, "trifuse serve: Ray at ", time.time() + 300)
         url = f"http://127.0.0.1:{port}/"
 
         # A second task composed into the same Ray instance, as users compose their own apps.
-        import ray
+        ray = _connect_ray(lines)  # the local Ray `trifuse serve` started
         from ray import serve
 
-        ray.init(address="auto", logging_level="ERROR")  # the local Ray `trifuse serve` started
         serve.run(serve_mod.deployment(checkpoints["fill-mask"], "fill-mask", max_batch_size=16,
                                        batch_wait_timeout_s=0.02), name="fill", route_prefix="/fill")
 
@@ -403,3 +423,134 @@ def test_streamed_text_generation_equals_the_pipeline(gpt2, checkpoints, referen
         assert serve_mod.stream_option(params) == (stream, {k: v for k, v in params.items() if k != "stream"})
     with pytest.raises(serve_mod.BadRequest, match="'stream' must be true or false"):
         serve_mod.stream_option({"stream": "yes"})
+
+
+# -- each request's failure its own; caps and types before work (issue 26) -------------------
+
+
+class _PanickingTokenizer(BaseException):  # not an Exception, as pyo3's PanicException
+    pass
+
+
+_PanickingTokenizer.__name__ = "PanicException"
+
+
+def test_each_failure_stays_with_its_request(gpt2, reference_backend):
+    """An EOS id past int64 (refused by torch as the engine builds its tensor), a RuntimeError
+    (the allocator's), an OSError and a tokenizer panic (a BaseException) fail only their own
+    request; the others of the batch, with the same parameters, get exactly the pipeline's answer."""
+    pipe = trifuse.pipeline("text-generation", gpt2)
+    params = {"max_new_tokens": 4, "do_sample": False}
+
+    class Faulty(type(pipe)):  # the real pipeline; two inputs fail the way third-party code does
+        def _prepare(self, i, x, opts):
+            if x == "panic":
+                raise _PanickingTokenizer("tokenizers panicked")
+            if x == "oserror":
+                raise OSError("cannot read")
+            if x == "oom":
+                raise RuntimeError("DefaultCPUAllocator: not enough memory")
+            return super()._prepare(i, x, opts)
+
+    faulty = Faulty(pipe.path, pipe.config, defaults={}, task_name="text-generation")
+    server = serve_mod.PipelineServer("x", "text-generation", pipeline=faulty)
+    good = ["Hello, my dog is", "The weather", "ça va ?"]
+    for _ in range(3):
+        requests = [(g, params) for g in good] + [("panic", params), ("oserror", params),
+                                                  ("Hi", {**params, "eos_token_id": 10**30}), ("oom", params),
+                                                  (good[0], params)]
+        out = server.run_batch(requests)
+        for (inputs, p), got in zip(requests, out):
+            if inputs in good and p is params:
+                assert got == serve_mod.jsonable(pipe(inputs, **params)), (inputs, got)
+        assert isinstance(out[3], serve_mod.BadRequest) and "tokenizer" in str(out[3])
+        assert isinstance(out[4], serve_mod.BadRequest) and "cannot read" in str(out[4])
+        assert isinstance(out[5], serve_mod.BadRequest) and "Overflow" in str(out[5])
+        assert isinstance(out[6], serve_mod.ServerError) and out[6].status == 500 and "Allocator" in str(out[6])
+    assert server.stats()["requests"] == 3 * 8
+
+
+def test_gone_clients_are_skipped(checkpoints, reference_backend):
+    server = serve_mod.PipelineServer("x", "text-classification",
+                                      pipeline=trifuse.pipeline("text-classification", checkpoints["text-classification"]))
+    gone, here = serve_mod.Request("I love it", {}), serve_mod.Request("meh", {"top_k": 2})
+    gone.gone.set()
+    out = server.run_batch([gone, here])
+    assert out[0].status == 499 and isinstance(out[1], list) and server.stats()["skipped"] == 1
+
+
+@pytest.mark.parametrize("params,status,needle", [
+    ({"max_new_tokens": 10**9}, 422, "--max-new-tokens"),
+    ({"min_new_tokens": 10**9}, 422, "--max-new-tokens"),
+    ({"max_length": 10**9}, 422, "max_length is 1000000000"),
+    ({"num_beams": 10**9}, 422, "--max-num-beams"),
+    ({"num_return_sequences": 5}, 422, "--max-return-sequences"),
+    ({"max_new_tokens": 1e9}, 400, "whole number"),
+    ({"max_new_tokens": "3"}, 400, "whole number"),
+    ({"max_new_tokens": 0}, 400, ">= 1"),
+    ({"do_sample": "false"}, 400, "'do_sample' must be true or false"),
+    ({"return_full_text": "no"}, 400, "'return_full_text' must be true or false"),
+    ({"temperature": float("nan")}, 400, "finite"),
+    ({"eos_token_id": 10**30}, 400, "token id"),
+    ({"eos_token_id": [1, True]}, 400, "token id"),
+    ({"early_stopping": "sometimes"}, 400, "never"),
+    ({"generator": 1}, 400, "set by the server"),
+])
+def test_options_checked_and_capped_before_work(params, status, needle):
+    with pytest.raises(serve_mod.BadRequest, match=needle.replace("(", r"\(")) as e:
+        serve_mod.requests.check_parameters(params, serve_mod.Limits(), prompt_room=64)
+    assert e.value.status == status and e.value.param == next(iter(params))
+
+
+def test_good_options_pass_the_checks():
+    ok = {"max_new_tokens": 256, "num_beams": 4, "do_sample": False, "temperature": 0.7, "top_k": 0,
+          "eos_token_id": [1, 2], "early_stopping": "never", "return_full_text": None, "top_p": 1}
+    serve_mod.requests.check_parameters(ok, serve_mod.Limits(), prompt_room=64)
+    serve_mod.requests.check_parameters({"max_new_tokens": 1000}, serve_mod.Limits(max_new_tokens=1000))
+
+
+def test_images_come_as_bytes_never_as_paths(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    image_from_request = serve_mod.requests.image_from_request
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 13, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    (tmp_path / "cat.png").write_bytes(buf.getvalue())
+    limits = serve_mod.Limits()
+    for text in (b64, "data:image/png;base64," + b64, b64[:40] + "\n" + b64[40:]):
+        got = image_from_request(text, limits)
+        assert got.size == (13, 9) and np.array_equal(np.asarray(got.convert("RGB")), np.asarray(img))
+    for text in (str(tmp_path / "cat.png"), "/etc/passwd", "../../etc/hostname", "cat.png"):
+        with pytest.raises(serve_mod.BadRequest, match="opens no path"):
+            image_from_request(text, limits)
+    with pytest.raises(serve_mod.BadRequest, match="not an image"):
+        image_from_request(base64.b64encode(b"hello world!").decode(), limits)
+    with pytest.raises(serve_mod.BadRequest, match="--max-image-pixels") as e:
+        image_from_request(b64, serve_mod.Limits(max_image_pixels=100))
+    assert e.value.status == 422
+    allowed = serve_mod.Limits(image_dir=str(tmp_path))
+    assert image_from_request("cat.png", allowed) == str(tmp_path / "cat.png")
+    for text in ("../cat.png", "/etc/passwd", "missing.png"):
+        with pytest.raises(serve_mod.BadRequest, match="inside the allowed directory"):
+            image_from_request(text, allowed)
+
+
+def test_stop_strings_never_leak():
+    from trifuse.serve.openai import _StopMatcher
+
+    for pieces, stops, want in ((["Hel", "lo wo", "rld"], ["o w"], "Hell"), (["a", "b", "c"], ["bc"], "a"),
+                                (["abc"], [], "abc"), (["x", "y"], ["z"], "xy"), (["ab", "cd"], ["d", "bc"], "a")):
+        m, sent, stopped = _StopMatcher(stops), [], False
+        for p in pieces:
+            out, stopped = m.feed(p)
+            sent.append(out)
+            if stopped:
+                break
+        if not stopped:
+            sent.append(m.flush())
+        assert "".join(sent) == want, (pieces, stops, sent)

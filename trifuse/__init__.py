@@ -41,6 +41,7 @@ _LAZY = {
     "QuestionAnsweringOutput": "trifuse.engine",
     "pipeline": "trifuse.engine.pipelines",
     "plot_attention": "trifuse.engine.pipelines",
+    "GenerationEngine": "trifuse.engine.continuous",
 }
 
 

@@ -6,34 +6,9 @@ import argparse
 import os
 import sys
 
+from trifuse.engine.cliargs import USER_ERRORS, Parser, one_line, positive_int  # noqa: F401 (re-exported)
+
 from . import __version__
-
-#: Errors that mean "bad input" (a path, an option, a checkpoint, a missing extra): one line, exit 2.
-#: Anything else is a bug and keeps its traceback; TRIFUSE_TRACEBACK=1 shows it for these too.
-USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (``trifuse verify: error: ...``), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (parsers and loaders like to wrap theirs)."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def positive_int(text: str) -> int:
-    """An argparse ``type`` for counts (batch, seq, ...): an int >= 1, never clamped."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,7 @@ from trifuse import kernels
 
 from .. import generation as gen
 from .. import inputs
-from ..cache import EncoderDecoderCache, encoder_state
+from ..cache import EncoderDecoderCache, encoder_state, self_attention_mask
 from ..decoding import CACHE_CHUNK, EncoderDecoderDecoding
 from ..family import SEQ2SEQ, Family
 from ..layers import Attention, FeedForward, LayerNorm, PostLNBlock, check_activation, kernel_mask
@@ -185,7 +185,7 @@ class DecoderBlock(nn.Module):
         d, h = c.d_model, c.decoder_attention_heads
         self.attn = Attention(d, h, causal=True, layer=layer)
         self.norm1 = LayerNorm(d, c.eps)
-        self.cross = Attention(d, h, cross=True)
+        self.cross = Attention(d, h, cross=True, layer=layer)
         self.norm2 = LayerNorm(d, c.eps)
         self.ffn = FeedForward(d, c.decoder_ffn_dim, c.activation_function)
         self.norm3 = LayerNorm(d, c.eps)
@@ -249,7 +249,8 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.layers):
             a, _ = block.attn(x, self_mask, cache=cache, start=start)
             x, _ = block.norm1(a, residual=x)
-            a, _ = block.cross(x, enc_mask, kv=self.cross_views(cross_kv, i))
+            kv = None if cross_kv is None else self.cross_views(cross_kv, i)  # None: a packed step's own
+            a, _ = block.cross(x, enc_mask, kv=kv, cache=cache)
             x, _ = block.norm2(a, residual=x)
             x, _ = block.norm3(block.ffn(x), residual=x)
             if hidden is not None:
@@ -479,30 +480,26 @@ class BartModel(EncoderDecoderDecoding, nn.Module):
             out.start_logits, out.end_logits = start_logits.squeeze(-1), end_logits.squeeze(-1)
         return out
 
-    def _self_mask(self, decoder_attention_mask: Optional[Tensor], cache: Optional[BartCache], start: int,
-                   n: int) -> Optional[Tensor]:
-        if cache is None:
-            return kernel_mask(decoder_attention_mask)
-        end = start + n
-        if decoder_attention_mask is not None:
-            lo = end - decoder_attention_mask.shape[1]  # 0 (whole history) or start (new tokens only)
-            cache.mask[:, lo:end] = decoder_attention_mask.ne(0)
-            cache.padded = cache.padded or not bool(cache.mask[:, lo:end].all())
-        else:
-            cache.mask[:, start:end] = True
-        return cache.mask[:, :end] if cache.padded else None
-
     def _decode(self, ids: Tensor, decoder_attention_mask: Optional[Tensor], cross_kv: Tensor,
                 enc_mask: Optional[Tensor], cache: Optional[BartCache], start: int,
                 output_hidden_states: bool = False) -> Tuple[Tensor, Optional[tuple]]:
         n = ids.shape[1]
-        mask = self._self_mask(decoder_attention_mask, cache, start, n)
+        mask = self_attention_mask(decoder_attention_mask, cache, start, n)
         hidden = [] if output_hidden_states else None
         x = self.decoder(self._embed(ids), self.decoder.positions(start, n), mask, cross_kv, enc_mask, cache, start,
                          hidden)
         if cache is not None:
             cache.length = start + n
         return x, tuple(hidden) if hidden is not None else None
+
+    def packed_logits(self, ids: Tensor, positions: Tensor, step, rows: Tensor) -> Tensor:
+        """One continuous-batching step (:mod:`engine.continuous`): ``ids`` / ``positions`` ``[T]`` are
+        many sequences' decoder tokens in one row; ``step`` (:class:`engine.paged.PackedStep`) runs their
+        self- and cross-attention over its paged cache; the logits ``[len(rows), V]`` at the token
+        indices ``rows``."""
+        pos = F.embedding(positions[None] + _OFFSET, self.decoder.embed_positions)
+        x = self.decoder(self._embed(ids[None]), pos, None, None, None, step, 0)
+        return self._logits(x[0, rows])
 
     def _logits(self, x: Tensor) -> Tensor:
         head = self.shared.weight if self.lm_head is None else self.lm_head.weight
@@ -529,8 +526,7 @@ class BartModel(EncoderDecoderDecoding, nn.Module):
         ``cache.encoder_mask``. Sets the mask at ``slot`` and advances ``slot`` in place;
         ``cache.length`` is the caller's to keep. Driven by :class:`engine.graphs.StaticDecoder`.
         """
-        mask = cache.mask[:, :kv_len]
-        mask.index_fill_(1, slot, True)
+        mask = cache.step_mask(slot, kv_len)
         x = self.decoder(self._embed(tokens), self.decoder.positions(slot, 1), mask, cache.cross_kv,
                          cache.encoder_mask, cache, slot)
         slot.add_(1)
@@ -680,6 +676,4 @@ FAMILY = Family(
         "bart-tiny": {**_BASE, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
                       "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
     },
-    bench_plan={"bart": ("bart-base", "bart-large", "bart-tiny")},
-    bench_seconds={"bart": 20},
 )

@@ -33,10 +33,10 @@ from trifuse import kernels
 
 from .. import generation as gen
 from .. import inputs
-from ..cache import KVCache
+from ..cache import KVCache, self_attention_mask
 from ..decoding import Decoding, Prefill
 from ..family import DECODER, Family
-from ..layers import Attention, LayerNorm, PreLNBlock, check_activation, kernel_mask
+from ..layers import Attention, LayerNorm, PreLNBlock, check_activation
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import ModelOutput
 
@@ -239,18 +239,8 @@ class GPT2Model(Decoding, nn.Module):
         """Position ids following the mask (Hugging Face ``generate``'s rule) and the kernel's mask."""
         b, n = input_ids.shape
         end = start + n
-        if cache is None:
-            mask = kernel_mask(attention_mask)
-            padded = mask is not None
-        else:
-            if attention_mask is not None:
-                lo = end - attention_mask.shape[1]  # 0 (whole history) or start (new tokens only)
-                cache.mask[:, lo:end] = attention_mask.ne(0)
-                cache.padded = cache.padded or not bool(cache.mask[:, lo:end].all())
-            else:
-                cache.mask[:, start:end] = True
-            mask, padded = cache.mask[:, :end], cache.padded
-        if not padded:
+        mask = self_attention_mask(attention_mask, cache, start, n)
+        if mask is None:
             return torch.arange(start, end, device=input_ids.device).expand(b, n), None
         pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
         return pos[:, start:], mask
@@ -295,8 +285,7 @@ class GPT2Model(Decoding, nn.Module):
         the new tokens copied in. ``cache.length`` is the caller's to keep.
         :class:`engine.graphs.CUDAGraphDecoder` drives it.
         """
-        mask = cache.mask[:, :kv_len]
-        mask.index_fill_(1, slot, True)
+        mask = cache.step_mask(slot, kv_len)
         h, pending = self.wte(tokens), self.wpe(positions)
         for block in self.layers:
             h, pending, _ = block(h, pending, mask, cache=cache, start=slot)
@@ -304,6 +293,16 @@ class GPT2Model(Decoding, nn.Module):
         slot.add_(1)
         positions.add_(1)
         return self._lm_logits(x[:, -1])
+
+    def packed_logits(self, ids: Tensor, positions: Tensor, step, rows: Tensor) -> Tensor:
+        """One continuous-batching step (:mod:`engine.continuous`): ``ids`` / ``positions`` ``[T]`` are
+        many sequences' tokens in one row, ``step`` (:class:`engine.paged.PackedStep`) runs their
+        attention over its paged cache; the logits ``[len(rows), V]`` at the token indices ``rows``."""
+        h, pending = self.wte(ids[None]), self.wpe(positions[None])
+        for block in self.layers:
+            h, pending, _ = block(h, pending, None, cache=step)
+        x, _ = self.ln_f(pending[:, rows], residual=h[:, rows])
+        return self._lm_logits(x[0])
 
     def _lm_logits(self, x: Tensor) -> Tensor:
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight
@@ -449,6 +448,4 @@ FAMILY = Family(
         # For smoke runs and tests: the real vocabulary, a toy body.
         "gpt2-tiny": {**_GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
     },
-    bench_plan={"gpt2": ("gpt2-tiny", "gpt2", "gpt2-tiny")},
-    bench_seconds={"gpt2": 15},
 )

@@ -56,7 +56,7 @@ from trifuse import kernels
 
 from .. import generation as gen
 from .. import inputs
-from ..cache import EncoderDecoderCache, encoder_state
+from ..cache import EncoderDecoderCache, encoder_state, self_attention_mask
 from ..decoding import EncoderDecoderDecoding
 from ..family import SEQ2SEQ, Family
 from ..layers import Attention, RMSNorm, bias_act, check_activation, kernel_mask
@@ -176,8 +176,10 @@ class FeedForward(nn.Module):
         self.wi = nn.Linear(c.d_model, (2 if c.gated else 1) * c.d_ff, bias=False)
         self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
 
+    quantizable = ("wi", "wo")  # for engine.quantize
+
     def forward(self, x: Tensor) -> Tensor:
-        h = F.linear(x, self.wi.weight)
+        h = self.wi(x)
         if self.gated:
             a, gate = h[..., : self.d_ff], h[..., self.d_ff:]  # views; the kernel reads them strided
             if self.act in _GELU_APPROX:
@@ -186,8 +188,9 @@ class FeedForward(nn.Module):
                 h = bias_act(a, None, self.act) * gate
         else:
             h = bias_act(h, None, self.act)
-        w = self.wo.weight  # fp32 in an fp16 model (see the module docstring)
-        return F.linear(h.to(w.dtype), w)
+        if isinstance(self.wo, nn.Linear):  # fp32 in an fp16 model (see the module docstring)
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
 
 
 def _attention(c: T5Config, **kw) -> Attention:
@@ -210,7 +213,7 @@ class DecoderBlock(nn.Module):
         self.norm1 = RMSNorm(c.d_model, c.eps)
         self.attn = _attention(c, causal=True, layer=layer)
         self.norm2 = RMSNorm(c.d_model, c.eps)
-        self.cross = _attention(c, cross=True)
+        self.cross = _attention(c, cross=True, layer=layer)
         self.norm3 = RMSNorm(c.d_model, c.eps)
         self.ffn = FeedForward(c)
 
@@ -294,7 +297,8 @@ class Decoder(nn.Module):
             x, h = _norm_in(block.norm1, h, pending, compute)
             a, _ = block.attn(x, self_mask, cache=cache, start=start, bias=bias, relative_bias=rel)
             x, h = _norm_in(block.norm2, h, a, compute)
-            a, _ = block.cross(x, enc_mask, kv=self.cross_views(cross_kv, i))
+            kv = None if cross_kv is None else self.cross_views(cross_kv, i)  # None: a packed step's own
+            a, _ = block.cross(x, enc_mask, kv=kv, cache=cache)
             x, h = _norm_in(block.norm3, h, a, compute)
             pending = block.ffn(x)
             if hidden is not None:
@@ -476,24 +480,11 @@ class T5Model(EncoderDecoderDecoding, nn.Module):
                              past_key_values=cache, last_hidden_state=x, encoder_last_hidden_state=enc_hidden,
                              decoder_hidden_states=hidden, encoder_hidden_states=enc_states)
 
-    def _self_mask(self, decoder_attention_mask: Optional[Tensor], cache: Optional[T5Cache], start: int,
-                   n: int) -> Optional[Tensor]:
-        if cache is None:
-            return kernel_mask(decoder_attention_mask)
-        end = start + n
-        if decoder_attention_mask is not None:
-            lo = end - decoder_attention_mask.shape[1]  # 0 (whole history) or start (new tokens only)
-            cache.mask[:, lo:end] = decoder_attention_mask.ne(0)
-            cache.padded = cache.padded or not bool(cache.mask[:, lo:end].all())
-        else:
-            cache.mask[:, start:end] = True
-        return cache.mask[:, :end] if cache.padded else None
-
     def _decode(self, ids: Tensor, decoder_attention_mask: Optional[Tensor], cross_kv: Tensor,
                 enc_mask: Optional[Tensor], cache: Optional[T5Cache], start: int,
                 output_hidden_states: bool = False) -> Tuple[Tensor, Optional[tuple]]:
         n = ids.shape[1]
-        mask = self._self_mask(decoder_attention_mask, cache, start, n)
+        mask = self_attention_mask(decoder_attention_mask, cache, start, n)
         emb = self.shared(ids)
         hidden = [emb] if output_hidden_states else None
         x = self.decoder(emb, mask, cross_kv, enc_mask, cache, start, self.stream_dtype, hidden)
@@ -502,6 +493,14 @@ class T5Model(EncoderDecoderDecoding, nn.Module):
         if hidden is not None:
             hidden[-1] = x
         return x, tuple(hidden) if hidden is not None else None
+
+    def packed_logits(self, ids: Tensor, positions: Tensor, step, rows: Tensor) -> Tensor:
+        """One continuous-batching step (:mod:`engine.continuous`): ``ids`` ``[T]`` are many sequences'
+        decoder tokens in one row (``positions`` unused: T5's are relative, and the step knows them);
+        ``step`` (:class:`engine.paged.PackedStep`) runs their self- and cross-attention over its paged
+        cache; the logits ``[len(rows), V]`` at the token indices ``rows``."""
+        x = self.decoder(self.shared(ids[None]), None, None, None, step, 0, self.stream_dtype)
+        return self._logits(x[0, rows])
 
     def _logits(self, x: Tensor) -> Tensor:
         if self.config.scale_decoder_outputs:
@@ -530,8 +529,7 @@ class T5Model(EncoderDecoderDecoding, nn.Module):
         here, padding included). Sets the mask at ``slot`` and advances ``slot`` in place;
         ``cache.length`` is the caller's to keep. Driven by :class:`engine.graphs.StaticDecoder`.
         """
-        mask = cache.mask[:, :kv_len]
-        mask.index_fill_(1, slot, True)
+        mask = cache.step_mask(slot, kv_len)
         x = self.decoder(self.shared(tokens), mask, cache.cross_kv, cache.encoder_mask, cache, slot,
                          self.stream_dtype)
         slot.add_(1)
@@ -672,6 +670,4 @@ FAMILY = Family(
         # For smoke runs and tests: the real vocabulary, a toy body.
         "t5-tiny": {**_SMALL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
     },
-    bench_plan={"t5": ("t5-small", "t5-base", "t5-tiny")},
-    bench_seconds={"t5": 27},
 )

@@ -374,6 +374,4 @@ FAMILY = Family(
     from_checkpoint=from_checkpoint,
     hf_classes={"feature-extraction": "AutoModel", "image-classification": "AutoModelForImageClassification"},
     config_defaults={t: _DEFAULTS for t in FAMILIES}, example_inputs=example_inputs, named_sizes=_SIZES,
-    bench_plan={"vit": ("vit-small-patch16-224", "vit-base-patch16-224", "vit-tiny")},
-    bench_seconds={"vit": 14},
 )

@@ -1,7 +1,7 @@
 """A deliberately plain FlashAttention-2 forward in the shape of Triton's tutorial 06, as a peer.
 
 Not shipped and not used by the engine: a baseline for the static Hopper report
-(tests/aot_hopper.py binds it at the tiles trifuse's own attention uses and puts the
+(bench/static/aot_hopper.py binds it at the tiles trifuse's own attention uses and puts the
 two side by side: registers, spills, shared memory, SASS size). Written here, not
 copied: same structure as the tutorial's forward, our own code.
 

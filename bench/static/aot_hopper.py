@@ -1,6 +1,8 @@
 """trifuse's Triton kernels compiled for Hopper (sm_90) the way the JIT compiles them, without a GPU.
 
-Run as a script with ``TRITON_INTERPRET`` unset (tests/test_compile_hopper.py does).
+Run as a script with ``TRITON_INTERPRET`` unset, ``python bench/static/aot_hopper.py --dtypes fp16,bf16,fp32
+--write bench/static`` regenerates the committed report (tests/test_compile_hopper.py runs it too).
+A tool, not shipped: it lives beside the report it writes.
 
 1. **Launches.** The engine's model families (BERT, ViT, GPT-2, T5 at their base
    widths, one layer) and the benchmark shapes (attention at head dim 128, split-K
@@ -25,7 +27,7 @@ Run as a script with ``TRITON_INTERPRET`` unset (tests/test_compile_hopper.py do
    ``NOP`` padding (and any other ``NOP``) left out. Static: a loop body counts once,
    however often it runs.
 4. **Peers.** A tutorial-06-style FlashAttention-2 forward of our own
-   (tests/peer_flash.py: TMA descriptors, exp2 online softmax, causal in two sweeps, no
+   (bench/static/peer_flash.py: TMA descriptors, exp2 online softmax, causal in two sweeps, no
    masks or bias) as a baseline. The peer scenarios (``peer hd64``, ``peer hd128``) launch
    trifuse's attention at B=8, H=16, L=2048, plain and causal, and bind the peer at every
    (BLOCK_M, BLOCK_N, warps, stages) tile the shipped pruning keeps for those launches.
@@ -55,9 +57,11 @@ from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run with the interpreter off: the kernels must be JIT functions"
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent  # bench/static: this tool and the peer kernel
+REPO = HERE.parents[1]
+for _path in (REPO, HERE):  # trifuse from this checkout; the peer by its bare name (workers re-import it)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -67,15 +71,15 @@ HOPPER = GPUTarget("cuda", 90, 32)
 # H100 / H200 per SM: 64K 32-bit registers, 228 KB shared memory (227 KB for one block), 64 warps, 32 blocks.
 SM_REGISTERS, SM_SHARED, BLOCK_SHARED_MAX, SM_WARPS, SM_BLOCKS = 65536, 228 * 1024, 227 * 1024, 64, 32
 SHARED_RESERVED = 1024  # per block, taken by the driver
-KERNEL_MODULES = ("attention", "norm", "gelu", "varlen")
-PEER_MODULE = "tests.peer_flash"  # the tutorial-06-style baseline (not shipped)
+KERNEL_MODULES = ("attention", "norm", "gelu", "paged_attention", "varlen")
+PEER_MODULE = "peer_flash"  # the tutorial-06-style baseline beside this file (not shipped)
 PEER_SCENARIO = "peer "  # how the peer scenarios' names begin
 PEER_SHAPE = (8, 16, 2048)  # B, H, L of the side-by-side
 PEER_HEAD_DIMS = (64, 128)
 
 
 def _module(name: str):
-    if "." in name:  # a dotted module path (the peer)
+    if name == PEER_MODULE:
         return importlib.import_module(name)
     return importlib.import_module(f"trifuse.kernels.{name}")  # the module, not the op of the same name
 
@@ -187,12 +191,14 @@ def _unwrapped(kernel):
 def recording(found: dict, scenario: list):
     """Every trifuse kernel launch inside the block is recorded (and not run); the ops take the
     Triton path on CPU tensors, as they would on CUDA tensors."""
-    att, norm, gelu, varlen = (_module(m) for m in KERNEL_MODULES)
+    att, norm, gelu, paged, varlen = (_module(m) for m in KERNEL_MODULES)
     patches = [(att, "_kernel_takes", lambda q: q.dtype != torch.float64),
                (varlen, "_kernel_takes", lambda q: q.dtype != torch.float64),
-               (norm, "use_triton", lambda t: True), (gelu, "use_triton", lambda t: True)]
+               (norm, "use_triton", lambda t: True), (gelu, "use_triton", lambda t: True),
+               (paged, "use_triton", lambda t: True)]
     for mod, name in ((att, "_attn_fwd_tuned"), (att, "_attn_combine"), (norm, "_norm_fwd"),
-                      (norm, "_norm_fwd_looped"), (gelu, "_gelu_fwd"), (varlen, "_varlen_fwd_tuned")):
+                      (norm, "_norm_fwd_looped"), (gelu, "_gelu_fwd"), (paged, "_paged_fwd_tuned"),
+                      (paged, "_paged_merge"), (varlen, "_varlen_fwd_tuned")):
         patches.append((mod, name, Recorder(mod.__name__.rsplit(".", 1)[-1], name, _unwrapped(getattr(mod, name)),
                                             scenario, found)))
     peer = _module(PEER_MODULE)
@@ -208,55 +214,52 @@ def recording(found: dict, scenario: list):
             setattr(mod, name, value)
 
 
-def _hf(family: str):
-    """A base-width, one-layer Hugging Face model with random weights (no hub)."""
+def _hf(size: str, auto_class: str):
+    """A one-layer Hugging Face model at a named size's widths, random weights (no hub)."""
     import transformers
 
+    from trifuse.engine.registry import families
+
+    cfg = dict(next(f.named_sizes[size] for f in families() if size in f.named_sizes))
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    for depth in ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers"):
+        if hasattr(config, depth):
+            setattr(config, depth, 1)
     torch.manual_seed(0)
-    if family == "bert":
-        cfg = transformers.BertConfig(num_hidden_layers=1)  # bert-base widths
-        return transformers.BertModel(cfg, add_pooling_layer=False)
-    if family == "vit":
-        return transformers.ViTModel(transformers.ViTConfig(num_hidden_layers=1), add_pooling_layer=False)
-    if family == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1))
-    if family == "t5":
-        cfg = transformers.T5Config(d_model=768, d_kv=64, d_ff=3072, num_layers=1, num_heads=12,
-                                    decoder_start_token_id=0)  # t5-base widths
-        return transformers.T5ForConditionalGeneration(cfg)
-    raise ValueError(family)
+    return getattr(transformers, auto_class).from_config(config)
 
 
 def engine_scenarios(dtype: torch.dtype):
     """(name, zero-argument callable) pairs: what the engine launches at the device check's shapes."""
     from trifuse import engine, kernels
 
-    def model(family, task):
-        return engine.from_pretrained(_hf(family), task=task, dtype=dtype, device="cpu")
+    def model(size, auto_class, task):
+        return engine.from_pretrained(_hf(size, auto_class), task=task, dtype=dtype, device="cpu")
 
     def bert():
-        m = model("bert", "feature-extraction")
+        m = model("bert-base", "AutoModel", "feature-extraction")
         ids = torch.randint(3, 1000, (2, 128))
         mask = torch.ones_like(ids)
         mask[1, 100:] = 0  # padded: the engine passes an all-ones mask on as None
         m(input_ids=ids, attention_mask=mask)
 
     def vit():
-        model("vit", "feature-extraction")(pixel_values=torch.randn(2, 3, 224, 224, dtype=dtype))
+        vit = model("vit-base-patch16-224", "AutoModel", "feature-extraction")
+        vit(pixel_values=torch.randn(2, 3, 224, 224, dtype=dtype))
 
     def gpt2():
-        m = model("gpt2", "causal-lm")
+        m = model("gpt2", "AutoModelForCausalLM", "causal-lm")
         ids = torch.randint(0, 50000, (1, 512))
         m.generate(ids, torch.ones_like(ids), max_new_tokens=3, eos_token_id=[], pad_token_id=0)
 
     def t5():
-        m = model("t5", "text2text-generation")
+        m = model("t5-base", "AutoModelForSeq2SeqLM", "text2text-generation")
         ids = torch.randint(2, 30000, (1, 128))
         m.generate(ids, torch.ones_like(ids), max_new_tokens=3, eos_token_id=[], pad_token_id=0)
 
     def t5_padded():
         # A padded batch: the encoder's self-attention takes the mask and the T5 bias together.
-        m = model("t5", "text2text-generation")
+        m = model("t5-base", "AutoModelForSeq2SeqLM", "text2text-generation")
         ids = torch.randint(2, 30000, (2, 96))
         mask = torch.ones_like(ids)
         mask[1, 61:] = 0
@@ -306,12 +309,32 @@ def bench_scenarios(dtype: torch.dtype):
                 kernels.gelu(x, b, approximate="tanh")
                 kernels.gelu(x, gate=r)
 
+    def paged_steps():
+        # Continuous batching's step (engine.continuous): 64 decode tokens and a prefill chunk over a
+        # block pool, at GPT-2's, T5's (with its bias; cross-attention without) and a hd128 width; and
+        # one long sequence, whose keys split across programs.
+        for heads, d in ((12, 64), (8, 64), (32, 128)):
+            pool = torch.randn(2, 512, 16, heads, d, dtype=dtype)
+            tables = torch.arange(512, dtype=torch.int32).view(64, 8)
+            seq = torch.cat([torch.arange(64), torch.full((40,), 3)]).to(torch.int32)
+            lens = torch.cat([torch.randint(1, 128, (64,)), torch.arange(1, 41)]).to(torch.int32)
+            q = torch.randn(104, heads, d, dtype=dtype)
+            kernels.paged_attention(q, pool[0], pool[1], tables, seq, lens)
+            rel = kernels.RelativeBias(torch.randn(32, heads, dtype=dtype), False)
+            kernels.paged_attention(q, pool[0], pool[1], tables, seq, lens, relative_bias=rel, scale=1.0)
+            long_table = torch.arange(512, dtype=torch.int32)[None]
+            one = torch.tensor([0], dtype=torch.int32)
+            kernels.paged_attention(q[:1], pool[0], pool[1], long_table, one, torch.tensor([8000], dtype=torch.int32))
+            kernels.paged_attention(q[:1], pool[0], pool[1], long_table, one, torch.tensor([8000], dtype=torch.int32),
+                                    relative_bias=rel, scale=1.0)
+
     def varlen():
         # bench/packed.py's batch: 32 sentences, log-normal lengths (median 24, at most 256), packed;
         # q/k/v as views of a fused QKV projection (the engine's layout), at head dims 64 and 128.
+        from trifuse.bench.packed import WORKLOAD, lengths as draw
+
         g = torch.Generator().manual_seed(0)
-        lengths = torch.distributions.LogNormal(torch.tensor(3.18), torch.tensor(0.8)).sample((32,))
-        lengths = lengths.round().clamp(1, 256).int()
+        lengths = torch.tensor(draw(**WORKLOAD), dtype=torch.int32)
         cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
         L = int(lengths.max())
         for H, D in ((12, 64), (16, 128)):
@@ -324,6 +347,7 @@ def bench_scenarios(dtype: torch.dtype):
             kernels.attention_varlen(q, k, v, cu, cu, L, L, causal=True, relative_bias=rel_c, scale=1.0)
 
     return [("attention hd128 L2048 (plain, causal, T5, T5 causal)", attention_hd128),
+            ("paged attention: engine steps hd64/hd128, T5 bias, split", paged_steps),
             ("varlen B32 log-normal lengths, hd64 and hd128 (plain, causal, T5, T5 causal)", varlen),
             ("split-K decode hd128 Lk8192", decode_hd128), ("norms and GELU, widths 768..32768", norms)]
 
@@ -339,7 +363,7 @@ def _kept_tiles(launch) -> list[tuple]:
 
 
 def peer_scenarios(dtype: torch.dtype):
-    """trifuse's attention and the tutorial-06-style peer (tests/peer_flash.py) at one shape, plain
+    """trifuse's attention and the tutorial-06-style peer (bench/static/peer_flash.py) at one shape, plain
     and causal: the peer at each tile trifuse's autotuner would try there."""
     from trifuse import kernels
 
@@ -365,7 +389,7 @@ def record(dtypes=("fp16", "bf16"), scenarios: str | None = None, unpruned: bool
     ``peers``: the peer scenarios too."""
     found: dict = {}
     names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    att = _module("attention")
+    tri = _module("_attention_triton")  # the configs and their Hopper pruning
     dropped: dict = {}  # bound only with the pruning off
     for dt in dtypes:
         dtype = names[dt]
@@ -376,13 +400,13 @@ def record(dtypes=("fp16", "bf16"), scenarios: str | None = None, unpruned: bool
             with recording(found, scenario), torch.no_grad():
                 fn()
             if unpruned:
-                fits = att._hopper_fits
-                att._hopper_fits = lambda *a, **k: True
+                fits = tri.hopper_fits
+                tri.hopper_fits = lambda *a, **k: True
                 try:
                     with recording(dropped, scenario), torch.no_grad():
                         fn()
                 finally:
-                    att._hopper_fits = fits
+                    tri.hopper_fits = fits
     for key, job in dropped.items():
         if key not in found:
             found[key] = {**job, "shipped_config": False}
@@ -531,7 +555,10 @@ def _variant(row: dict) -> str:
         if "Lq" in row["unit_args"]:
             parts.append("Lq=1")
         return "+".join(parts) + f" hd{f.get('BLOCK_D')}"
-    if row["kernel"] == "_attn_combine":
+    if row["kernel"] == "_paged_fwd":
+        parts = [n for n, on in (("T5", f.get("HAS_REL")), ("split", f.get("SPLIT"))) if on] or ["plain"]
+        return "+".join(parts) + f" hd{f.get('BLOCK_D')} bs{f.get('BLOCK_SIZE')}"
+    if row["kernel"] in ("_attn_combine", "_paged_merge"):
         return f"S{f.get('BLOCK_S')} D{f.get('BLOCK_D')}"
     if row["kernel"] == "_peer_fwd":
         return ("causal" if f.get("CAUSAL") else "plain") + f" hd{f.get('HEAD_DIM')}"
@@ -547,7 +574,8 @@ def _cfg(row: dict) -> str:
     c = row.get("config")
     if not c:
         return f"{row.get('num_warps')}w"
-    return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')} {c['num_warps']}w {c['num_stages']}s"
+    tile = f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}" if "BLOCK_M" in c else f"N{c.get('BLOCK_N')}"
+    return f"{tile} {c['num_warps']}w {c['num_stages']}s"
 
 
 def _n(v, fmt="{}") -> str:
@@ -558,7 +586,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     bad = [r for r in rows if shipped_problems(r)]
     peers = sum(1 for r in rows if r.get("peer"))
     md = ["# Static Hopper (sm_90) report, faithful to the JIT", "",
-          f"Generated by `python tests/aot_hopper.py --dtypes {meta['dtypes']}"
+          f"Generated by `python bench/static/aot_hopper.py --dtypes {meta['dtypes']}"
           f"{'' if meta.get('peers', True) else ' --no-peers'} --write bench/static` with Triton "
           f"{meta['triton']} "
           f"(ptxas from its NVIDIA backend), torch {meta['torch']}, {meta['date']}. No GPU involved: every "
@@ -627,7 +655,7 @@ def side_by_side(rows: list[dict]) -> list[str]:
     B, H, L = PEER_SHAPE
     md = ["", "## Side by side with a tutorial-06-style kernel", "",
           "trifuse's `_attn_fwd` (its mask, bias, T5 and split-K flags off; even plain, it keeps a masked "
-          "loop for a ragged end of the keys) and `_peer_fwd` (tests/peer_flash.py), our own minimal "
+          "loop for a ragged end of the keys) and `_peer_fwd` (bench/static/peer_flash.py), our own minimal "
           "FlashAttention-2 forward in the structure of Triton's tutorial 06: Q, K, V and O through TMA "
           "descriptors, exp2 online softmax, causal in two sweeps (blocks below the diagonal unmasked, then "
           "the diagonal masked); no padding mask, bias, ragged lengths or split-K. "
@@ -672,11 +700,11 @@ def main(argv=None) -> int:
                         "e.g. '_attn_fwd .*T5' (iterating on one kernel path)")
     p.add_argument("--list", action="store_true", help="print the selected specializations' labels, compile nothing")
     p.add_argument("--unpruned", action="store_true",
-                   help="also bind the attention configs the Hopper pruning (_hopper_fits) drops, to see "
+                   help="also bind the attention configs the Hopper pruning (hopper_fits) drops, to see "
                         "which of them would spill now (they are reported, not shipped)")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                    help="the peer scenarios: trifuse's attention and the tutorial-06-style peer kernel "
-                        "(tests/peer_flash.py) at B8 H16 L2048, hd64 and hd128, side by side in the report "
+                        "(bench/static/peer_flash.py) at B8 H16 L2048, hd64 and hd128, side by side in the report "
                         "(default: on; --no-peers leaves them out, --scenarios peer selects only them)")
     p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the markdown beside a written JSON")
     args = p.parse_args(argv)
