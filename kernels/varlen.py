@@ -214,13 +214,61 @@ def _reference(q, k, v, cu_q, cu_k, rel_table, rel_bidirectional, rel_num_bucket
     return out
 
 
+#: A group of sequences padded together for one SDPA call may hold at most this many times the
+#: attention area (sum of length^2) its sequences need.
+_GROUP_WASTE = 2.0
+
+
+def _groups(lengths: list) -> list:
+    """Sequence indices grouped by length, longest first, each group's padded area (count x longest^2)
+    within :data:`_GROUP_WASTE` of its real area: a few SDPA calls instead of one per sequence."""
+    groups, area = [], 0
+    for i in sorted((i for i, n in enumerate(lengths) if n), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] ** 2 <= _GROUP_WASTE * (area + n * n):
+            groups[-1].append(i)
+            area += n * n
+        else:
+            groups.append([i])
+            area = n * n
+    return groups
+
+
+def _sdpa_grouped(q, k, v, cu, by_dist, rel_max_distance, causal, scale) -> Tensor:
+    """Sequences with as many queries as keys: gathered by length into a few padded SDPA calls."""
+    out = torch.zeros_like(q)
+    c = cu.tolist()
+    lengths = [e - s for s, e in zip(c[:-1], c[1:])]
+    for group in _groups(lengths):
+        L = lengths[group[0]]
+        pos = torch.arange(L)
+        lens = torch.tensor([lengths[i] for i in group])
+        valid = pos[None, :] < lens[:, None]  # [g, L]
+        idx = (torch.tensor([c[i] for i in group])[:, None] + pos[None, :]).masked_fill_(~valid, 0)
+        qg, kg, vg = (t[idx].transpose(1, 2) for t in (q, k, v))  # [g, H, L, D]
+        mask = valid[:, None, None, :]  # keys
+        if causal:
+            mask = mask & (pos[None, :] <= pos[:, None])
+        if by_dist is not None:
+            dist = (pos[None, :] - pos[:, None]).clamp_(-rel_max_distance, rel_max_distance) + rel_max_distance
+            mask = by_dist[:, dist][None].masked_fill(~mask, float("-inf"))  # [g, H, L, L]
+        elif len(group) == 1 and not causal:
+            mask = None
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)  # [g, H, L, D]
+        out[idx[valid]] = o.transpose(1, 2)[valid]
+    return out
+
+
 def _sdpa(q, k, v, cu_q, cu_k, rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance,
           rel_query_offset, causal, scale) -> Tensor:
-    """The CPU path: PyTorch's SDPA on each sequence's rows (no padding, no copies of the inputs)."""
-    out = torch.zeros_like(q)
+    """The CPU path: PyTorch's SDPA. Self-attention (every sequence's queries are its keys) runs a
+    few length-grouped padded calls (:func:`_groups`); other layouts one call per sequence."""
     by_dist = None
     if rel_table is not None:
         by_dist = _relative_by_distance(rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance).to(q.dtype)
+    if torch.equal(cu_q, cu_k) and rel_query_offset in (None, 0):
+        return _sdpa_grouped(q, k, v, cu_q, by_dist, rel_max_distance, causal, scale)
+    out = torch.zeros_like(q)
     for (qs, qe), (ks, ke) in zip(_spans(cu_q), _spans(cu_k)):
         lq, lk = qe - qs, ke - ks
         if lq == 0 or lk == 0:
@@ -237,9 +285,10 @@ def _sdpa(q, k, v, cu_q, cu_k, rel_table, rel_bidirectional, rel_num_buckets, re
                 mask = keep
             else:
                 mask = mask.masked_fill(~keep, float("-inf"))
-        seq = (t.transpose(0, 1) for t in (q[qs:qe], k[ks:ke], v[ks:ke]))  # [H, L, D] views
+        # [1, H, L, D] views: 4-D inputs take SDPA's fused CPU kernel (3-D ones its unfused math path).
+        seq = (t.transpose(0, 1)[None] for t in (q[qs:qe], k[ks:ke], v[ks:ke]))
         o = F.scaled_dot_product_attention(*seq, attn_mask=mask, scale=scale,
-                                           is_causal=causal and mask is None)
+                                           is_causal=causal and mask is None)[0]
         if causal and lq > lk:  # rows that see no key: zeros (SDPA gives NaN there)
             o[:, : lq - lk] = 0
         out[qs:qe] = o.transpose(0, 1)
