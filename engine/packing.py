@@ -141,3 +141,20 @@ def plan(attention_mask: Optional[Tensor], *, need_probs: bool = False) -> Optio
     if int(keep.sum()) > PACK_BELOW * keep.numel():
         return None
     return Packed.from_mask(keep)
+
+
+def token_batches(order: list, lengths: list, max_batch_tokens: int) -> list:
+    """``order`` (items, longest first) cut into batches of at most ``max_batch_tokens`` real tokens,
+    text-embeddings-inference's queue: an item longer than the budget runs alone. ``lengths[i]`` is
+    ``order[i]``'s length. A packed batch costs its real tokens, so the budget bounds each call's work."""
+    if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
+    batches, used = [], 0
+    for item, n in zip(order, lengths):
+        if batches and used + n <= max_batch_tokens:
+            batches[-1].append(item)
+            used += n
+        else:
+            batches.append([item])
+            used = n
+    return batches

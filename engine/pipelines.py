@@ -53,6 +53,7 @@ from torch import Tensor
 from .decoding import OPTIONS
 from .family import DECODER, ENCODER, SEQ2SEQ, VISION
 from .registry import families, family_of, from_pretrained, resolve_dtype
+from .packing import token_batches
 from .tokenization import Tokenizer
 
 # Hugging Face's task names and aliases -> ours.
@@ -115,6 +116,9 @@ class Pipeline:
     model_task: Optional[str] = None  # trifuse's head for from_pretrained
     kinds: tuple = (ENCODER,)  # the kinds of family (engine.family) this task runs on
     default_batch_size = 32
+    #: Encoder tasks batch by tokens (text-embeddings-inference's queue): as many inputs as fit this many
+    #: real tokens run together, packed (engine.packing). None: batches of ``batch_size`` inputs.
+    default_max_batch_tokens: Optional[int] = None
     text = True  # tokenized input
 
     def __init__(self, path: Path, config: dict, *, device=None, dtype=None, batch_size: Optional[int] = None,
@@ -132,6 +136,7 @@ class Pipeline:
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size or self.default_batch_size
+        self._sized = batch_size is not None  # an explicit batch_size keeps batches of that many inputs
         self.defaults = dict(defaults or {})
         self.model = from_pretrained(path, dtype=self.dtype, device=self.device, task=self.model_task,
                                      quantize=quantize)
@@ -148,7 +153,7 @@ class Pipeline:
     options: Dict[str, Any] = {}
 
     def _options(self, kwargs: dict) -> dict:
-        unknown = sorted(set(kwargs) - set(self.options) - {"batch_size", "progress"})
+        unknown = sorted(set(kwargs) - set(self.options) - {"batch_size", "max_batch_tokens", "progress"})
         if unknown:
             raise TypeError(f"{self.task_name} pipeline got unknown option(s) {', '.join(unknown)}; it takes "
                             f"{', '.join(sorted(self.options))}")
@@ -204,8 +209,14 @@ class Pipeline:
         for i, x in enumerate(items):
             units.extend(self._prepare(i, x, opts))
         order = sorted(range(len(units)), key=lambda j: -units[j].length)  # longest first: equal lengths batch
-        bs = opts.get("batch_size") or self.batch_size
-        batches = [[units[j] for j in order[k:k + bs]] for k in range(0, len(order), bs)]
+        budget = opts.get("max_batch_tokens")
+        if budget is None and not (self._sized or opts.get("batch_size")):
+            budget = self.default_max_batch_tokens
+        if budget is not None:  # by tokens (longest first, so each batch also pads little when it does not pack)
+            batches = [[units[j] for j in b] for b in token_batches(order, [units[j].length for j in order], budget)]
+        else:
+            bs = opts.get("batch_size") or self.batch_size
+            batches = [[units[j] for j in order[k:k + bs]] for k in range(0, len(order), bs)]
         show = opts.get("progress")
         if show is None:
             show = len(units) >= 2000 and sys.stderr.isatty()
@@ -307,6 +318,7 @@ def _text_input(x, task: str) -> str:
 
 
 class FeatureExtraction(Pipeline):
+    default_max_batch_tokens = 16384  # text-embeddings-inference's default budget
     task = "feature-extraction"
     model_task = "feature-extraction"
     kinds = (ENCODER, DECODER)
@@ -331,6 +343,7 @@ class FeatureExtraction(Pipeline):
 
 
 class SentenceEmbedding(Pipeline):
+    default_max_batch_tokens = 16384  # text-embeddings-inference's default budget
     """sentence-transformers' ``encode``: Transformer -> Pooling (-> Normalize)."""
 
     task = "sentence-embedding"
@@ -421,6 +434,7 @@ def _apply(fn: str, logits: np.ndarray) -> np.ndarray:
 
 
 class TextClassification(Pipeline):
+    default_max_batch_tokens = 16384  # text-embeddings-inference's default budget
     task = "text-classification"
     model_task = "sequence-classification"
     options = {"top_k": "", "function_to_apply": None, "truncation": None, "max_length": None,
@@ -528,6 +542,7 @@ class ZeroShotClassification(TextClassification):
 
 
 class FillMask(Pipeline):
+    default_max_batch_tokens = 16384  # text-embeddings-inference's default budget
     task = "fill-mask"
     model_task = "masked-lm"
     options = {"top_k": 5, "targets": None, "truncation": None, "max_length": None, "output_attentions": False}
@@ -609,6 +624,7 @@ _AGGREGATIONS = ("none", "simple", "first", "average", "max")
 
 
 class TokenClassification(Pipeline):
+    default_max_batch_tokens = 16384  # text-embeddings-inference's default budget
     task = "token-classification"
     model_task = "token-classification"
     options = {"aggregation_strategy": "none", "ignore_labels": None, "stride": None, "output_attentions": False}
