@@ -27,15 +27,17 @@ from typing import Optional
 import torch
 
 from trifuse import engine
+from trifuse.engine.family import ENCODER
 
-from .models import build_hf
 from .suite import (
     DTYPE_NAMES,
     Options,
     SuiteResult,
+    build_hf_named,
     cpu_notes,
     encoder_backend_fns,
     is_timed_result,
+    kind_sizes,
     model_backends,
     pick_backends,
     step,
@@ -47,6 +49,11 @@ WORKLOAD = dict(batch=32, median=24, sigma=1.0, max_len=256, seed=0)
 BACKENDS = ("trifuse-packed", "trifuse-padded", "hf-eager", "hf-sdpa", "onnxruntime-cpu", "onnxruntime-cuda")
 CPU_DEFAULT = ("trifuse-packed", "trifuse-padded", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
 GPU_DEFAULT = ("trifuse-packed", "trifuse-padded", "hf-eager", "hf-sdpa")
+
+
+def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
+    """Hugging Face's text encoder for a named size (seeded random weights) or a checkpoint directory."""
+    return build_hf_named(name, kind_sizes(ENCODER), dtype, device, attn)
 
 
 def lengths(batch: int, median: float, sigma: float, max_len: int, seed: int) -> list[int]:
