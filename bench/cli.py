@@ -14,6 +14,7 @@ SUITES = {
     "kernels": "trifuse.bench.kernels",
     "attention": "trifuse.bench.attention",
     "packed": "trifuse.bench.packed",
+    "cpu": "trifuse.bench.cpu",
 }
 
 
@@ -62,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                    help="activation dtype (default: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="encoder models: trifuse's rows load with quantize='int8' (CPU only; checked against Hugging "
+                        "fp32 within the int8 budget); the cpu suite always has its int8 rows")
     p.add_argument("--backends", nargs="+", help="backends to run side by side (default: all the suite has)")
     p.add_argument("--rows", nargs="+", type=positive_int, help="kernels: row counts to sweep")
     p.add_argument("--widths", nargs="+", type=positive_int, help="kernels: widths to sweep")
@@ -130,12 +134,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         if s not in SUITES:
             by_suite.setdefault(_model_suite(s, model_suites), []).append(s)
     suites = [s for s in args.suites if s in SUITES] + list(by_suite)
+    if args.quantize and device.type != "cpu":
+        args.parser.error(f"--quantize {args.quantize} runs on the CPU only for now (device {device})")
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     # A suite runs its whole sweep unless --quick; the main job is quick without a GPU unless --full.
     quick = args.quick or (not suites and not args.full and device.type != "cuda")
     opts = Options(device=device, dtype=dtype, backends=args.backends, quick=quick,
                    warmup=args.warmup, min_time_s=args.min_time, rows=args.rows, widths=args.widths,
-                   batch=args.batch, seq=args.seq, head_dims=args.head_dims, threads=args.threads)
+                   batch=args.batch, seq=args.seq, head_dims=args.head_dims, threads=args.threads,
+                   quantize=args.quantize)
     env = environment(str(device))
     report.console.print(f"[bold]trifuse bench[/] on {env['device']} ({device.type}), "
                          f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}")

@@ -112,7 +112,7 @@ def _quick_cpu_sizes() -> dict:
 # Seconds of each part of a --quick CPU run (its CPU time, measured on a shared 2-core machine,
 # which is about its wall time on 2 idle cores), for the progress display's estimate; a part not
 # listed counts as DEFAULT_WEIGHT. The estimate is rescaled by how the finished parts compared.
-WEIGHTS = {"kernels": 18, "attention": 13, "packed": 60}  # the model rows': PLAN's seconds
+WEIGHTS = {"kernels": 18, "attention": 13, "cpu": 45, "packed": 60}  # the model rows': PLAN's seconds
 DEFAULT_WEIGHT = 20
 FULL_FACTOR = 3  # --full on a CPU: base sizes and whole sweeps
 
@@ -332,7 +332,7 @@ def _speedup_figure(rows: list[dict], backend: str, label: str) -> Optional[str]
 
 def _gpu_figures(results: dict) -> list[str]:
     figures = []
-    models = [r for n, res in results.items() if n not in ("kernels", "attention", "onnx", "packed")
+    models = [r for n, res in results.items() if n not in ("kernels", "attention", "cpu", "onnx", "packed")
               for r in res.rows]
     fig = _speedup_figure(models, "trifuse", "Models, trifuse")
     if fig:
@@ -398,11 +398,18 @@ def headline(results: dict, env: dict, opts: Options, state: str, wall_s: float,
     else:
         lines.append(f"**Timing of the Triton kernels needs a GPU; see {DEVICE_CHECK}.** Here they are checked "
                      "under Triton's interpreter, and only the PyTorch paths are timed, on the CPU.")
-        models = [r for n, res in results.items() if n not in ("kernels", "attention", "onnx", "packed")
+        models = [r for n, res in results.items() if n not in ("kernels", "attention", "cpu", "onnx", "packed")
                   for r in res.rows]
         fig = _speedup_figure(models, "reference", "On this CPU, trifuse's own path (its reference ops)")
         if fig:
             lines.append(fig)
+        fig = _speedup_figure(models, "trifuse-native", "On this CPU, trifuse's native CPU path")
+        if fig:
+            lines.append(fig)
+        if results.get("cpu"):
+            from .cpu import headline_lines
+
+            lines += headline_lines(results["cpu"].rows)
     return lines
 
 
@@ -465,7 +472,8 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
     plan = [(f, m, s) for f, m, s in full_plan if _suite(m) is not None]
     weights = {**_family_seconds(), **WEIGHTS}
     missing = [f for f, m, _ in full_plan if _suite(m) is None]
-    parts = [(n, weights.get(n, DEFAULT_WEIGHT) * scale) for n in ("kernels", "attention")]
+    first = ("kernels", "attention") if gpu else ("kernels", "attention", "cpu")  # cpu: bench/cpu.py
+    parts = [(n, weights.get(n, DEFAULT_WEIGHT) * scale) for n in first]
     # The mixed-length batch (bench/packed.py) runs right after the first text encoder, on its size,
     # while that model's ONNX export is still at hand.
     packed_after = next((f for f, m, _ in plan if m == "models"), None)
@@ -514,7 +522,7 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
     with Progress(parts) as progress:
         run_opts = dataclasses.replace(run_opts, progress=progress.step)
         try:
-            for part in ("kernels", "attention"):
+            for part in first:
                 progress.start(part)
                 results[part] = _run_part(part, _suite(part).run, run_opts)
                 write(part)

@@ -62,7 +62,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
     mask = torch.ones_like(ids)
     with torch.no_grad():
         ref = hf_eager(input_ids=ids, attention_mask=mask).last_hidden_state
-    ours = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=dtype, device=dev)
+    ours = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=dtype, device=dev, quantize=opts.quantize)
 
     def build_sdpa():
         model = build_hf(name, dtype, dev, "sdpa")

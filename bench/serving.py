@@ -124,6 +124,14 @@ def _expected(pipe, task: str, route: str, x):
     return out
 
 
+def _fit(pipe, text: str, tokens: int) -> str:
+    """``text`` without its last words until it is at most ``tokens`` tokens."""
+    words = text.split(" ")
+    while len(words) > 1 and len(pipe.tokenizer.encode([" ".join(words)])[0].ids) > tokens:
+        words.pop()
+    return " ".join(words)
+
+
 def routes_for(task: str) -> list:
     """The routes the benchmark drives for ``task``: ``POST /`` and the OpenAI route it has."""
     if task in ("sentence-embedding", "feature-extraction"):
@@ -194,6 +202,8 @@ def run(checkpoint: str, task: str, *, concurrency=(1, 8, 64), requests: int = 2
     inputs = _inputs(task, requests)
     routes = routes or routes_for(task)
     pipe = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype)
+    if task == "text-generation":  # prompts and their new tokens within the model's positions
+        inputs = [_fit(pipe, x, pipe.max_tokens - COMPLETION_TOKENS) for x in inputs]
     expected = {route: [_expected(pipe, task, route, x) for x in inputs] for route in routes}
     common = [*(["--device", device] if device else []), *(["--dtype", dtype] if dtype else []),
               "--served-model-name", MODEL_NAME, "--max-new-tokens", str(max(COMPLETION_TOKENS, 256)),
@@ -303,7 +313,7 @@ def main(argv=None) -> int:
     print(f"{'route':<17}{'mode':<10}{'clients':>8}{'req/s':>9}{'units/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}"
           f"  status")
     for r in rows:
-        units = next((v for k, v in r.items() if k.endswith("s_per_s")), 0.0)
+        units = next((r[k] for k in ("tokens_per_s", "embeddings_per_s", "answers_per_s") if k in r), 0.0)
         print(f"{r['route']:<17}{r['backend']:<10}{r['concurrency']:>8}{r['requests_per_s']:>9.1f}{units:>9.1f}"
               f"{r['median_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['mean_batch_size']:>7.1f}  {r['status']}")
     print(f"wrote {out / stem}.{{json,csv,md{',png' if drew else ''}}}")

@@ -46,6 +46,7 @@ class Options:
     seq: Optional[list[int]] = None
     head_dims: Optional[list[int]] = None
     threads: Optional[int] = None  # CPU: torch (and ONNX Runtime) intra-op threads while timing
+    quantize: Optional[str] = None  # "int8": trifuse's encoder rows quantized (engine.quantize)
     # Told what runs now ("bert-small 1x64 hf-eager"), for a progress display; None: silent.
     progress: Optional[Callable[[str], None]] = None
 
@@ -134,6 +135,7 @@ def pick_backends(opts: Options, available: Sequence[str], default: Sequence[str
 # reference value (element-wise relative error means nothing next to zeros).
 
 MODEL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+QUANTIZED_TOL = 0.5  # int8 rows: max error relative to the largest output (cosine is in bench/cpu.py)
 
 
 def kind_sizes(kind: str) -> dict:
@@ -193,9 +195,11 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _untimed_status(row: dict, backend: str, opts: Options, interpreted: bool) -> Optional[str]:
     """Why a checked backend is not timed: a wrong answer, or interpreted Triton on the CPU
     (checked, but its time says nothing about a GPU). None: time it."""
-    if row["rel_err"] > MODEL_TOL[opts.dtype]:
+    ours = backend.startswith("trifuse") or backend == "reference"  # both run the (quantized) trifuse model
+    tol = QUANTIZED_TOL if opts.quantize and ours else MODEL_TOL[opts.dtype]
+    if row["rel_err"] > tol:
         return "mismatch"
-    if backend.startswith("trifuse") and interpreted:
+    if backend.startswith("trifuse") and backend != "trifuse-native" and interpreted:
         return "checked"
     return None
 
@@ -374,9 +378,9 @@ def cpu_notes(opts: Options) -> list[str]:
 
 
 # Encoders (BERT family, ViT): the backends side by side.
-ENCODER_BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile",
-                    "torch-compile-max-autotune", "onnxruntime-cpu", "onnxruntime-cuda")
-ENCODER_CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
+ENCODER_BACKENDS = ("trifuse", "trifuse-graphs", "trifuse-native", "reference", "hf-eager", "hf-sdpa",
+                    "torch-compile", "torch-compile-max-autotune", "onnxruntime-cpu", "onnxruntime-cuda")
+ENCODER_CPU_DEFAULT = ("trifuse", "trifuse-native", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
 
 
 def cpu_note(device: torch.device) -> str:
@@ -386,7 +390,7 @@ def cpu_note(device: torch.device) -> str:
         return ("No GPU: the trifuse backend's Triton kernels are checked under Triton's interpreter, not timed; "
                 "CPU latencies of the PyTorch paths are shown for reference only.")
     return ("No GPU and no Triton interpreter (TRITON_INTERPRET=1 was not set before trifuse was imported): "
-            "the trifuse backend ran the PyTorch reference ops; its timings are not the kernels'.")
+            "the trifuse backend ran the native CPU path (kernels/cpu.py); its timings are not the Triton kernels'.")
 
 
 def _ort_backend(ort: OrtModel, inputs: dict) -> Callable:
@@ -421,7 +425,11 @@ def encoder_backend_fns(ours, hf_eager, build_sdpa: Callable[[], object], inputs
         with kernels.use_backend("reference"):
             return run_ours()
 
-    fns = {"trifuse": run_ours, "reference": run_reference,
+    def run_native():  # the CPU's fast path (kernels/cpu.py), whatever auto picks here
+        with kernels.use_backend("native"):
+            return run_ours()
+
+    fns = {"trifuse": run_ours, "reference": run_reference, "trifuse-native": run_native,
            "hf-eager": lambda: hf_eager(**inputs).last_hidden_state}
     if "trifuse-graphs" in backends:
         graphed = []

@@ -42,7 +42,6 @@ from torch import Tensor
 
 from . import beam_search as bs
 from . import generation as gen
-from .loading import _LENGTH_PAIRS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +70,59 @@ class Options:
     generator: Optional[torch.Generator] = None
 
 
-#: Every keyword ``generate`` and ``stream`` take (after ``input_ids`` and ``attention_mask``).
+#: Every keyword ``generate`` and ``stream`` take (after ``input_ids`` and ``attention_mask``). The one list:
+#: the pipelines take these options too, and ``generation_config.json`` may set all but the generator.
 OPTIONS = tuple(f.name for f in dataclasses.fields(Options))
+#: ``generation_config.json`` keys that become ``generate``'s defaults (:func:`generation_defaults`).
+GENERATION_KEYS = tuple(k for k in OPTIONS if k != "generator")
+#: ... and keys that do not change which tokens come out.
+_INERT_GENERATION_KEYS = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache",
+                          "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                          "return_dict_in_generate", "num_assistant_tokens", "num_assistant_tokens_schedule"}
+#: Length options that go in pairs: an explicit one replaces both of the file's.
+_LENGTH_PAIRS = ({"max_new_tokens", "max_length"}, {"min_new_tokens", "min_length"})
+
+# The type each option takes (its range is checked where it is used: engine.generation, engine.beam_search).
+_NUMBERS = {"max_new_tokens", "max_length", "min_length", "min_new_tokens", "top_k", "no_repeat_ngram_size",
+            "num_beams", "num_return_sequences", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id",
+            "temperature", "top_p", "repetition_penalty", "length_penalty"}
+_TOKEN_LISTS = {"eos_token_id", "forced_eos_token_id"}
+
+
+def generation_defaults(gen_cfg: dict, what: str = "generation_config.json") -> dict:
+    """The part of ``gen_cfg`` (a checkpoint's ``generation_config.json``, read by
+    :func:`engine.loading.read_generation_config`) trifuse's generate takes; a value that would change
+    the tokens but that trifuse does not implement is a warning (the tokens would differ from Hugging Face's)."""
+    unsupported = sorted(k for k, v in gen_cfg.items()
+                         if k not in GENERATION_KEYS and k not in _INERT_GENERATION_KEYS and v not in (None, [], {}))
+    if unsupported:
+        warnings.warn(f"{what} sets {', '.join(unsupported)}, which trifuse's generate does not implement; "
+                      "ignored (Hugging Face's generate would apply them)", stacklevel=3)
+    return {k: gen_cfg[k] for k in GENERATION_KEYS if gen_cfg.get(k) is not None}
+
+
+def _check_types(o: "Options") -> None:
+    """A ``TypeError`` naming the option whose value is of the wrong kind (``"3"`` for a count, ``"false"``
+    for ``do_sample``): caught before any arithmetic on it."""
+    for name in OPTIONS:
+        v = getattr(o, name)
+        if v is None:
+            continue
+        if name in _NUMBERS:
+            ok, what = isinstance(v, (int, float)), "a number"
+        elif name in _TOKEN_LISTS:
+            ok = isinstance(v, int) or (isinstance(v, (list, tuple, Tensor))
+                                        and all(isinstance(t, int) for t in (v.tolist() if isinstance(v, Tensor)
+                                                                             else v)))
+            what = "a token id or a list of them"
+        elif name == "do_sample":
+            ok, what = isinstance(v, bool), "True or False"
+        elif name == "early_stopping":
+            ok, what = isinstance(v, (bool, str)), "True, False or 'never'"
+        else:  # generator
+            ok, what = isinstance(v, torch.Generator), "a torch.Generator"
+        if not ok:
+            raise TypeError(f"{name} must be {what}, got {type(v).__name__} {v!r}")
 
 
 @dataclasses.dataclass
@@ -111,7 +161,11 @@ def options(model, given: dict, what: str = "generate") -> Options:
                 merged.pop(k, None)
     merged = {k: v for k, v in merged.items() if k in OPTIONS}
     merged.update(given)
-    return Options(**merged)
+    defaults = {f.name: f.default for f in dataclasses.fields(Options)}
+    # None asks for the default (as a JSON null does): only the token ids' None means "the config's".
+    o = Options(**{k: defaults[k] if v is None else v for k, v in merged.items()})
+    _check_types(o)
+    return o
 
 
 class Decoding:
@@ -216,7 +270,7 @@ class Decoding:
             else o.forced_eos_token_id,
             max_length=counted + max_new_tokens)
         vocab = c.vocab_size
-        for name in ("forced_bos_token_id", "forced_eos_token_id"):
+        for name in ("eos_token_id", "forced_bos_token_id", "forced_eos_token_id"):
             ids = getattr(cfg, name)
             if any(not 0 <= t < vocab for t in (() if ids is None else (ids,) if isinstance(ids, int) else ids)):
                 raise ValueError(f"{name}={ids!r} is outside the vocabulary [0, {vocab})")

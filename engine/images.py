@@ -13,12 +13,22 @@ rescale (``uint8 * rescale_factor`` in float64, then float32), normalize
 
 ``preprocess(checkpoint_dir, images)`` does both steps at once. Images are PIL
 images, ``uint8`` numpy arrays of shape ``H x W x C`` (C in 1, 3, 4) or ``H x W``,
-or paths to image files (opened with PIL and converted to RGB, or to grayscale
-for a one-channel ``image_mean``); one image or a list of them.
+or paths to image files (read by :func:`load_image`, then made grayscale for a
+one-channel ``image_mean``); one image or a list of them.
+
+:func:`load_image` is transformers' ``load_image``, which its image pipelines call on
+every input: a PIL image, a file path, an ``http(s)://`` URL, a base64 string or a
+``data:image/...;base64,`` URI, upright by its EXIF orientation
+(``ImageOps.exif_transpose``) and then ``convert("RGB")`` (transparency is dropped,
+not composited). ``allow_paths=False`` refuses paths and URLs: what a server calls on
+a request's input.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import os
 from dataclasses import dataclass, replace
@@ -114,8 +124,8 @@ class ImageProcessor:
         from PIL import Image
 
         if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as im:
-                return np.array(_to_rgb(im) if self.num_channels == 3 else im.convert("L"))
+            image = load_image(image)
+            return np.array(image if self.num_channels == 3 else image.convert("L"))
         if isinstance(image, Image.Image):
             return np.array(_to_rgb(image) if self.do_convert_rgb else image)
         if isinstance(image, np.ndarray):
@@ -205,9 +215,76 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
+def load_image(image, *, timeout: Optional[float] = None, allow_paths: bool = True):
+    """One image as transformers' ``load_image`` returns it: an RGB ``PIL.Image.Image``.
+
+    ``image``: a PIL image; encoded image bytes; a ``str`` that is a file path, an
+    ``http(s)://`` URL (fetched with ``timeout`` seconds), a ``data:image/...;base64,``
+    URI or a base64 string (tried in that order, as transformers does); or an
+    ``os.PathLike``. The result is turned upright by its EXIF orientation and converted
+    with ``convert("RGB")``. With ``allow_paths=False`` no file is opened and no URL
+    fetched (a server's rule: a string is then base64 or a data URI, never a path).
+    Anything that is not an image is a ``ValueError`` (a ``TypeError`` for another type).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        opened = image
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        opened = _open_bytes(bytes(image), "image bytes")
+    elif isinstance(image, os.PathLike) or (isinstance(image, str) and allow_paths and os.path.isfile(image)):
+        if not allow_paths:
+            raise ValueError("image paths are not accepted here; send the image's bytes as base64 or a data: URI")
+        try:
+            with open(image, "rb") as f:
+                opened = _open_bytes(f.read(), f"image file {os.fspath(image)!r}")
+        except OSError as e:
+            raise ValueError(f"cannot read image file {os.fspath(image)!r}: {e.strerror or e}") from None
+    elif isinstance(image, str):
+        if image.startswith(("http://", "https://")):
+            if not allow_paths:
+                raise ValueError("image URLs are not fetched here; send the image's bytes as base64 or a data: URI")
+            import urllib.request
+
+            with urllib.request.urlopen(image, timeout=timeout) as r:
+                opened = _open_bytes(r.read(), f"the image at {image}")
+        else:
+            data = image.split(",")[1] if image.startswith("data:image/") and "," in image else image
+            try:
+                raw = base64.decodebytes(data.encode())
+            except (binascii.Error, UnicodeEncodeError, ValueError) as e:
+                raise ValueError(_bad_source(image, e, allow_paths)) from None
+            try:
+                opened = Image.open(io.BytesIO(raw))
+                opened.load()
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise ValueError(_bad_source(image, e, allow_paths)) from None
+    else:
+        raise TypeError(f"unsupported image type {type(image).__name__}: pass a PIL image, a path, a URL, "
+                        "a base64 string or a data: URI")
+    return ImageOps.exif_transpose(opened).convert("RGB")
+
+
+def _open_bytes(raw: bytes, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{what} is not an image PIL can read: {e}") from None
+    return image
+
+
+def _bad_source(image: str, error: Exception, allow_paths: bool) -> str:
+    shown = image if len(image) <= 60 else image[:57] + "..."
+    sources = "a path to an image file, an http(s) URL, " if allow_paths else ""
+    return f"{shown!r} is not an image: expected {sources}a base64 string or a data:image/...;base64, URI ({error})"
+
+
 def preprocess(checkpoint, images: Sequence, **kwargs) -> torch.Tensor:
     """``ImageProcessor.from_pretrained(checkpoint)(images, **kwargs)``."""
     return ImageProcessor.from_pretrained(checkpoint)(images, **kwargs)
 
 
-__all__ = ["ImageProcessor", "preprocess"]
+__all__ = ["ImageProcessor", "load_image", "preprocess"]

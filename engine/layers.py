@@ -176,7 +176,7 @@ class Attention(nn.Module):
                 kv: Optional[Tuple[Tensor, Tensor]] = None, bias: Optional[Tensor] = None,
                 relative_bias: Optional[kernels.RelativeBias] = None, need_probs: bool = False):
         if isinstance(mask, Packed):
-            return self._packed(x, mask, relative_bias), None
+            return self._varlen(x, mask, relative_bias), None
         if getattr(cache, "packed", False):  # engine.paged.PackedStep: many sequences' tokens in one row
             return self.out(cache.attention(self, x, relative_bias)), None
         b, n, _ = x.shape
@@ -201,7 +201,7 @@ class Attention(nn.Module):
             probs = None
         return self.out(ctx.transpose(1, 2).reshape(b, n, -1)), probs
 
-    def _packed(self, x: Tensor, p: Packed, relative_bias: Optional[kernels.RelativeBias]) -> Tensor:
+    def _varlen(self, x: Tensor, p: Packed, relative_bias: Optional[kernels.RelativeBias]) -> Tensor:
         t = x.shape[0]
         q, k, v = self.qkv(x).view(t, 3, self.heads, self.head_dim).unbind(1)  # [T, H, D] strided views
         ctx = kernels.attention_varlen(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_seqlen, p.max_seqlen,

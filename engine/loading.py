@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -53,17 +52,25 @@ def read_json_object(file: Path) -> dict:
     return value
 
 
-#: generation_config.json keys trifuse's ``generate`` / ``stream`` take; they become those calls' defaults.
-GENERATION_KEYS = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature",
-                   "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty",
-                   "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id", "decoder_start_token_id",
-                   "forced_bos_token_id", "forced_eos_token_id")
-#: ... and keys that do not change which tokens come out.
-_INERT_GENERATION_KEYS = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache",
-                          "output_attentions", "output_hidden_states", "output_scores", "output_logits",
-                          "return_dict_in_generate", "num_assistant_tokens", "num_assistant_tokens_schedule"}
-#: Length options that go in pairs: an explicit one replaces both of the file's.
-_LENGTH_PAIRS = ({"max_new_tokens", "max_length"}, {"min_new_tokens", "min_length"})
+def check_config_values(config: dict, defaults: dict) -> None:
+    """A ``ValueError`` naming the ``config.json`` field whose value cannot be what trifuse reads there:
+    a string (or bool, object) where the family's default is a number (``"hidden_size": "32"``), and a
+    token id (``*_token_id``) that is not an int (or a list of them) a 64-bit tensor can hold."""
+    for name, value in config.items():
+        if value is None:
+            continue
+        if name.endswith("_token_id"):
+            ids = value if isinstance(value, list) else [value]
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ValueError(f"config.json: {name!r} must be a token id (an int) or a list of them, got {value!r}")
+            if any(not -(1 << 63) <= i < 1 << 63 for i in ids):
+                raise ValueError(f"config.json: {name!r} = {value!r} is not a token id (beyond a 64-bit int)")
+            continue
+        default = defaults.get(name)
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, (str, bool, dict))
+                or isinstance(value, list) and not all(isinstance(v, (int, float)) for v in value)):
+            raise ValueError(f"config.json: {name!r} must be a number, got {type(value).__name__} {value!r}")
 
 
 def read_generation_config(source) -> dict:
@@ -74,17 +81,6 @@ def read_generation_config(source) -> dict:
         return read_json_object(file) if file.is_file() else {}
     gen_cfg = getattr(source, "generation_config", None)
     return dict(gen_cfg.to_diff_dict()) if hasattr(gen_cfg, "to_diff_dict") else {}
-
-
-def generation_defaults(gen_cfg: dict, what: str = "generation_config.json") -> dict:
-    """The part of ``gen_cfg`` trifuse's generate takes; a value that would change the tokens but that
-    trifuse does not implement is a warning (the tokens would differ from Hugging Face's)."""
-    unsupported = sorted(k for k, v in gen_cfg.items()
-                         if k not in GENERATION_KEYS and k not in _INERT_GENERATION_KEYS and v not in (None, [], {}))
-    if unsupported:
-        warnings.warn(f"{what} sets {', '.join(unsupported)}, which trifuse's generate does not implement; "
-                      "ignored (Hugging Face's generate would apply them)", stacklevel=3)
-    return {k: gen_cfg[k] for k in GENERATION_KEYS if gen_cfg.get(k) is not None}
 
 
 def _read_weights(path: Path) -> dict:

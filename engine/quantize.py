@@ -31,6 +31,11 @@ from torch import Tensor, nn
 
 QUANTIZATIONS = ("int8",)
 
+#: oneDNN's int8 linear (``onednn::qlinear_pointwise``, what Inductor's x86 int8 path emits) is in
+#: this torch build; without it (non-x86 builds) :class:`Int8Linear` runs ``torch._int_mm``.
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+_HALF_UP = torch.tensor(128.5)
+
 
 class Int8Linear(nn.Module):
     """``y = (q(x) @ q(W)^T) * scale_x * scale_w + b``: per-token int8 activations, per-channel int8 weights."""
@@ -51,14 +56,38 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+    _packed: Optional[Tensor] = None  # oneDNN's prepacked qweight, built on first use
+
+    def __getstate__(self):  # copies leave the packed weight behind (oneDNN's cannot be copied)
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
+
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()  # [M, K]
-        sx = x2.abs().amax(1, keepdim=True).clamp_min_(1e-12).div_(127)  # [M, 1] per token
-        xq = torch.round(x2 / sx).to(torch.int8)  # |x / sx| <= 127 by construction
-        y = torch._int_mm(xq, self.qweight.t()).mul(self.scale)  # int32 [M, N] -> fp32, per channel
-        y = y.mul_(sx) if self.bias is None else torch.addcmul(self.bias, y, sx)
+        # max|x| per row as max(amax, -amin): vectorized, unlike vector_norm(inf) or aminmax on the CPU.
+        amax = torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg_()).clamp_min_(1e-12)  # [M, 1]
+        sx = amax / 127
+        # x / sx + 128 lies in [1, 255]; + 0.5 then truncation rounds it (halves up) in the same pass.
+        # Through int32: float -> uint8 is a scalar loop on the CPU, float -> int32 -> uint8 is not.
+        xu = torch.addcmul(_HALF_UP, x2, 127 / amax).to(torch.int32).to(torch.uint8)  # [M, K], zero point 128
+        if x.device.type == "cpu" and ONEDNN:
+            # oneDNN's u8 x s8 kernel (VNNI's native form) on a prepacked weight, the per-channel
+            # weight scale applied in the kernel.
+            if self._packed is None:
+                self._packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+            y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, self._packed, self.scale, self._zero_points(),
+                                                   None, 1.0, 0, torch.float32, "none", [], "")
+        else:
+            xq = xu.to(torch.int16).sub_(128).to(torch.int8)
+            y = torch._int_mm(xq, self.qweight.t()).mul(self.scale)  # int32 [M, N] -> fp32
+        y = y.mul_(sx) if self.bias is None else torch.addcmul(self.bias, y, sx, out=y)  # per token, the bias
         return y.to(x.dtype).view(*lead, self.out_features)
+
+    def _zero_points(self) -> Tensor:
+        zp = self.__dict__.get("_zp")
+        if zp is None or zp.shape[0] != self.out_features:
+            zp = self.__dict__["_zp"] = torch.zeros(self.out_features, dtype=torch.int32)
+        return zp
 
 
 def check_quantize(quantize: Optional[str], device: torch.device, dtype: Optional[torch.dtype]) -> None:

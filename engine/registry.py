@@ -9,8 +9,9 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from .family import Family
-from .loading import generation_defaults, read_checkpoint, read_generation_config
+from .decoding import generation_defaults
 from .layers import pack_linears
+from .loading import check_config_values, read_checkpoint, read_generation_config
 from .quantize import check_quantize, quantize_linears
 
 _DTYPES = {
@@ -80,7 +81,10 @@ def with_hf_defaults(config: dict) -> dict:
     for name, alias in fam.config_aliases.get(model_type, {}).items():
         if name not in out and alias in out:
             out[name] = out[alias]
-    for name, value in fam.config_defaults.get(model_type, {}).items():
+    defaults = fam.config_defaults.get(model_type, {})
+    aliases = fam.config_aliases.get(model_type, {})
+    check_config_values(out, {**defaults, **{alias: defaults.get(name) for name, alias in aliases.items()}})
+    for name, value in defaults.items():
         out.setdefault(name, value)
     return out
 

@@ -148,25 +148,74 @@ class Tokenizer:
         ``truncation``: ``True``/``"longest_first"``, ``"only_first"``, ``"only_second"``
         or ``None``/``False``; ``max_length`` defaults to ``model_max_length`` as in HF.
         """
+        _check_count("max_length", max_length, 1)
+        _check_count("stride", stride, 0)
+        if truncation not in (None, False, True, "longest_first", "only_first", "only_second", "do_not_truncate"):
+            raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'only_second', "
+                             f"got {truncation!r}")
+        texts = list(texts)
+        pairs = None if pairs is None else list(pairs)
         if truncation in (True, "longest_first", "only_first", "only_second"):
             strategy = "longest_first" if truncation is True else truncation
             limit = self.model_max_length if max_length is None else max_length
             if limit >= _UNLIMITED:  # no limit known: transformers warns and does not truncate
                 self.backend.no_truncation()
             else:
+                if pairs is not None or stride or strategy == "only_second":
+                    self._check_room(texts, pairs, strategy, limit, stride, add_special_tokens, is_split_into_words)
                 self.backend.enable_truncation(limit, stride=stride, strategy=strategy,
                                                direction=self.truncation_side)
         else:
             self.backend.no_truncation()
         try:
-            inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+            inputs = texts if pairs is None else list(zip(texts, pairs))
             encs = self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens,
                                              is_pretokenized=is_split_into_words)
+        except BaseException as e:  # tokenizers' Rust panics are BaseExceptions (pyo3's PanicException)
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            raise ValueError(f"the tokenizer could not encode these inputs: {str(e).splitlines()[0]}") from None
         finally:
             self.backend.no_truncation()
         if overflow:
             return [[e, *e.overflowing] for e in encs]
         return encs
+
+    def _check_room(self, texts, pairs, strategy, limit, stride, add_special_tokens, pretokenized) -> None:
+        """Truncating to ``limit`` tokens leaves each window ``limit`` minus the special tokens (minus the
+        other side of a pair when one side is cut); tokenizers panics (a Rust backtrace, a
+        ``BaseException``) when ``stride`` does not fit in that room. Say so first, as a ``ValueError``."""
+        special = self.backend.num_special_tokens_to_add(pairs is not None) if add_special_tokens else 0
+        lengths = [[len(e.ids) for e in self.backend.encode_batch(side, add_special_tokens=False,
+                                                                  is_pretokenized=pretokenized)]
+                   for side in ((texts,) if pairs is None else (texts, pairs))]
+        if pairs is None:  # one sequence: the window is what the special tokens leave of max_length
+            room = limit - special
+            for n in lengths[0]:
+                if n > room and strategy == "only_second":
+                    raise ValueError(f"truncation='only_second' cuts the second of a pair; this input is one "
+                                     f"sequence of {n} tokens, over max_length {limit}")
+                if n > room and stride >= room:
+                    raise ValueError(f"stride {stride} must be smaller than the {max(room, 0)} tokens each window "
+                                     f"holds (max_length {limit} - {special} special tokens)")
+            return
+        names = ("first sequence", "second sequence")
+        for a, b in zip(*lengths):
+            n = (a, b)
+            if a + b + special <= limit:
+                continue  # nothing to cut
+            if strategy == "longest_first":
+                _check_longest_first(n, limit - special, stride)
+                continue
+            cut, kept = (0, 1) if strategy == "only_first" else (1, 0)
+            room = limit - special - n[kept]
+            if room <= 0:
+                raise ValueError(f"max_length {limit} leaves no room for the {names[cut]}: the {names[kept]} "
+                                 f"takes {n[kept]} tokens and the special tokens {special}")
+            if stride >= room:
+                raise ValueError(f"stride {stride} must be smaller than the {room} tokens of the {names[cut]} each "
+                                 f"window holds (max_length {limit} - {n[kept]} of the {names[kept]} - {special} "
+                                 f"special tokens)")
 
     def pad(self, encodings: Sequence, *, side: Optional[str] = None, device=None, type_ids: bool = True,
             pad_id: Optional[int] = None) -> Dict[str, Tensor]:
@@ -202,3 +251,30 @@ class Tokenizer:
         if clean is None:
             clean = self.clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean else text
+
+
+def _check_longest_first(n: tuple, room: int, stride: int) -> None:
+    """tokenizers' ``longest_first`` split of ``room`` tokens between a pair (its ``truncate_encodings``):
+    each side cut to a length that ``stride`` must stay below, or the library panics."""
+    if room <= 0:
+        return  # tokenizers keeps nothing of either side then: no stride check
+    short, long = sorted(n)
+    short_to = short if short <= room else room
+    long_to = short_to if short > room else max(short_to, room - short_to)
+    if short_to + long_to > room:
+        short_to, long_to = room // 2, room // 2 + room % 2
+    targets = (short_to, long_to) if n[0] <= n[1] else (long_to, short_to)
+    for side, (length, target) in enumerate(zip(n, targets)):
+        if 0 < target < length and stride >= target:
+            raise ValueError(f"stride {stride} must be smaller than the {target} tokens the "
+                             f"{('first', 'second')[side]} sequence keeps per window when the pair is truncated "
+                             f"to {room} tokens (longest first)")
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")

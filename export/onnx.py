@@ -94,6 +94,9 @@ def to_onnx(model, path, *, opset: Optional[int] = None, dynamic: bool = True, e
     path = Path(path)
     if path.suffix != ".onnx":
         raise ExportError(f"{path}: the output file must end in .onnx")
+    if getattr(model, "quantization", None):
+        raise ExportError(f"a {model.quantization}-quantized model does not export; export the float model and "
+                          "quantize the ONNX file (onnxruntime.quantization.quantize_dynamic)")
     graphs = graphs_for(model, dynamic=dynamic, example_inputs=example_inputs, layer_outputs=layer_outputs)
     dtype = next(model.parameters()).dtype
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -154,11 +154,13 @@ def _tiny_checkpoint(family, path):
     return hf
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "native", "reference"])
 @pytest.mark.parametrize("family", ["bert", "gpt2", "t5", "bart"])
 def test_tiny_head_dim_models_match_transformers(family, backend, device, tmp_path, monkeypatch):
     """Checkpoints with head dim 4 or 8 load and match transformers, through the Triton kernel
-    (compiled, or under the interpreter on the CPU) and on the CPU path."""
+    (compiled, or under the interpreter on the CPU), the native CPU path and the reference."""
+    if backend == "native" and device != "cpu":
+        pytest.skip("the native path is the CPU's")
     from tests.helpers import OUTPUT_FIELDS, assert_same_outputs
     from trifuse import engine
 

@@ -392,8 +392,9 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     from trifuse.bench import default
 
     exported, to_onnx = [], export.to_onnx
-    monkeypatch.setattr(export, "to_onnx", lambda model, path, **kw: exported.append(model.task) or
-                        to_onnx(model, path, **kw))
+    # (task, size): the cpu part exports its own model (bert-small), the families' rows theirs.
+    monkeypatch.setattr(export, "to_onnx", lambda model, path, **kw: exported.append(
+        (model.task, sum(p.numel() for p in model.parameters()))) or to_onnx(model, path, **kw))
     ckpt = tmp_path / "tiny-bert"
     hf_model("bert", "Model").save_pretrained(ckpt)
     monkeypatch.setattr(default, "_plan", lambda: [("bert", "models", (str(ckpt), str(ckpt))),
@@ -411,7 +412,7 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     assert "Finished" in head and "a quick run on" in head and "checks" in head and "ONNX: 2 of 2" in head
     assert "Timing of the Triton kernels needs a GPU; see scripts/device-check.sh" in head
     assert "checks" in out.split("trifuse main job")[-1]
-    for name in ("kernels", "attention", "models", "decoder", "onnx", "packed"):
+    for name in ("kernels", "attention", "cpu", "models", "decoder", "onnx", "packed"):
         assert list(folder.glob(f"{name}-*.json")), name
     rows = json.loads(next(folder.glob("packed-*.json")).read_text())["rows"]  # the mixed-length batch
     assert {r["backend"] for r in rows} >= {"trifuse-packed", "trifuse-padded", "hf-eager"}
@@ -567,3 +568,25 @@ def test_packed_headline_figure_from_clean_timings_only():
                                      "the ideal 5.8x).")
     rows[0]["status"] = "noisy: spread"
     assert headline_figure(rows) is None
+
+
+def test_cpu_suite_every_precision_and_peer(tmp_path):
+    """bench/cpu.py: trifuse fp32/bf16/int8 beside Hugging Face, ONNX Runtime (and OpenVINO when
+    installed), each row checked against float64 before it is timed, with its fraction of the ceiling."""
+    from tests.test_bert import hf_model
+    from trifuse.bench import cpu
+
+    ckpt = tmp_path / "tiny-bert"
+    hf_model("bert", "Model").save_pretrained(ckpt)
+    opts = Options(device=torch.device("cpu"), dtype=torch.float32, quick=True, seq=[16], batch=[1, 3])
+    res = cpu.run(opts, [str(ckpt)])
+    backends = {r["backend"] for r in res.rows}
+    assert {"trifuse-fp32", "trifuse-bf16", "trifuse-int8", "hf-sdpa-bf16", "onnxruntime-int8"} <= backends
+    assert all(bench_row_passed(r) for r in res.rows), [(r["backend"], r["status"]) for r in res.rows]
+    assert {"matmul_fp32_gflops", "matmul_bf16_gflops", "matmul_int8_gflops"} <= set(res.ceilings)
+    for r in res.rows:
+        assert r["frac_of_peak"] > 0 and r["threads"] == 1 and r["cosine"] >= cpu.BUDGET[r["dtype"]][1]
+    lines = cpu.headline_lines(res.rows)
+    assert len(lines) == 2 and "fp32" in lines[0] and "int8" in lines[0] and "x Hugging Face" in lines[0]
+    with pytest.raises(SystemExit, match="unknown backend"):
+        cpu.run(Options(device=torch.device("cpu"), dtype=torch.float32, backends=["nope"]), [str(ckpt)])

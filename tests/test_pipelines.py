@@ -20,6 +20,7 @@ from tests.helpers import HF_BEAM_SAMPLE, hf_at_least
 from trifuse import engine
 from trifuse.engine import generation as gen
 from trifuse.engine import pipelines as P
+from trifuse.engine.pipelines import question_answering as QA
 from trifuse.engine.graphs import BucketedModel
 from trifuse.engine.tokenization import Tokenizer
 
@@ -410,7 +411,7 @@ def _hf_qa_reference(model, tok, question, context, top_k=1, max_answer_len=15, 
                                                               handle_impossible_answer, max_answer_len)
         e = enc[i]
         for s, t, score in zip(starts, ends, scores):
-            a, b = P._char_span(e, int(s), int(t), 1, True)
+            a, b = QA._char_span(e, int(s), int(t), 1, True)
             answers.append({"score": score.item(), "start": a, "end": b, "answer": context[a:b]})
     if handle_impossible_answer:
         answers.append({"score": min_null, "start": 0, "end": 0, "answer": ""})

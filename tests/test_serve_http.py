@@ -399,6 +399,10 @@ def test_openai_shaped_errors_and_metrics(live):
     assert samples.get(("trifuse_generated_tokens_total", ()), 0) > 0
     assert any(name == "trifuse_batch_requests_count" and v > 0 for (name, _), v in samples.items())
     assert any(name == "trifuse_request_queue_seconds_bucket" for name, _ in samples)
+    # the completions ran on the continuous-batching engine, whose KV pool /metrics reports
+    assert samples.get(("trifuse_kv_blocks_total", ()), 0) > 0 and ("trifuse_engine_running_sequences", ()) in samples
+    engine = json.loads(_get(url + "stats"))["engine"]
+    assert engine["finished"] >= 10 and engine["generated"] > 0, engine
 
 
 def test_full_replica_answers_429_then_recovers(live):
@@ -419,3 +423,26 @@ def test_full_replica_answers_429_then_recovers(live):
         _error(code, body, 429, "overloaded")
         assert [f.result()[0] for f in waiting] == [200, 200]
     assert _post(url, payload)[0] == 200  # answering again
+
+
+def test_a_client_that_leaves_cancels_its_work(live):
+    """A request waiting for its batch (10 s on this app) whose client disconnects is never run."""
+    url = live["url"] + "busy/"
+    stats = json.loads(_get(url + "stats"))
+    work_before = stats["requests"] - stats["skipped"]
+    body = json.dumps({"inputs": "a fine, quiet day"}).encode()
+    port = int(live["url"].rsplit(":", 1)[1].strip("/"))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /busy/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.time() + 60
+        while "trifuse_requests_in_flight 1.0" not in _get(url + "metrics"):
+            assert time.time() < deadline, "the request never arrived"
+            time.sleep(0.2)
+    deadline = time.time() + 90  # the batch wait (10 s), then Ray's cancellation
+    while "trifuse_requests_in_flight 0.0" not in _get(url + "metrics"):
+        assert time.time() < deadline, "the request stayed in flight after its client left"
+        time.sleep(0.5)
+    time.sleep(11)  # past the batch wait: had it run, it would be counted now
+    stats = json.loads(_get(url + "stats"))
+    assert stats["requests"] - stats["skipped"] == work_before, stats  # no forward pass for it

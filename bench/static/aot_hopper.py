@@ -192,7 +192,10 @@ def recording(found: dict, scenario: list):
     """Every trifuse kernel launch inside the block is recorded (and not run); the ops take the
     Triton path on CPU tensors, as they would on CUDA tensors."""
     att, norm, gelu, paged, varlen = (_module(m) for m in KERNEL_MODULES)
-    patches = [(att, "_kernel_takes", lambda q: q.dtype != torch.float64),
+    # Triton "runs" on CPU tensors here, so nothing takes the native CPU path (which would, e.g., hand
+    # attention T5's bias densified and the engine's layers their CPU shapes).
+    patches = [(_module("_dispatch"), "triton_runnable", lambda device: True),
+               (att, "_kernel_takes", lambda q: q.dtype != torch.float64),
                (varlen, "_kernel_takes", lambda q: q.dtype != torch.float64),
                (norm, "use_triton", lambda t: True), (gelu, "use_triton", lambda t: True),
                (paged, "use_triton", lambda t: True)]

@@ -67,15 +67,16 @@ def _app_class():
 
     class TrifuseDeployment:
         def __init__(self, checkpoint, task, device, dtype, max_batch_size, batch_wait_timeout_s, limits=None,
-                     served_model_name=None, max_concurrent_requests=512, request_timeout_s=300.0):
+                     served_model_name=None, max_concurrent_requests=512, request_timeout_s=300.0, quantize=None):
             _bind_replica_grpc_to_loopback()
             self.server = PipelineServer(checkpoint, task, device=device, dtype=dtype, max_batch_size=max_batch_size,
-                                         batch_wait_timeout_s=batch_wait_timeout_s, limits=limits)
+                                         batch_wait_timeout_s=batch_wait_timeout_s, limits=limits, quantize=quantize)
             self.batched.set_max_batch_size(max_batch_size)
             self.batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
             self.name = served_model_name or _model_name(checkpoint)
             self.metrics = Metrics(self.name)
             self.server.on_batch = self.metrics.batch
+            self.metrics.engine_stats = self.server.engine_stats
             self.openai = OpenAIRoutes(self.server, self.name, self._run, self.metrics)
             self.max_concurrent, self.timeout_s = max_concurrent_requests, request_timeout_s
             self.in_flight = 0
@@ -211,7 +212,7 @@ def deployment(checkpoint, task: str, *, device: Optional[str] = None, dtype: Op
                max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, num_replicas: int = 1,
                gpus_per_replica: Optional[float] = None, cpus_per_replica: float = 1.0, name: str = "trifuse",
                limits: Optional[Limits] = None, served_model_name: Optional[str] = None,
-               max_concurrent_requests: int = 512, request_timeout_s: float = 300.0):
+               max_concurrent_requests: int = 512, request_timeout_s: float = 300.0, quantize: Optional[str] = None):
     """A Ray Serve application serving ``trifuse.pipeline(task, checkpoint)``; pass it to
     ``serve.run`` or compose it with your own deployments. ``gpus_per_replica`` reserves GPUs
     per replica through Ray (default: 1 when ``device`` is CUDA, else none). ``limits`` caps
@@ -240,4 +241,4 @@ def deployment(checkpoint, task: str, *, device: Optional[str] = None, dtype: Op
                            ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
                            max_ongoing_requests=ongoing, max_queued_requests=ongoing)
     return cls.bind(str(checkpoint), task, device, dtype, max_batch_size, batch_wait_timeout_s, limits or Limits(),
-                    served_model_name, max_concurrent_requests, request_timeout_s)
+                    served_model_name, max_concurrent_requests, request_timeout_s, quantize)

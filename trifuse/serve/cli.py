@@ -54,6 +54,7 @@ def add_arguments(p) -> None:
                    help="let image requests name files inside DIR (default: none; images come as base64)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the pipeline's)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linears (CPU only; docs/cpu.md)")
     p.add_argument("--address", default=None, metavar="RAY_ADDRESS",
                    help="an existing Ray cluster (default: start a local Ray, listening on 127.0.0.1 only)")
     p.add_argument("--access-log", action="store_true", help="log every request (Ray Serve's access log)")
@@ -110,7 +111,8 @@ def main(args) -> int:
                      max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
                      num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                      cpus_per_replica=args.cpus_per_replica, limits=limits, served_model_name=args.served_model_name,
-                     max_concurrent_requests=args.max_concurrent_requests, request_timeout_s=args.request_timeout_s)
+                     max_concurrent_requests=args.max_concurrent_requests, request_timeout_s=args.request_timeout_s,
+                     quantize=args.quantize)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())

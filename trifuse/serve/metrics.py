@@ -39,6 +39,17 @@ class Metrics:
         self.rejected = pc.Counter("trifuse_rejected_requests", "requests refused before any work, by reason",
                                    ["reason"], registry=r)
         pc.Info("trifuse_model", "the served model", registry=r).info({"model": model})
+        #: a callable returning the generation engine's stats (``GenerationEngine.stats()``) or None
+        self.engine_stats = None
+        for key, name, doc in (("running", "trifuse_engine_running_sequences", "sequences in the engine's steps"),
+                               ("waiting", "trifuse_engine_waiting_sequences", "sequences waiting for the engine"),
+                               ("kv_blocks_used", "trifuse_kv_blocks_used", "KV-pool blocks in use"),
+                               ("kv_blocks_total", "trifuse_kv_blocks_total", "KV-pool blocks")):
+            pc.Gauge(name, doc, registry=r).set_function(lambda key=key: self._engine_value(key))
+
+    def _engine_value(self, key: str) -> float:
+        stats = self.engine_stats() if self.engine_stats is not None else None
+        return float(stats[key]) if stats else 0.0
 
     def batch(self, requests, started: float, seconds: float) -> None:
         self.batch_requests.observe(len(requests))

@@ -8,14 +8,16 @@ vLLM's server (``vllm/entrypoints/openai/``); errors are :class:`BadRequest` wit
 and the option at fault, which the app turns into OpenAI's error JSON.
 
 Embeddings and rerank go through the replica's batches (``run``: the same ``@serve.batch`` as
-``POST /``). Completions decode through the server's step-wise generation
-(:meth:`PipelineServer.astream`), one sequence at a time, interleaved with the batches step by
-step, so a client that leaves (or a timeout) stops its decoding after the current step. That
-is the hook the continuous-batching engine plugs into.
+``POST /``). Completions run on the continuous-batching engine (:class:`trifuse.GenerationEngine`,
+:meth:`PipelineServer.generation_engine`): concurrent requests share its steps, and a request whose
+client leaves (or that times out) is cancelled there. Streamed completions decode through the
+server's step-wise stream (:meth:`PipelineServer.astream`), one sequence at a time, interleaved
+with the batches step by step; closing the stream stops the decoding after the current step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -25,7 +27,7 @@ from typing import Awaitable, Callable, Optional
 
 import numpy as np
 
-from .requests import BadRequest, over_limit
+from .requests import BadRequest, one_line, over_limit
 from .server import PipelineServer
 
 EMBEDDING_TASKS = ("sentence-embedding", "feature-extraction")
@@ -281,6 +283,25 @@ class OpenAIRoutes:
         n = self._count(["".join(text)], add_special_tokens=False)[0]
         yield _Finish("length" if n >= params["max_new_tokens"] else "stop")
 
+    async def _engine_choice(self, engine, prompt: str, params: dict, stop: list[str], index: int, seed):
+        """``(text, finish_reason, tokens generated)`` of one completion on the continuous-batching
+        engine; a cancelled request (a client gone, the timeout) is cancelled in the engine."""
+        ids = self.pipe.tokenizer.encode([prompt])[0].ids
+        if not ids:
+            raise BadRequest("the prompt is empty", param="prompt")
+        try:
+            tokens = await engine.agenerate(ids, seed=None if seed is None else seed + index, **params)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(one_line(e)) from None
+        text = self.pipe.tokenizer.decode(tokens, skip_special_tokens=True)  # as the pipeline decodes
+        cuts = [i for i in (text.find(x) for x in stop) if i >= 0]
+        if cuts:
+            return text[:min(cuts)], "stop", len(tokens)
+        eos = self.pipe.config.get("eos_token_id")
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        ended = bool(tokens) and tokens[-1] in eos
+        return text, "stop" if ended or len(tokens) < params["max_new_tokens"] else "length", len(tokens)
+
     def _generators(self, seed, count: int):
         if seed is None:
             return [None] * count
@@ -300,6 +321,19 @@ class OpenAIRoutes:
         obj = "chat.completion" if chat else "text_completion"
 
         if not s["stream"]:
+            engine = self.server.generation_engine()
+            if engine is not None:  # every choice at once: they share the engine's steps with other requests
+                done = await asyncio.gather(*(self._engine_choice(engine, prompt, params, s["stop"], index, s["seed"])
+                                              for prompt, index in jobs))
+                choices = [{"index": index, "finish_reason": finish, "logprobs": None,
+                            **({"message": {"role": "assistant", "content": text}} if chat
+                               else {"text": (prompt if s["echo"] else "") + text})}
+                           for (prompt, index), (text, finish, _) in zip(jobs, done)]
+                completion_tokens = sum(n for _, _, n in done)
+                self._generated(completion_tokens)
+                return {"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices,
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                  "total_tokens": prompt_tokens + completion_tokens}}
             choices, completion_tokens = [], 0
             for (prompt, index), g in zip(jobs, gens):
                 text, finish = [prompt] if s["echo"] else [], None
@@ -311,8 +345,8 @@ class OpenAIRoutes:
                 joined = "".join(text)
                 completion_tokens += self._count([joined[len(prompt):] if s["echo"] else joined],
                                                  add_special_tokens=False)[0]
-                choices.append({"index": index, "finish_reason": finish, "logprobs": None,
-                                **({"message": {"role": "assistant", "content": joined}} if chat else {"text": joined})})
+                said = {"message": {"role": "assistant", "content": joined}} if chat else {"text": joined}
+                choices.append({"index": index, "finish_reason": finish, "logprobs": None, **said})
             self._generated(completion_tokens)
             return {"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices,
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -230,18 +230,20 @@ def _allowed_path(text: str, limits: Limits) -> str:
 
 
 def _decode_image(raw: bytes, limits: Limits):
+    """The image in ``raw``: its size read from the header and checked first, then loaded by the
+    engine's loader, as transformers loads images (EXIF orientation, RGB)."""
     from PIL import Image, UnidentifiedImageError
 
+    from trifuse.engine.images import load_image
+
     try:
-        image = Image.open(io.BytesIO(raw))
-        w, h = image.size
-        if w * h > limits.max_image_pixels:
-            raise BadRequest(f"the image is {w}x{h} = {w * h} pixels, over this server's limit of "
-                             f"{limits.max_image_pixels} (raise it with trifuse serve --max-image-pixels)",
-                             422, "inputs")
-        image.load()
-    except BadRequest:
-        raise
+        w, h = Image.open(io.BytesIO(raw)).size  # the header only: nothing decoded yet
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadRequest(f"not an image PIL can read: {one_line(e)}", param="inputs") from None
-    return image
+    if w * h > limits.max_image_pixels:
+        raise BadRequest(f"the image is {w}x{h} = {w * h} pixels, over this server's limit of "
+                         f"{limits.max_image_pixels} (raise it with trifuse serve --max-image-pixels)", 422, "inputs")
+    try:
+        return load_image(raw, allow_paths=False)
+    except (ValueError, TypeError, OSError, Image.DecompressionBombError) as e:
+        raise BadRequest(f"not an image PIL can read: {one_line(e)}", param="inputs") from None

@@ -71,11 +71,12 @@ class PipelineServer:
 
     def __init__(self, checkpoint: str, task: str, *, device: Optional[str] = None, dtype: Optional[str] = None,
                  max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, pipeline=None,
-                 limits: Optional[Limits] = None):
+                 limits: Optional[Limits] = None, quantize: Optional[str] = None):
         if pipeline is None:
             import trifuse
 
-            pipeline = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype, batch_size=max_batch_size)
+            pipeline = trifuse.pipeline(task, checkpoint, device=device, dtype=dtype, batch_size=max_batch_size,
+                                        quantize=quantize)
         self.pipeline, self.task, self.checkpoint = pipeline, task, checkpoint
         self.limits = limits or Limits()
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
@@ -86,6 +87,7 @@ class PipelineServer:
         self._skipped = 0  # requests whose clients were gone before their batch ran
         self._started = time.time()
         self.on_batch = None  # called with (requests, start, seconds) after each batch (metrics)
+        self._engine = None  # the continuous-batching engine, started on first use (False: none)
 
     @property
     def prompt_room(self) -> int:
@@ -95,6 +97,23 @@ class PipelineServer:
         except (AttributeError, TypeError, ValueError):
             room = 4096
         return min(room, 1 << 20)
+
+    def generation_engine(self):
+        """The continuous-batching engine (:class:`trifuse.GenerationEngine`) that runs this replica's
+        OpenAI completions together, step by step, started on first use; ``None`` where the task is
+        not text generation or the model cannot run in one."""
+        if self._engine is None:
+            self._engine = False
+            model = getattr(self.pipeline, "model", None)
+            if self.task == "text-generation" and callable(getattr(model, "packed_logits", None)):
+                from trifuse.engine.continuous import GenerationEngine
+
+                self._engine = GenerationEngine(model, max_num_seqs=self.max_batch_size)
+        return self._engine or None
+
+    def engine_stats(self) -> Optional[dict]:
+        """The generation engine's running/waiting sequences and KV-pool use, once it has started."""
+        return self._engine.stats() if self._engine else None
 
     def check(self, inputs, params: dict):
         """``inputs`` ready for the pipeline, or :class:`BadRequest`: option types and sizes against
@@ -311,7 +330,7 @@ class PipelineServer:
                 "max_batch_size": self.max_batch_size,
                 "batch_sizes": {str(k): v for k, v in sorted(self._sizes.items())},
                 "mean_batch_size": self._requests / batches if batches else 0.0, "streams": self._streams,
-                "skipped": self._skipped,
+                "skipped": self._skipped, "engine": self.engine_stats(),
                 "uptime_s": time.time() - self._started}
 
 
