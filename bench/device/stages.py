@@ -362,8 +362,6 @@ def stage_models(ctx: Ctx) -> bool:
             ("gpt2-tiny B1 ctx16", 10, _model(ctx, "decoder", "gpt2-tiny", cpu, batch=[1], seq=[16])),
             ("t5-tiny B1 S16", 10, _model(ctx, "seq2seq", "t5-tiny", cpu, batch=[1], seq=[16])),
             ("continuous batching gpt2-tiny 4 requests", 15, _continuous(ctx, ["gpt2-tiny"], [2], 4)),
-            ("mixed-length batch bert tiny B4, packed vs padded", 10,
-             _model(ctx, "packed", ckpt["bert"], ["trifuse-packed", "trifuse-padded", "hf-eager"], batch=[4])),
         ]
     else:
         ours = ["trifuse", "trifuse-graphs", "hf-eager", "hf-sdpa"]
