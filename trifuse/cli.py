@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_arguments(sub.add_parser(
         "check", help="compare a checkpoint in trifuse with Hugging Face transformers",
         description=check.__doc__.split("\n\n")[0]))
-    from trifuse.engine import run as run_cli
+    from trifuse.engine.pipelines import run as run_cli
 
     run_cli.add_arguments(sub.add_parser(
         "run", help="run a pipeline task (classification, NER, QA, summarization, ...) on inputs; JSON lines out",
