@@ -13,6 +13,7 @@ from pathlib import Path
 SUITES = {
     "kernels": "trifuse.bench.kernels",
     "attention": "trifuse.bench.attention",
+    "packed": "trifuse.bench.packed",
     "cpu": "trifuse.bench.cpu",
 }
 

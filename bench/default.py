@@ -5,7 +5,9 @@
 2. every model family (random weights from the named configs): each backend checked
    against Hugging Face eager, then timed; then the family's small model exported to
    ONNX and verified in ONNX Runtime against PyTorch (on a GPU, ``--full``: the base
-   size too). The ONNX files are deleted once verified unless ``--keep-onnx``.
+   size too). The ONNX files are deleted once verified unless ``--keep-onnx``;
+3. the mixed-length batch (bench/packed.py): trifuse packed and padded against Hugging
+   Face and ONNX Runtime; the headline carries packed against Hugging Face SDPA.
 
 ``--quick`` (the default without a GPU) checks every kernel and family at one small
 size and times briefly; ``--full`` (the default on a GPU) runs every suite's sweep
@@ -110,7 +112,7 @@ def _quick_cpu_sizes() -> dict:
 # Seconds of each part of a --quick CPU run (its CPU time, measured on a shared 2-core machine,
 # which is about its wall time on 2 idle cores), for the progress display's estimate; a part not
 # listed counts as DEFAULT_WEIGHT. The estimate is rescaled by how the finished parts compared.
-WEIGHTS = {"kernels": 18, "attention": 13, "cpu": 45}  # the model rows': PLAN's seconds
+WEIGHTS = {"kernels": 18, "attention": 13, "cpu": 45, "packed": 60}  # the model rows': PLAN's seconds
 DEFAULT_WEIGHT = 20
 FULL_FACTOR = 3  # --full on a CPU: base sizes and whole sweeps
 
@@ -330,7 +332,8 @@ def _speedup_figure(rows: list[dict], backend: str, label: str) -> Optional[str]
 
 def _gpu_figures(results: dict) -> list[str]:
     figures = []
-    models = [r for n, res in results.items() if n not in ("kernels", "attention", "cpu", "onnx") for r in res.rows]
+    models = [r for n, res in results.items() if n not in ("kernels", "attention", "cpu", "onnx", "packed")
+              for r in res.rows]
     fig = _speedup_figure(models, "trifuse", "Models, trifuse")
     if fig:
         figures.append(fig)
@@ -386,12 +389,17 @@ def headline(results: dict, env: dict, opts: Options, state: str, wall_s: float,
         lines.append(f"Timed: {len(timed)} measurements" + (
             f", **{len(noisy)} flagged noisy**{why}: shown as noisy, never as a result or in a speedup."
             if noisy else ", none noisy."))
+    packed = results.get("packed")
+    fig = _suite("packed").headline_figure(packed.rows) if packed else None
+    if fig:
+        lines.append(fig)
     if gpu:
         lines += _gpu_figures(results)
     else:
         lines.append(f"**Timing of the Triton kernels needs a GPU; see {DEVICE_CHECK}.** Here they are checked "
                      "under Triton's interpreter, and only the PyTorch paths are timed, on the CPU.")
-        models = [r for n, res in results.items() if n not in ("kernels", "attention", "cpu", "onnx") for r in res.rows]
+        models = [r for n, res in results.items() if n not in ("kernels", "attention", "cpu", "onnx", "packed")
+                  for r in res.rows]
         fig = _speedup_figure(models, "reference", "On this CPU, trifuse's own path (its reference ops)")
         if fig:
             lines.append(fig)
@@ -466,7 +474,13 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
     missing = [f for f, m, _ in full_plan if _suite(m) is None]
     first = ("kernels", "attention") if gpu else ("kernels", "attention", "cpu")  # cpu: bench/cpu.py
     parts = [(n, weights.get(n, DEFAULT_WEIGHT) * scale) for n in first]
-    parts += [(f, weights.get(f, DEFAULT_WEIGHT) * scale) for f, _, _ in plan]
+    # The mixed-length batch (bench/packed.py) runs right after the first text encoder, on its size,
+    # while that model's ONNX export is still at hand.
+    packed_after = next((f for f, m, _ in plan if m == "models"), None)
+    for f, _, _ in plan:
+        parts.append((f, weights.get(f, DEFAULT_WEIGHT) * scale))
+        if f == packed_after:
+            parts.append(("packed", weights["packed"] * scale))
 
     report.console.print(
         f"[bold]Main job[/] ({'quick' if quick else 'full'}"
@@ -526,7 +540,8 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
                 write(module)
                 progress.step("ONNX export and verification")
                 exported = [_export_row(run_opts, module, n, onnx_dir, keep_onnx) for n in names[:1 if not gpu else 2]]
-                release_exports()  # the suites' cached exports (temporary files) are not needed again
+                if family != packed_after:
+                    release_exports()  # the suites' cached exports (temporary files) are not needed again
                 results["onnx"] = _merge(results.get("onnx"), SuiteResult(
                     "ONNX export, verified in ONNX Runtime against PyTorch", exported, {},
                     [] if gpu else ["Without a GPU only the small sizes are exported (the base ones take "
@@ -535,6 +550,15 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
                 took[family] = progress.finish(summary(res.rows + exported))
                 report.print_table(res.rows + exported, f"{family}: {res.title}", wide=wide)
                 write_index(f"still running ({family} done)")
+                if family == packed_after:  # the mixed-length batch, padded against padding-free (issue 27)
+                    part = "packed"
+                    progress.start(part)
+                    results[part] = _run_part(part, _suite(part).run, run_opts, [names[-1] if gpu else names[0]])
+                    release_exports()
+                    write(part)
+                    took[part] = progress.finish(summary(results[part].rows))
+                    report.print_table(results[part].rows, results[part].title, wide=wide)
+                    write_index("still running (packed done)")
         except KeyboardInterrupt:
             write_index(f"interrupted during {part}")
             report.console.print(f"[bold red]Interrupted during {part}[/]; what finished is in {folder}")

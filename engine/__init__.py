@@ -13,9 +13,10 @@ else:
     from .family import Family
     from .loading import read_checkpoint
     from .outputs import EncoderOutput, LogitsOutput, ModelOutput, QuestionAnsweringOutput
+    from .packing import Packed, use_packing
     from .pooling import mean_pool
     from .registry import families, family_of, from_pretrained, resolve_dtype, supported_model_types
 
-    __all__ = ["from_pretrained", "read_checkpoint", "resolve_dtype", "supported_model_types", "mean_pool",
+    __all__ = ["Packed", "use_packing", "from_pretrained", "read_checkpoint", "resolve_dtype", "supported_model_types", "mean_pool",
                "ModelOutput", "EncoderOutput", "LogitsOutput", "QuestionAnsweringOutput", "Family", "families",
                "family_of"]

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from trifuse import kernels
 
+from .packing import Packed
+
 # Hugging Face activation names -> the GELU kernel's ``approximate``.
 _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 _OTHER = {"relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
@@ -147,6 +149,9 @@ class Attention(nn.Module):
       see keys up to their own position, bottom-right aligned (a query's position counts the cache).
       ``bias`` (dense, additive) and ``relative_bias`` (``kernels.RelativeBias``, computed in the
       kernel) go to the kernel as they are; ``need_probs`` returns the probabilities too (eager, fp32).
+    * ``mask`` may be an :class:`engine.packing.Packed` instead: ``x`` is then ``[total_tokens, hidden]``
+      (a packed batch, no padding) and self-attention runs within each sequence
+      (``kernels.attention_varlen``; ``causal`` and ``relative_bias`` per sequence).
 
     ``forward`` returns ``(output, probabilities or None)``.
     """
@@ -170,6 +175,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, cache=None, start: Union[int, Tensor] = 0,
                 kv: Optional[Tuple[Tensor, Tensor]] = None, bias: Optional[Tensor] = None,
                 relative_bias: Optional[kernels.RelativeBias] = None, need_probs: bool = False):
+        if isinstance(mask, Packed):
+            return self._varlen(x, mask, relative_bias), None
         if getattr(cache, "packed", False):  # engine.paged.PackedStep: many sequences' tokens in one row
             return self.out(cache.attention(self, x, relative_bias)), None
         b, n, _ = x.shape
@@ -193,6 +200,14 @@ class Attention(nn.Module):
                                     relative_bias=relative_bias)
             probs = None
         return self.out(ctx.transpose(1, 2).reshape(b, n, -1)), probs
+
+    def _varlen(self, x: Tensor, p: Packed, relative_bias: Optional[kernels.RelativeBias]) -> Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv(x).view(t, 3, self.heads, self.head_dim).unbind(1)  # [T, H, D] strided views
+        ctx = kernels.attention_varlen(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_seqlen, p.max_seqlen,
+                                       causal=self.causal, relative_bias=relative_bias, scale=self.scale,
+                                       _validated=True)  # Packed builds them consistent
+        return self.out(ctx.reshape(t, -1))
 
 
 class RMSNorm(nn.Module):

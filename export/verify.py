@@ -309,6 +309,13 @@ def verify(onnx_path, model, inputs: Optional[Dict[str, Tensor]] = None, provide
     that is not a trifuse export, one that does not belong to ``model``, or a provider that
     does not load.
     """
+    from trifuse.engine import use_packing
+
+    with use_packing(False):  # the graph keeps the padded interface: compare with PyTorch's padded path
+        return _verify(onnx_path, model, inputs, providers, layerwise, batch, seq, seed, budget)
+
+
+def _verify(onnx_path, model, inputs, providers, layerwise, batch, seq, seed, budget) -> VerifyReport:
     paths = ox.onnx_paths(onnx_path)
     metas = [ox.read_metadata(p) for p in paths]
     meta = metas[0]

@@ -24,11 +24,12 @@ else:
     from .gelu import gelu, gelu_reference
     from .paged_attention import paged_attention, paged_attention_reference
     from .norm import MAX_FUSED_WIDTH, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+    from .varlen import attention_varlen, attention_varlen_reference
 
     __all__ = [
         "BACKENDS", "INTERPRET", "get_backend", "set_backend", "use_backend", "triton_runnable", "runs_native",
         "attention", "attention_reference", "attention_tma", "RelativeBias", "relative_position_bucket",
-        "MIN_HEAD_DIM", "MAX_HEAD_DIM",
+        "MIN_HEAD_DIM", "MAX_HEAD_DIM", "attention_varlen", "attention_varlen_reference",
         "gelu", "gelu_reference", "paged_attention", "paged_attention_reference",
         "layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference", "MAX_FUSED_WIDTH",
     ]

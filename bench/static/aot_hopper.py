@@ -71,7 +71,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 # H100 / H200 per SM: 64K 32-bit registers, 228 KB shared memory (227 KB for one block), 64 warps, 32 blocks.
 SM_REGISTERS, SM_SHARED, BLOCK_SHARED_MAX, SM_WARPS, SM_BLOCKS = 65536, 228 * 1024, 227 * 1024, 64, 32
 SHARED_RESERVED = 1024  # per block, taken by the driver
-KERNEL_MODULES = ("attention", "norm", "gelu", "paged_attention")
+KERNEL_MODULES = ("attention", "norm", "gelu", "paged_attention", "varlen")
 PEER_MODULE = "peer_flash"  # the tutorial-06-style baseline beside this file (not shipped)
 PEER_SCENARIO = "peer "  # how the peer scenarios' names begin
 PEER_SHAPE = (8, 16, 2048)  # B, H, L of the side-by-side
@@ -191,16 +191,17 @@ def _unwrapped(kernel):
 def recording(found: dict, scenario: list):
     """Every trifuse kernel launch inside the block is recorded (and not run); the ops take the
     Triton path on CPU tensors, as they would on CUDA tensors."""
-    att, norm, gelu, paged = (_module(m) for m in KERNEL_MODULES)
+    att, norm, gelu, paged, varlen = (_module(m) for m in KERNEL_MODULES)
     # Triton "runs" on CPU tensors here, so nothing takes the native CPU path (which would, e.g., hand
     # attention T5's bias densified and the engine's layers their CPU shapes).
     patches = [(_module("_dispatch"), "triton_runnable", lambda device: True),
                (att, "_kernel_takes", lambda q: q.dtype != torch.float64),
+               (varlen, "_kernel_takes", lambda q: q.dtype != torch.float64),
                (norm, "use_triton", lambda t: True), (gelu, "use_triton", lambda t: True),
                (paged, "use_triton", lambda t: True)]
     for mod, name in ((att, "_attn_fwd_tuned"), (att, "_attn_combine"), (norm, "_norm_fwd"),
                       (norm, "_norm_fwd_looped"), (gelu, "_gelu_fwd"), (paged, "_paged_fwd_tuned"),
-                      (paged, "_paged_merge")):
+                      (paged, "_paged_merge"), (varlen, "_varlen_fwd_tuned")):
         patches.append((mod, name, Recorder(mod.__name__.rsplit(".", 1)[-1], name, _unwrapped(getattr(mod, name)),
                                             scenario, found)))
     peer = _module(PEER_MODULE)
@@ -242,7 +243,9 @@ def engine_scenarios(dtype: torch.dtype):
         m = model("bert-base", "AutoModel", "feature-extraction")
         ids = torch.randint(3, 1000, (2, 128))
         mask = torch.ones_like(ids)
-        mask[1, 100:] = 0  # padded: the engine passes an all-ones mask on as None
+        # Padded, but over 90% real: the padded kernel with its mask (engine.packing packs below that;
+        # the packed launches are the varlen scenario's). An all-ones mask would be passed on as None.
+        mask[1, 120:] = 0
         m(input_ids=ids, attention_mask=mask)
 
     def vit():
@@ -264,7 +267,7 @@ def engine_scenarios(dtype: torch.dtype):
         m = model("t5-base", "AutoModelForSeq2SeqLM", "text2text-generation")
         ids = torch.randint(2, 30000, (2, 96))
         mask = torch.ones_like(ids)
-        mask[1, 61:] = 0
+        mask[1, 90:] = 0  # over 90% real: padded, not packed (engine.packing)
         m.encode(ids, mask)
 
     def t5_graph_step():
@@ -330,8 +333,27 @@ def bench_scenarios(dtype: torch.dtype):
             kernels.paged_attention(q[:1], pool[0], pool[1], long_table, one, torch.tensor([8000], dtype=torch.int32),
                                     relative_bias=rel, scale=1.0)
 
+    def varlen():
+        # bench/packed.py's batch: 32 sentences, log-normal lengths (median 24, at most 256), packed;
+        # q/k/v as views of a fused QKV projection (the engine's layout), at head dims 64 and 128.
+        from trifuse.bench.packed import WORKLOAD, lengths as draw
+
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.tensor(draw(**WORKLOAD), dtype=torch.int32)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
+        L = int(lengths.max())
+        for H, D in ((12, 64), (16, 128)):
+            q, k, v = torch.empty(int(cu[-1]), 3, H, D, dtype=dtype).unbind(1)
+            rel = kernels.RelativeBias(torch.randn(32, H, generator=g).to(dtype), True)
+            kernels.attention_varlen(q, k, v, cu, cu, L, L)
+            kernels.attention_varlen(q, k, v, cu, cu, L, L, causal=True)
+            kernels.attention_varlen(q, k, v, cu, cu, L, L, relative_bias=rel, scale=1.0)
+            rel_c = kernels.RelativeBias(rel.table, False)
+            kernels.attention_varlen(q, k, v, cu, cu, L, L, causal=True, relative_bias=rel_c, scale=1.0)
+
     return [("attention hd128 L2048 (plain, causal, T5, T5 causal)", attention_hd128),
             ("paged attention: engine steps hd64/hd128, T5 bias, split", paged_steps),
+            ("varlen B32 log-normal lengths, hd64 and hd128 (plain, causal, T5, T5 causal)", varlen),
             ("split-K decode hd128 Lk8192", decode_hd128), ("norms and GELU, widths 768..32768", norms)]
 
 

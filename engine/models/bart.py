@@ -49,6 +49,7 @@ from ..family import SEQ2SEQ, Family
 from ..layers import Attention, FeedForward, LayerNorm, PostLNBlock, check_activation, kernel_mask
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import EncoderOutput, ModelOutput
+from ..packing import Packed, plan
 
 TASKS = ("text2text-generation", "feature-extraction", "sequence-classification", "question-answering")
 _ARCH_TASKS = {"BartForConditionalGeneration": "text2text-generation", "BartModel": "feature-extraction",
@@ -198,9 +199,13 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(PostLNBlock(c.d_model, c.encoder_attention_heads, c.encoder_ffn_dim,
                                                 c.activation_function, c.eps) for _ in range(c.encoder_layers))
 
-    def forward(self, emb: Tensor, mask: Optional[Tensor], hidden: Optional[list] = None) -> Tensor:
-        n = emb.shape[1]
-        x = self.layernorm_embedding(emb + self.embed_positions[_OFFSET:_OFFSET + n])
+    def forward(self, emb: Tensor, mask: Union[Tensor, Packed, None], hidden: Optional[list] = None) -> Tensor:
+        """``emb`` ``[B, L, d]`` with the kernel's mask, or ``[T, d]`` with a :class:`Packed` (padding-free)."""
+        if isinstance(mask, Packed):
+            pos = self.embed_positions[_OFFSET + mask.positions]
+        else:
+            pos = self.embed_positions[_OFFSET:_OFFSET + emb.shape[1]]
+        x = self.layernorm_embedding(emb + pos)
         if hidden is not None:
             hidden.append(x)
         for block in self.layers:
@@ -398,7 +403,12 @@ class BartModel(EncoderDecoderDecoding, nn.Module):
         self._check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
         self._check_length("input_ids", input_ids.shape[1])
         hidden = [] if output_hidden_states else None
-        x = self.encoder(self._embed(input_ids, decoder=False), kernel_mask(attention_mask), hidden)
+        packed = plan(attention_mask)  # padding-free when it pays (engine.packing): [T, d_model] inside
+        if packed is None:
+            x = self.encoder(self._embed(input_ids, decoder=False), kernel_mask(attention_mask), hidden)
+        else:  # zeros at padded positions
+            x = packed.pad(self.encoder(self._embed(packed.unpad(input_ids), decoder=False), packed, hidden))
+            hidden = None if hidden is None else [packed.pad(h) for h in hidden]
         return EncoderOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
 
     # -- forward --------------------------------------------------------------

@@ -26,6 +26,7 @@ from ..family import ENCODER, Family
 from ..layers import LayerNorm, PostLNBlock, bias_act, check_activation, kernel_mask
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import EncoderOutput, LogitsOutput, QuestionAnsweringOutput
+from ..packing import Packed, plan
 
 FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra")
 TASKS = ("feature-extraction", "sequence-classification", "token-classification",
@@ -155,7 +156,8 @@ class Head(nn.Module):
             self.dense = None
             self.out = nn.Linear(h, c.num_labels)
 
-    def forward(self, x: Tensor, pooled: Optional[Tensor], word_embeddings: Tensor) -> Tensor:
+    def forward(self, x: Tensor, first: Tensor, pooled: Optional[Tensor], word_embeddings: Tensor) -> Tensor:
+        """``x``: the tokens (``[B, L, H]``, or ``[T, H]`` packed), ``first``: each sequence's first token."""
         if self.task == "masked-lm":
             x = self.norm(bias_act(F.linear(x, self.dense.weight), self.dense.bias, self.act))
             w = word_embeddings if self.decoder is None else self.decoder.weight
@@ -163,7 +165,7 @@ class Head(nn.Module):
         if self.task == "sequence-classification":
             if self.dense is None:
                 return self.out(pooled)
-            x = bias_act(F.linear(x[:, 0], self.dense.weight), self.dense.bias, self.act)
+            x = bias_act(F.linear(first, self.dense.weight), self.dense.bias, self.act)
         return self.out(x)
 
 
@@ -242,6 +244,10 @@ class EncoderModel(nn.Module):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(b, n)} like input_ids")
         if token_type_ids is not None and self.embed.types is None:
             raise ValueError(f"{c.family} has no token types; pass token_type_ids=None")
+        self._check_values(input_ids, token_type_ids, position_ids)
+
+    def _check_values(self, input_ids, token_type_ids, position_ids) -> None:
+        c = self.config
         if torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
             return  # the value checks below would synchronize or break the graph
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= c.vocab_size):
@@ -256,25 +262,68 @@ class EncoderModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                output_hidden_states: bool = False, output_attentions: bool = False):
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                cu_seqlens: Optional[Tensor] = None):
+        """Hugging Face's call. A padded batch runs packed when that pays (engine.packing.plan):
+        real tokens as Hugging Face computes them, zeros at padded positions of per-token outputs.
+        Packed input: 1-D ``input_ids`` ``[T]`` with ``cu_seqlens`` int32 ``[B + 1]`` (no mask);
+        per-token outputs are then ``[T, ...]``, per-sequence ones ``[B, ...]``."""
+        if cu_seqlens is not None:
+            return self._forward_packed_input(input_ids, cu_seqlens, token_type_ids, output_hidden_states)
         self._check(input_ids, attention_mask, token_type_ids, position_ids)
         if position_ids is None:
             position_ids = self._position_ids(input_ids)
         if token_type_ids is None and self.embed.types is not None:
             token_type_ids = torch.zeros_like(input_ids)
-        mask = kernel_mask(attention_mask)
+        packed = plan(attention_mask, need_probs=output_attentions)
+        if packed is None:
+            return self._run(input_ids, token_type_ids, position_ids, kernel_mask(attention_mask),
+                             output_hidden_states, output_attentions)
+        ids, types, pos = (None if t is None else packed.unpad(t) for t in (input_ids, token_type_ids, position_ids))
+        return self._run(ids, types, pos, packed, output_hidden_states, False, pad=True)
+
+    def _forward_packed_input(self, input_ids, cu_seqlens, token_type_ids, output_hidden_states):
+        if (not isinstance(input_ids, Tensor) or input_ids.dim() != 1 or input_ids.is_floating_point()
+                or input_ids.dtype == torch.bool):
+            raise ValueError("with cu_seqlens, input_ids must be a 1-D integer tensor [total_tokens]")
+        packed = Packed.from_cu_seqlens(cu_seqlens.to(input_ids.device), input_ids.numel())
+        if packed.max_seqlen > self.config.max_length:
+            raise ValueError(f"a sequence of {packed.max_seqlen} tokens exceeds the position table "
+                             f"({self.config.max_length} positions for this {self.config.family} checkpoint)")
+        if token_type_ids is not None and tuple(token_type_ids.shape) != tuple(input_ids.shape):
+            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected "
+                             f"{tuple(input_ids.shape)} like input_ids")
+        if token_type_ids is not None and self.embed.types is None:
+            raise ValueError(f"{self.config.family} has no token types; pass token_type_ids=None")
+        self._check_values(input_ids, token_type_ids, None)
+        pos = packed.positions
+        if self.config.family == "roberta":
+            pos = pos + self.config.pad_token_id + 1  # HF's positions for a sequence without padding
+        if token_type_ids is None and self.embed.types is not None:
+            token_type_ids = torch.zeros_like(input_ids)
+        return self._run(input_ids, token_type_ids, pos, packed, output_hidden_states, False, pad=False)
+
+    def _run(self, input_ids, token_type_ids, position_ids, mask, output_hidden_states, output_attentions,
+             pad: bool = False):
+        """The stack on padded ``[B, L]`` inputs (``mask``: the kernel's mask) or packed ``[T]`` ones
+        (``mask``: the :class:`Packed`; ``pad``: return per-token outputs padded back to ``[B, L]``)."""
+        packed = mask if isinstance(mask, Packed) else None
         x = self.embed(input_ids, token_type_ids, position_ids)
         hidden, attns = [x], []
         for i in self.layer_order():
             x, probs = self.layers[i](x, mask, output_attentions)
             hidden.append(x)
             attns.append(probs)
-        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
-        extra = dict(hidden_states=tuple(hidden) if output_hidden_states else None,
+        first = x[:, 0] if packed is None else packed.first_tokens(x)
+        pooled = torch.tanh(self.pooler(first)) if self.pooler is not None else None
+        back = packed.pad if packed is not None and pad else (lambda t: t)
+        extra = dict(hidden_states=tuple(back(h) for h in hidden) if output_hidden_states else None,
                      attentions=tuple(attns) if output_attentions else None)
         if self.head is None:
-            return EncoderOutput(last_hidden_state=x, pooler_output=pooled, **extra)
-        logits = self.head(x, pooled, self.embed.word.weight)
+            return EncoderOutput(last_hidden_state=back(x), pooler_output=pooled, **extra)
+        logits = self.head(x, first, pooled, self.embed.word.weight)
+        if self.task != "sequence-classification":
+            logits = back(logits)
         if self.task == "question-answering":
             start, end = logits.split(1, dim=-1)
             return QuestionAnsweringOutput(start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous(), **extra)

@@ -62,6 +62,7 @@ from ..family import SEQ2SEQ, Family
 from ..layers import Attention, RMSNorm, bias_act, check_activation, kernel_mask
 from ..loading import assemble_state, load_into
 from ..outputs import EncoderOutput, ModelOutput
+from ..packing import plan
 
 TASKS = ("text2text-generation", "feature-extraction", "encoder")
 _ARCH_TASKS = {"T5ForConditionalGeneration": "text2text-generation", "T5Model": "feature-extraction",
@@ -415,11 +416,14 @@ class T5Model(EncoderDecoderDecoding, nn.Module):
         """The encoder alone: ``last_hidden_state`` ``[B, L, d_model]`` (and ``hidden_states``)."""
         self._check_ids("input_ids", input_ids)
         self._check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
-        emb = self.shared(input_ids)
+        packed = plan(attention_mask)  # padding-free when it pays (engine.packing): [T, d_model] inside
+        emb = self.shared(input_ids if packed is None else packed.unpad(input_ids))
         hidden = [emb] if output_hidden_states else None
-        x = self.encoder(emb, kernel_mask(attention_mask), self.stream_dtype, hidden)
+        x = self.encoder(emb, kernel_mask(attention_mask) if packed is None else packed, self.stream_dtype, hidden)
         if hidden is not None:
             hidden[-1] = x  # Hugging Face's last hidden state is after the final norm
+        if packed is not None:  # zeros at padded positions
+            x, hidden = packed.pad(x), None if hidden is None else [packed.pad(h) for h in hidden]
         return EncoderOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
 
     # -- forward --------------------------------------------------------------

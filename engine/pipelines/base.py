@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..family import ENCODER
+from ..packing import token_batches
 from ..registry import families, family_of, from_pretrained, resolve_device, resolve_dtype
 from ..tokenization import Tokenizer
 
@@ -63,6 +64,9 @@ class Pipeline:
     model_task: Optional[str] = None  # trifuse's head for from_pretrained
     kinds: tuple = (ENCODER,)  # the kinds of family (engine.family) this task runs on
     default_batch_size = 32
+    #: Encoder tasks batch by tokens (text-embeddings-inference's queue): as many inputs as fit this many
+    #: real tokens run together, packed (engine.packing). None: batches of ``batch_size`` inputs.
+    default_max_batch_tokens: Optional[int] = None
     text = True  # tokenized input
 
     def __init__(self, path: Path, config: dict, *, device=None, dtype=None, batch_size: Optional[int] = None,
@@ -78,6 +82,7 @@ class Pipeline:
                                      "cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_dtype(dtype)
         self.batch_size = self.default_batch_size if batch_size is None else _batch_size(batch_size)
+        self._sized = batch_size is not None  # an explicit batch_size keeps batches of that many inputs
         self.defaults = dict(defaults or {})
         self.model = from_pretrained(path, dtype=self.dtype, device=self.device, task=self.model_task,
                                      quantize=quantize)
@@ -94,7 +99,7 @@ class Pipeline:
     options: Dict[str, Any] = {}
 
     def _options(self, kwargs: dict) -> dict:
-        unknown = sorted(set(kwargs) - set(self.options) - {"batch_size", "progress"})
+        unknown = sorted(set(kwargs) - set(self.options) - {"batch_size", "max_batch_tokens", "progress"})
         if unknown:
             raise TypeError(f"{self.task_name} pipeline got unknown option(s) {', '.join(unknown)}; it takes "
                             f"{', '.join(sorted(self.options))}")
@@ -154,8 +159,14 @@ class Pipeline:
         for i, x in enumerate(items):
             units.extend(self._prepare(i, x, opts))
         order = sorted(range(len(units)), key=lambda j: -units[j].length)  # longest first: equal lengths batch
-        bs = opts.get("batch_size") or self.batch_size
-        batches = [[units[j] for j in order[k:k + bs]] for k in range(0, len(order), bs)]
+        budget = opts.get("max_batch_tokens")
+        if budget is None and not (self._sized or opts.get("batch_size")):
+            budget = self.default_max_batch_tokens
+        if budget is not None:  # by tokens (longest first, so each batch also pads little when it does not pack)
+            batches = [[units[j] for j in b] for b in token_batches(order, [units[j].length for j in order], budget)]
+        else:
+            bs = opts.get("batch_size") or self.batch_size
+            batches = [[units[j] for j in order[k:k + bs]] for k in range(0, len(order), bs)]
         show = opts.get("progress")
         if show is None:
             show = len(units) >= 2000 and sys.stderr.isatty()

@@ -14,6 +14,7 @@ from .base import Pipeline, Unit, text_input
 
 
 class FeatureExtraction(Pipeline):
+    default_max_batch_tokens = 16384  # text-embeddings-inference's default budget
     task = "feature-extraction"
     model_task = "feature-extraction"
     kinds = (ENCODER, DECODER)
@@ -38,6 +39,7 @@ class FeatureExtraction(Pipeline):
 
 
 class SentenceEmbedding(Pipeline):
+    default_max_batch_tokens = 16384  # text-embeddings-inference's default budget
     """sentence-transformers' ``encode``: Transformer -> Pooling (-> Normalize)."""
 
     task = "sentence-embedding"

@@ -12,6 +12,7 @@ from .base import Pipeline, Unit, text_input
 
 
 class FillMask(Pipeline):
+    default_max_batch_tokens = 16384  # text-embeddings-inference's default budget
     task = "fill-mask"
     model_task = "masked-lm"
     options = {"top_k": 5, "targets": None, "truncation": None, "max_length": None, "output_attentions": False}

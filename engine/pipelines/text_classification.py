@@ -11,6 +11,7 @@ from .base import Pipeline, Unit, apply_function, classification_function, text_
 
 
 class TextClassification(Pipeline):
+    default_max_batch_tokens = 16384  # text-embeddings-inference's default budget
     task = "text-classification"
     model_task = "sequence-classification"
     options = {"top_k": "", "function_to_apply": None, "truncation": None, "max_length": None,

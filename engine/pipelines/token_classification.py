@@ -12,6 +12,7 @@ _AGGREGATIONS = ("none", "simple", "first", "average", "max")
 
 
 class TokenClassification(Pipeline):
+    default_max_batch_tokens = 16384  # text-embeddings-inference's default budget
     task = "token-classification"
     model_task = "token-classification"
     options = {"aggregation_strategy": "none", "ignore_labels": None, "stride": None, "output_attentions": False}

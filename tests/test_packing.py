@@ -1,0 +1,215 @@
+"""Padding-free execution (engine.packing): every encoder family run packed equals Hugging Face.
+
+A padded batch of mixed lengths large enough to pack (engine.packing.plan) must give Hugging
+Face's results at every real token (fp32 within 1e-4), the same pooled and classification
+outputs, and zeros at padded positions; packed input (1-D ids + cu_seqlens) the same again.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import transformers as T
+
+from tests.helpers import rel_err
+from tests.test_bert import CONFIGS as BERT_CONFIGS
+from tests.test_bert import hf_model as bert_hf_model
+from trifuse import engine, kernels
+from trifuse.engine import packing
+
+varlen_mod = importlib.import_module("trifuse.kernels.varlen")
+LENGTHS = [29, 3, 17, 1, 30, 8, 12]  # 100 real tokens of 7 * 30 = 210 positions
+TOL = 1e-4
+
+
+def padded_batch(vocab: int, pad: int, lengths=LENGTHS, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), n), generator=g)
+    mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids.masked_fill(mask == 0, pad), mask
+
+
+@pytest.fixture(params=["reference", "native", "triton"])
+def backend(request, monkeypatch):
+    """The reference ops; the native CPU path (SDPA per sequence); the Triton kernels (interpreted)."""
+    if request.param == "native":
+        monkeypatch.setattr(varlen_mod, "_kernel_takes", lambda q: False)
+        with kernels.use_backend("reference"):
+            monkeypatch.setattr(varlen_mod, "_path", lambda q: "native")
+            yield request.param
+        return
+    with kernels.use_backend("auto" if request.param == "triton" else "reference"):
+        yield request.param
+
+
+@pytest.fixture
+def count_packed(monkeypatch):
+    """How many forwards were planned packed."""
+    calls = []
+    real = packing.plan
+
+    def spy(*a, **k):
+        p = real(*a, **k)
+        calls.append(p is not None)
+        return p
+
+    for mod in ("bert", "t5", "bart"):
+        monkeypatch.setattr(importlib.import_module(f"trifuse.engine.models.{mod}"), "plan", spy)
+    return calls
+
+
+def assert_real_tokens_match(ours, ref, mask, tol=TOL):
+    keep = mask.bool()
+    assert ours.shape == ref.shape
+    assert rel_err(ours[keep], ref[keep]) < tol, rel_err(ours[keep], ref[keep])
+    assert not ours[~keep].any(), "padded positions hold zeros"
+
+
+HEADS = ["Model", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"]
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", list(BERT_CONFIGS))
+def test_bert_family_packed_equals_hf(family, head, count_packed, reference_backend):
+    cfg = BERT_CONFIGS[family]()
+    hf = bert_hf_model(family, head, cfg)
+    ids, mask = padded_batch(cfg.vocab_size, cfg.pad_token_id or 0)
+    model = engine.from_pretrained(hf)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        ours = model(ids, attention_mask=mask, output_hidden_states=True)
+    assert count_packed == [True]
+    if head == "Model":
+        assert_real_tokens_match(ours.last_hidden_state, ref.last_hidden_state, mask)
+        for a, b in zip(ours.hidden_states, ref.hidden_states, strict=True):
+            assert_real_tokens_match(a, b, mask)
+        if ref.get("pooler_output") is not None:
+            assert rel_err(ours.pooler_output, ref.pooler_output) < TOL
+    elif head == "ForSequenceClassification":
+        assert rel_err(ours.logits, ref.logits) < TOL
+    elif head == "ForQuestionAnswering":
+        assert_real_tokens_match(ours.start_logits, ref.start_logits, mask)
+        assert_real_tokens_match(ours.end_logits, ref.end_logits, mask)
+    else:
+        assert_real_tokens_match(ours.logits, ref.logits, mask)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_bert_packed_on_every_attention_path(family, backend, count_packed):
+    cfg = BERT_CONFIGS[family]()
+    hf = bert_hf_model(family, "Model", cfg)
+    ids, mask = padded_batch(cfg.vocab_size, cfg.pad_token_id or 0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask)
+        ours = engine.from_pretrained(hf)(ids, attention_mask=mask)
+    assert count_packed == [True]
+    assert_real_tokens_match(ours.last_hidden_state, ref.last_hidden_state, mask)
+    assert rel_err(ours.pooler_output, ref.pooler_output) < TOL
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_packed_input_with_cu_seqlens(family, reference_backend):
+    cfg = BERT_CONFIGS[family]()
+    hf = bert_hf_model(family, "Model", cfg)
+    ids, mask = padded_batch(cfg.vocab_size, cfg.pad_token_id or 0)
+    keep = mask.bool()
+    cu = torch.tensor([0] + torch.tensor(LENGTHS).cumsum(0).tolist(), dtype=torch.int32)
+    model = engine.from_pretrained(hf)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask)
+        ours = model(ids[keep], cu_seqlens=cu)  # 1-D [total_tokens], text-embeddings-inference style
+    assert ours.last_hidden_state.shape == (int(keep.sum()), cfg.hidden_size if family != "distilbert" else cfg.dim)
+    assert rel_err(ours.last_hidden_state, ref.last_hidden_state[keep]) < TOL
+    if ref.get("pooler_output") is not None:
+        assert rel_err(ours.pooler_output, ref.pooler_output) < TOL
+
+
+def test_packed_input_checks(reference_backend):
+    model = engine.from_pretrained(bert_hf_model("bert", "Model"))
+    ids = torch.randint(3, 90, (10,))
+    with pytest.raises(ValueError, match="ends at 9 but input_ids holds 10"):
+        model(ids, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="increase strictly"):
+        model(ids, cu_seqlens=torch.tensor([0, 4, 4, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        model(ids[None], cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="exceeds the position table"):
+        model(torch.randint(3, 90, (50,)), cu_seqlens=torch.tensor([0, 50], dtype=torch.int32))
+
+
+def test_the_rule_skips_what_does_not_pay():
+    full = torch.ones(8, 32, dtype=torch.long)
+    assert packing.plan(full) is None  # no padding
+    tiny = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert packing.plan(tiny) is None  # fewer positions than PACK_MIN_POSITIONS
+    left = torch.ones(8, 32, dtype=torch.long)
+    left[:, :20] = 0
+    left[:, 0] = 0
+    assert packing.plan(left) is None  # left padding: the first position is padding
+    right = torch.ones(8, 32, dtype=torch.long)
+    right[:, 20:] = 0
+    p = packing.plan(right)
+    assert p is not None and p.total == 160 and p.max_seqlen == 20 and p.cu_seqlens.tolist()[-1] == 160
+    assert packing.plan(right, need_probs=True) is None
+
+
+def test_pad_unpad_round_trip():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]])
+    p = packing.Packed.from_mask(mask)
+    x = torch.randn(2, 4, 3)
+    packed = p.unpad(x)
+    assert packed.shape == (6, 3)
+    back = p.pad(packed)
+    assert torch.equal(back[mask.bool()], x[mask.bool()]) and not back[~mask.bool()].any()
+    assert p.positions.tolist() == [0, 1, 2, 0, 2, 3]
+    assert torch.equal(p.mask(), mask.bool())
+
+
+def _seq2seq_case(hf, vocab, pad, count_packed):
+    ids, mask = padded_batch(vocab, pad)
+    g = torch.Generator().manual_seed(5)
+    dec = torch.randint(3, vocab, (ids.shape[0], 6), generator=g)
+    model = engine.from_pretrained(hf)
+    with torch.no_grad():
+        ref_enc = hf.get_encoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        enc = model.encode(ids, mask, output_hidden_states=True)
+        assert count_packed == [True]
+        assert_real_tokens_match(enc.last_hidden_state, ref_enc.last_hidden_state, mask)
+        for a, b in zip(enc.hidden_states, ref_enc.hidden_states, strict=True):
+            assert_real_tokens_match(a, b, mask)
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        ours = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        assert rel_err(ours.logits, ref.logits) < TOL
+        ref_gen = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, num_beams=1)
+        ours_gen = model.generate(ids, mask, max_new_tokens=5)
+        assert ours_gen.tolist() == ref_gen.tolist()
+
+
+@pytest.mark.parametrize("flavour", ["relu", "gated-gelu"])
+def test_t5_encoder_packed_equals_hf(flavour, count_packed, reference_backend):
+    from tests.test_t5 import hf_model as t5_hf_model
+
+    _seq2seq_case(t5_hf_model(flavour), 99, 0, count_packed)
+
+
+def test_t5_encoder_packed_on_the_kernels(backend, count_packed):
+    from tests.test_t5 import hf_model as t5_hf_model
+
+    hf = t5_hf_model("relu")
+    ids, mask = padded_batch(99, 0)
+    with torch.no_grad():
+        ref = hf.get_encoder()(input_ids=ids, attention_mask=mask)
+        ours = engine.from_pretrained(hf).encode(ids, mask)
+    assert count_packed == [True]
+    assert_real_tokens_match(ours.last_hidden_state, ref.last_hidden_state, mask)
+
+
+@pytest.mark.parametrize("shape", ["base", "large"])
+def test_bart_encoder_packed_equals_hf(shape, count_packed, reference_backend):
+    from tests.test_bart import hf_model as bart_hf_model
+
+    hf = bart_hf_model(shape)
+    _seq2seq_case(hf, hf.config.vocab_size, 1, count_packed)
