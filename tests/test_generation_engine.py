@@ -233,5 +233,12 @@ def test_benchmark_runs_and_checks_its_outputs(tmp_path):
     assert {r["mode"] for r in rows} == {"engine", "static", "sequential"}
     assert all(r["agrees_with_sequential"] == 3 and r["tokens_per_s"] > 0 for r in rows)
     assert bc.summarize(rows)[0]["concurrency"] == 2
+    # The device check's rows (bench/device, GPU only): one at a time at the first concurrency only,
+    # the engine's tokens checked against it.
+    dev = bc.device_rows(["gpt2-tiny"], [1, 2], 2, "cpu", new=(2, 4))
+    assert [(r["backend"], r["concurrency"]) for r in dev] == [
+        ("trifuse-engine", 1), ("static-batches-16", 1), ("one-at-a-time", 1), ("trifuse-engine", 2),
+        ("static-batches-16", 2)]
+    assert [r["status"] for r in dev if r["backend"] == "trifuse-engine"] == ["checked", "checked"]
     pytest.importorskip("matplotlib")
     assert bc.plot(rows, tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0

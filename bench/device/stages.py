@@ -362,7 +362,6 @@ def stage_models(ctx: Ctx) -> bool:
             ("vit tiny B1", 5, _model(ctx, "vision", ckpt["vit"], cpu, batch=[1])),
             ("gpt2-tiny B1 ctx16", 10, _model(ctx, "decoder", "gpt2-tiny", cpu, batch=[1], seq=[16])),
             ("t5-tiny B1 S16", 10, _model(ctx, "seq2seq", "t5-tiny", cpu, batch=[1], seq=[16])),
-            ("continuous batching gpt2-tiny 4 requests", 5, _continuous(ctx, ["gpt2-tiny"], [2], 4, new=(2, 6))),
         ]
     else:
         ours = ["trifuse", "trifuse-graphs", "hf-eager", "hf-sdpa"]
