@@ -29,7 +29,7 @@ import torch
 import trifuse
 from tests.listening import descendants, listening
 from tests.test_bert import _package_dir
-from tests.test_serve import TINY_BERT, _connect_ray, _free_port, _gpt2_checkpoint, _wait_for
+from tests.test_serve import TINY_BERT, _connect_ray, _free_port, _gpt2_checkpoint, _post, _wait_for
 
 T = pytest.importorskip("transformers")
 pytest.importorskip("ray")
@@ -130,16 +130,6 @@ def live(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gen(live):
     return trifuse.pipeline("text-generation", live["ckpts"]["gpt2"])
-
-
-def _post(url, payload, timeout=120):
-    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def _get(url, timeout=60):
