@@ -15,6 +15,7 @@ SUITES = {
     "attention": "trifuse.bench.attention",
     "packed": "trifuse.bench.packed",
     "cpu": "trifuse.bench.cpu",
+    "continuous": "trifuse.bench.continuous",
 }
 
 
@@ -155,7 +156,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             return 130
         report.console.print(f"[bold]report:[/] {folder / 'report.md'} (rows, tables and plots in {folder})")
         return 1 if failed else 0
-    from .default import DEFAULT_WEIGHT, WEIGHTS, Progress, summary
+    from .default import DEFAULT_WEIGHT, WEIGHTS, Progress, summary, write_plot
 
     def part_name(s) -> str:
         return s if isinstance(s, str) else s.__name__.rsplit(".", 1)[-1]
@@ -178,6 +179,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             stem = f"{name}-{device_slug(env)}-{args.dtype or ('fp16' if device.type == 'cuda' else 'fp32')}"
             paths = report.write_results(result.rows, env, result.ceilings, args.out, stem,
                                          result.title, result.notes)
+            write_plot(name, result.rows, args.out / f"{stem}.png")
             progress.finish(summary(result.rows))
             report.print_table(result.rows, result.title, wide=args.wide)
             for note in result.notes:

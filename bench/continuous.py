@@ -1,6 +1,7 @@
 """Continuous batching against static batching and one request at a time: throughput and latency.
 
-``python -m trifuse.bench.continuous [--models gpt2-tiny,t5-tiny] [--concurrency 1,8,64] [--out DIR]``
+``python -m trifuse.bench.continuous [--models gpt2-tiny,t5-tiny] [--concurrency 1,8,64] [--out DIR]``;
+the main job's ``continuous`` part (``trifuse bench``, bench/default.py; alone: ``trifuse bench continuous``).
 
 A workload of ``--requests`` (48) requests with prompts of 3-40 tokens and 4-96 new tokens (seeded;
 EOS off, so every request generates exactly its count) is served three ways, each by one server
@@ -31,7 +32,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -165,8 +166,8 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-def run(models, concurrency, n_requests, device, seed=0, modes=("engine", "static", "sequential"),
-        once=(), new=(4, 96)) -> list:
+def measure(models, concurrency, n_requests, device, seed=0, modes=("engine", "static", "sequential"),
+            once=(), new=(4, 96)) -> list:
     """Rows per model, concurrency and mode; the modes in ``once`` run at the first concurrency only."""
     env = environment(device)
     rows = []
@@ -207,11 +208,11 @@ def run(models, concurrency, n_requests, device, seed=0, modes=("engine", "stati
 
 
 def device_rows(models, concurrency, n_requests, device, once=("sequential",), new=(4, 96)) -> list:
-    """Rows for the device check (``bench/device``): the runs of :func:`run`, the modes in ``once`` only at
+    """Rows for the device check (``bench/device``): the runs of :func:`measure`, the modes in ``once`` only at
     the first concurrency (one at a time is as slow at every concurrency), each row with a ``backend``
     and a ``status``: ``checked`` when the engine's tokens equal one-at-a-time's, else how many do
     (random weights leave near-ties an fp32 rounding can flip, so a difference is reported, not failed)."""
-    rows = run(models, concurrency, n_requests, device, once=once, new=new)
+    rows = measure(models, concurrency, n_requests, device, once=once, new=new)
     for r in rows:
         agree = r.pop("agrees_with_sequential", None)
         if r["mode"] == "engine":
@@ -241,6 +242,70 @@ def summarize(rows) -> list:
                             p50_engine_over_static=round(by["engine"]["p50_s"] / by["static"]["p50_s"], 2),
                             p99_engine_over_static=round(by["engine"]["p99_s"] / by["static"]["p99_s"], 2)))
     return out
+
+# ----------------------------------------------------------------------------
+# The main job's part (``trifuse bench`` with no suite, bench/default.py) and ``trifuse bench continuous``
+
+#: A --quick run on the CPU: half the issue's requests with half its longest outputs, two concurrencies.
+QUICK = dict(models=("gpt2-tiny", "t5-tiny"), requests=24, concurrency=(8, 64), new=(4, 48))
+#: --full (and any run on a GPU): the issue's workload; on a GPU at GPT-2's and T5's real sizes.
+FULL = dict(models=("gpt2-tiny", "t5-tiny"), requests=48, concurrency=(1, 8, 64), new=(4, 96))
+FULL_GPU_MODELS = ("gpt2", "t5-small")
+
+
+def run(opts, models=None):
+    """The suite: :func:`device_rows` on ``opts.device``, the workload of :data:`QUICK` or :data:`FULL`.
+    The engine's row is ``checked`` when its tokens equal one-at-a-time ``generate``'s; on the CPU a
+    difference is a ``mismatch`` (a failed check), on a GPU it is reported as :func:`device_rows` does."""
+    from .suite import SuiteResult, step
+
+    plan = QUICK if opts.quick and not opts.on_gpu else FULL
+    models = list(models or (FULL_GPU_MODELS if opts.on_gpu else plan["models"]))
+    step(opts, f"continuous batching: {', '.join(models)}, {plan['requests']} requests")
+    rows = device_rows(models, list(plan["concurrency"]), plan["requests"], str(opts.device), new=plan["new"])
+    for r in rows:
+        if not opts.on_gpu and str(r["status"]).startswith("differs"):
+            r["detail"], r["status"] = r["status"], "mismatch"
+    notes = [f"{plan['requests']} requests (prompts of 3-40 tokens, {plan['new'][0]}-{plan['new'][1]} new tokens, "
+             f"seeded, EOS off) served by {', '.join(map(str, plan['concurrency']))} closed-loop clients: the "
+             f"engine, static batches of {STATIC_BATCH} in arrival order, and one at a time (at the first "
+             "concurrency only); random-weight models. tokens_per_s counts generated tokens."]
+    return SuiteResult(f"Continuous batching vs static batches of {STATIC_BATCH} on {opts.device.type}", rows, {}, notes)
+
+
+def headline_line(rows: list) -> Optional[str]:
+    """The main job's line: engine over static batches at the highest concurrency, per model, beside the ideal."""
+    parts = []
+    for s in summarize(rows):
+        top = max(r["concurrency"] for r in rows if r["model"] == s["model"])
+        if s["concurrency"] != top:
+            continue
+        by = {r["mode"]: r for r in rows if r["model"] == s["model"] and r["concurrency"] == top}
+        e, st = by["engine"], by["static"]
+        parts.append(f"{s['model']} {s['engine_vs_static']:.2f}x tokens/s (ideal {s['ideal']:.2f}x), p50 "
+                     f"{e['p50_s']:.2f} s vs {st['p50_s']:.2f} s, p99 {e['p99_s']:.2f} s vs {st['p99_s']:.2f} s")
+    if not parts:
+        return None
+    r0 = rows[0]
+    return (f"Continuous batching ({r0['requests']} requests, concurrency {top}): the engine against static batches "
+            f"of {STATIC_BATCH}: " + "; ".join(parts) + ".")
+
+
+def plot_rows(rows: list, path: Path) -> bool:
+    """The main job's PNG of this part (:func:`plot` on the rows that were timed)."""
+    rows = [r for r in rows if r.get("tokens_per_s")]
+    return bool(rows) and plot(rows, path)
+
+
+def _span(text: str) -> tuple:
+    lo, _, hi = text.partition(",")
+    try:
+        span = (int(lo), int(hi))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO,HI (two whole numbers)") from None
+    if not 1 <= span[0] <= span[1]:
+        raise argparse.ArgumentTypeError(f"need 1 <= LO <= HI, got {text}")
+    return span
 
 
 def plot(rows, path: Path) -> bool:
@@ -285,14 +350,15 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="gpt2-tiny,t5-tiny")
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--new", type=_span, default=(4, 96), help="LO,HI new tokens per request (default 4,96)")
     ap.add_argument("--modes", default="engine,static,sequential")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="bench-results/continuous")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run(a.models.split(","), [int(c) for c in a.concurrency.split(",")], a.requests, a.device,
-               modes=tuple(a.modes.split(",")))
+    rows = measure(a.models.split(","), [int(c) for c in a.concurrency.split(",")], a.requests, a.device,
+                   modes=tuple(a.modes.split(",")), new=a.new)
     summary = summarize(rows)
     (out / "continuous.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     for s in summary:

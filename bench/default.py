@@ -7,7 +7,10 @@
    ONNX and verified in ONNX Runtime against PyTorch (on a GPU, ``--full``: the base
    size too). The ONNX files are deleted once verified unless ``--keep-onnx``;
 3. the mixed-length batch (bench/packed.py): trifuse packed and padded against Hugging
-   Face and ONNX Runtime; the headline carries packed against Hugging Face SDPA.
+   Face and ONNX Runtime; the headline carries packed against Hugging Face SDPA;
+4. continuous batching (bench/continuous.py): GPT-2 and T5 requests served by the
+   generation engine, by static batches of 16 and one at a time, the engine's tokens
+   checked against one-at-a-time generation; the headline carries engine vs static.
 
 ``--quick`` (the default without a GPU) checks every kernel and family at one small
 size and times briefly; ``--full`` (the default on a GPU) runs every suite's sweep
@@ -112,11 +115,13 @@ def _quick_cpu_sizes() -> dict:
 # Seconds of each part of a --quick CPU run (its CPU time, measured on a shared 2-core machine,
 # which is about its wall time on 2 idle cores), for the progress display's estimate; a part not
 # listed counts as DEFAULT_WEIGHT. The estimate is rescaled by how the finished parts compared.
-WEIGHTS = {"kernels": 18, "attention": 13, "cpu": 45, "packed": 60}  # the model rows': PLAN's seconds
+WEIGHTS = {"kernels": 18, "attention": 13, "cpu": 45, "packed": 60, "continuous": 40}  # the model rows': PLAN's seconds
 DEFAULT_WEIGHT = 20
 FULL_FACTOR = 3  # --full on a CPU: base sizes and whole sweeps
 
 DEVICE_CHECK = "scripts/device-check.sh"
+#: Parts whose rows are not the model families' (kept out of the speedup figures).
+NOT_MODELS = ("kernels", "attention", "cpu", "onnx", "packed", "continuous")
 
 
 def _suite(module: str):
@@ -332,7 +337,7 @@ def _speedup_figure(rows: list[dict], backend: str, label: str) -> Optional[str]
 
 def _gpu_figures(results: dict) -> list[str]:
     figures = []
-    models = [r for n, res in results.items() if n not in ("kernels", "attention", "cpu", "onnx", "packed")
+    models = [r for n, res in results.items() if n not in NOT_MODELS
               for r in res.rows]
     fig = _speedup_figure(models, "trifuse", "Models, trifuse")
     if fig:
@@ -393,12 +398,16 @@ def headline(results: dict, env: dict, opts: Options, state: str, wall_s: float,
     fig = _suite("packed").headline_figure(packed.rows) if packed else None
     if fig:
         lines.append(fig)
+    continuous = results.get("continuous")
+    fig = _suite("continuous").headline_line(continuous.rows) if continuous and continuous.rows else None
+    if fig:
+        lines.append(fig)
     if gpu:
         lines += _gpu_figures(results)
     else:
         lines.append(f"**Timing of the Triton kernels needs a GPU; see {DEVICE_CHECK}.** Here they are checked "
                      "under Triton's interpreter, and only the PyTorch paths are timed, on the CPU.")
-        models = [r for n, res in results.items() if n not in ("kernels", "attention", "cpu", "onnx", "packed")
+        models = [r for n, res in results.items() if n not in NOT_MODELS
                   for r in res.rows]
         fig = _speedup_figure(models, "reference", "On this CPU, trifuse's own path (its reference ops)")
         if fig:
@@ -429,6 +438,14 @@ def _merge(prev: Optional[SuiteResult], res: SuiteResult) -> SuiteResult:
         return res
     return SuiteResult(prev.title, prev.rows + res.rows, {**prev.ceilings, **res.ceilings},
                        prev.notes + [n for n in res.notes if n not in prev.notes])
+
+
+def write_plot(name: str, rows: list[dict], path: Path) -> None:
+    """A suite's own plot (its ``plot_rows(rows, path)``, e.g. bench/continuous.py's) where the report's
+    generic ones draw nothing for its rows."""
+    module = _suite(name)
+    if rows and hasattr(module, "plot_rows"):
+        module.plot_rows(rows, path)
 
 
 def _run_part(part: str, run, *args) -> SuiteResult:
@@ -481,6 +498,8 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
         parts.append((f, weights.get(f, DEFAULT_WEIGHT) * scale))
         if f == packed_after:
             parts.append(("packed", weights["packed"] * scale))
+    last = ("continuous",)  # bench/continuous.py: the generation engine against static batches
+    parts += [(n, weights[n] * scale) for n in last]
 
     report.console.print(
         f"[bold]Main job[/] ({'quick' if quick else 'full'}"
@@ -493,6 +512,7 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
         res = results[name]
         stem = f"{name}-{device_slug(env)}-{dtype}"
         report.write_results(res.rows, env, res.ceilings, folder, stem, res.title, res.notes)
+        write_plot(name, res.rows, folder / f"{stem}.png")
 
     def write_index(state: str) -> None:
         lines = [f"# trifuse main job on {env['device']} ({dtype})", ""]
@@ -559,6 +579,13 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
                     took[part] = progress.finish(summary(results[part].rows))
                     report.print_table(results[part].rows, results[part].title, wide=wide)
                     write_index("still running (packed done)")
+            for part in last:
+                progress.start(part)
+                results[part] = _run_part(part, _suite(part).run, run_opts)
+                write(part)
+                took[part] = progress.finish(summary(results[part].rows))
+                report.print_table(results[part].rows, results[part].title, wide=wide)
+                write_index(f"still running ({part} done)")
         except KeyboardInterrupt:
             write_index(f"interrupted during {part}")
             report.console.print(f"[bold red]Interrupted during {part}[/]; what finished is in {folder}")

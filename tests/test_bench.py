@@ -389,8 +389,10 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     """`trifuse bench` with no suite: kernels, families, export; one folder with an index."""
     from tests.test_bert import hf_model
     from trifuse import export
-    from trifuse.bench import default
+    from trifuse.bench import continuous, default
 
+    # The continuous-batching part, tiny: one model, 3 short requests, 2 clients.
+    monkeypatch.setattr(continuous, "QUICK", dict(models=("gpt2-tiny",), requests=3, concurrency=(2,), new=(2, 4)))
     exported, to_onnx = [], export.to_onnx
     # (task, size): the cpu part exports its own model (bert-small), the families' rows theirs.
     monkeypatch.setattr(export, "to_onnx", lambda model, path, **kw: exported.append(
@@ -412,8 +414,15 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     assert "Finished" in head and "a quick run on" in head and "checks" in head and "ONNX: 2 of 2" in head
     assert "Timing of the Triton kernels needs a GPU; see scripts/device-check.sh" in head
     assert "checks" in out.split("trifuse main job")[-1]
-    for name in ("kernels", "attention", "cpu", "models", "decoder", "onnx", "packed"):
+    for name in ("kernels", "attention", "cpu", "models", "decoder", "onnx", "packed", "continuous"):
         assert list(folder.glob(f"{name}-*.json")), name
+    for ext in ("csv", "md", "png"):
+        assert list(folder.glob(f"continuous-*.{ext}")), ext
+    assert "Continuous batching (3 requests, concurrency 2): the engine against static batches of 16: gpt2-tiny " \
+           in head and "(ideal " in head
+    rows = json.loads(next(folder.glob("continuous-*.json")).read_text())["rows"]
+    assert [(r["backend"], r["status"]) for r in rows] == [
+        ("trifuse-engine", "checked"), ("static-batches-16", "timed"), ("one-at-a-time", "timed")]
     rows = json.loads(next(folder.glob("packed-*.json")).read_text())["rows"]  # the mixed-length batch
     assert {r["backend"] for r in rows} >= {"trifuse-packed", "trifuse-padded", "hf-eager"}
     assert all(bench_row_passed(r) for r in rows), rows
@@ -590,3 +599,28 @@ def test_cpu_suite_every_precision_and_peer(tmp_path):
     assert len(lines) == 2 and "fp32" in lines[0] and "int8" in lines[0] and "x Hugging Face" in lines[0]
     with pytest.raises(SystemExit, match="unknown backend"):
         cpu.run(Options(device=torch.device("cpu"), dtype=torch.float32, backends=["nope"]), [str(ckpt)])
+
+
+def test_continuous_part_headline_and_a_mismatch_fails(monkeypatch):
+    """The main job's continuous-batching part (bench/continuous.py): on the CPU an engine whose tokens
+    differ from one-at-a-time generation is a failed check; the headline compares at the top concurrency."""
+    from trifuse.bench import continuous
+    from trifuse.bench.default import _passed
+
+    def row(mode, c, tps, p50, p99, status="timed"):
+        return dict(model="gpt2-tiny", mode=mode, concurrency=c, requests=24, tokens_per_s=tps, p50_s=p50,
+                    p99_s=p99, ideal_engine_vs_static=2.31, status=status,
+                    backend={"engine": "trifuse-engine", "static": "static-batches-16"}[mode])
+
+    rows = [row("engine", 8, 300.0, 0.5, 0.9, "differs: 23 of 24 requests equal one-at-a-time's"),
+            row("static", 8, 200.0, 0.6, 1.0), row("engine", 64, 400.0, 0.7, 1.1, "checked"),
+            row("static", 64, 100.0, 1.4, 2.2)]
+    monkeypatch.setattr(continuous, "device_rows", lambda *a, **k: [dict(r) for r in rows])
+    res = continuous.run(Options(device=torch.device("cpu"), dtype=torch.float32, quick=True))
+    assert [r["status"] for r in res.rows] == ["mismatch", "timed", "checked", "timed"]
+    assert res.rows[0]["detail"].startswith("differs: 23 of 24") and _passed(res.rows[0]) is False
+    assert continuous.headline_line(res.rows) == (
+        "Continuous batching (24 requests, concurrency 64): the engine against static batches of 16: gpt2-tiny "
+        "4.00x tokens/s (ideal 2.31x), p50 0.70 s vs 1.40 s, p99 1.10 s vs 2.20 s.")
+    with pytest.raises(SystemExit):
+        continuous.main(["--new", "5,2"])

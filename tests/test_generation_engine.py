@@ -229,7 +229,7 @@ def test_benchmark_runs_and_checks_its_outputs(tmp_path):
     news = [n for _, n in reqs]
     assert bc.ideal_ratio(reqs, batch=2) == pytest.approx(
         (2 * max(news[:2]) + 2 * max(news[2:4]) + news[4]) / sum(news))
-    rows = bc.run(["gpt2-tiny"], [2], 3, "cpu", modes=("engine", "static", "sequential"))
+    rows = bc.measure(["gpt2-tiny"], [2], 3, "cpu", modes=("engine", "static", "sequential"))
     assert {r["mode"] for r in rows} == {"engine", "static", "sequential"}
     assert all(r["agrees_with_sequential"] == 3 and r["tokens_per_s"] > 0 for r in rows)
     assert bc.summarize(rows)[0]["concurrency"] == 2
