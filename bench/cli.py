@@ -179,7 +179,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             stem = f"{name}-{device_slug(env)}-{args.dtype or ('fp16' if device.type == 'cuda' else 'fp32')}"
             paths = report.write_results(result.rows, env, result.ceilings, args.out, stem,
                                          result.title, result.notes)
-            write_plot(name, result.rows, args.out / f"{stem}.png")
+            paths += write_plot(name, result.rows, args.out / f"{stem}.png")
             progress.finish(summary(result.rows))
             report.print_table(result.rows, result.title, wide=args.wide)
             for note in result.notes:

@@ -262,7 +262,20 @@ def run(opts, models=None):
     plan = QUICK if opts.quick and not opts.on_gpu else FULL
     models = list(models or (FULL_GPU_MODELS if opts.on_gpu else plan["models"]))
     step(opts, f"continuous batching: {', '.join(models)}, {plan['requests']} requests")
-    rows = device_rows(models, list(plan["concurrency"]), plan["requests"], str(opts.device), new=plan["new"])
+    if opts.on_gpu:
+        rows = device_rows(models, list(plan["concurrency"]), plan["requests"], str(opts.device), new=plan["new"])
+    else:
+        # The CPU's native path, as a user's process has it: `trifuse bench` turns Triton's interpreter on
+        # to check the kernels, which would otherwise run here (100x slower). Process-wide, as the servers
+        # run in their own threads; called from the main thread, get_backend() is the process-wide one.
+        from trifuse import kernels
+
+        previous = kernels.get_backend()
+        kernels.set_backend("native")
+        try:
+            rows = device_rows(models, list(plan["concurrency"]), plan["requests"], "cpu", new=plan["new"])
+        finally:
+            kernels.set_backend(previous)
     for r in rows:
         if not opts.on_gpu and str(r["status"]).startswith("differs"):
             r["detail"], r["status"] = r["status"], "mismatch"
@@ -270,6 +283,8 @@ def run(opts, models=None):
              f"seeded, EOS off) served by {', '.join(map(str, plan['concurrency']))} closed-loop clients: the "
              f"engine, static batches of {STATIC_BATCH} in arrival order, and one at a time (at the first "
              "concurrency only); random-weight models. tokens_per_s counts generated tokens."]
+    if not opts.on_gpu:
+        notes.append("On the CPU every mode runs trifuse's native CPU path (not Triton's interpreter).")
     return SuiteResult(f"Continuous batching vs static batches of {STATIC_BATCH} on {opts.device.type}", rows, {}, notes)
 
 

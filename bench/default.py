@@ -115,7 +115,7 @@ def _quick_cpu_sizes() -> dict:
 # Seconds of each part of a --quick CPU run (its CPU time, measured on a shared 2-core machine,
 # which is about its wall time on 2 idle cores), for the progress display's estimate; a part not
 # listed counts as DEFAULT_WEIGHT. The estimate is rescaled by how the finished parts compared.
-WEIGHTS = {"kernels": 18, "attention": 13, "cpu": 45, "packed": 60, "continuous": 40}  # the model rows': PLAN's seconds
+WEIGHTS = {"kernels": 18, "attention": 13, "cpu": 45, "packed": 60, "continuous": 20}  # the model rows': PLAN's seconds
 DEFAULT_WEIGHT = 20
 FULL_FACTOR = 3  # --full on a CPU: base sizes and whole sweeps
 
@@ -440,12 +440,11 @@ def _merge(prev: Optional[SuiteResult], res: SuiteResult) -> SuiteResult:
                        prev.notes + [n for n in res.notes if n not in prev.notes])
 
 
-def write_plot(name: str, rows: list[dict], path: Path) -> None:
+def write_plot(name: str, rows: list[dict], path: Path) -> list[Path]:
     """A suite's own plot (its ``plot_rows(rows, path)``, e.g. bench/continuous.py's) where the report's
-    generic ones draw nothing for its rows."""
+    generic ones draw nothing for its rows: ``[path]`` when it drew one."""
     module = _suite(name)
-    if rows and hasattr(module, "plot_rows"):
-        module.plot_rows(rows, path)
+    return [path] if rows and hasattr(module, "plot_rows") and module.plot_rows(rows, path) else []
 
 
 def _run_part(part: str, run, *args) -> SuiteResult:
