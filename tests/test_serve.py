@@ -571,9 +571,8 @@ def test_completions_equal_the_pipeline_with_and_without_the_engine(gpt2, refere
     pipe = trifuse.pipeline("text-generation", gpt2)
     prompts = ["Hello, my dog is", "ça va ?"]
     for engine in (True, False):
-        server = serve_mod.PipelineServer("x", "text-generation", pipeline=pipe)
-        if not engine:
-            server._engine = False  # as for a model the engine cannot run
+        server = serve_mod.PipelineServer("x", "text-generation", engine=engine,
+                                          pipeline=trifuse.pipeline("text-generation", gpt2))
         routes = OpenAIRoutes(server, "m", run=None)
         r = asyncio.run(routes.completions({"model": "m", "prompt": prompts, "max_tokens": 7, "temperature": 0,
                                             "n": 2}))
@@ -586,12 +585,35 @@ def test_completions_equal_the_pipeline_with_and_without_the_engine(gpt2, refere
         assert (server.engine_stats() is not None) == engine
         if engine:
             assert r["usage"]["completion_tokens"] == server.engine_stats()["generated"]
-            server._engine.close()
+
+            async def streamed(prompt, k):  # streamed on the engine too: its astream, the pipeline's pieces
+                return "".join([c["choices"][0]["text"] async for c in _sse_events(await routes.completions(
+                    {"model": "m", "prompt": prompt, "max_tokens": k, "temperature": 0, "stream": True}))])
+
+            async def concurrent():
+                return await asyncio.gather(*(streamed(p, k) for p in prompts for k in (3, 11)))
+
+            got = asyncio.run(concurrent())
+            want = [pipe(p, do_sample=False, max_new_tokens=k, return_full_text=False)[0]["generated_text"]
+                    for p in prompts for k in (3, 11)]
+            assert got == want
+            assert server.engine_stats()["finished"] == 4 + 4 and server.stats()["streams"] == 4
+            server.engine.close()
     with pytest.raises(serve_mod.BadRequest, match="--max-new-tokens") as e:
         asyncio.run(routes.completions({"model": "m", "prompt": "x", "max_tokens": 10**6}))
     assert e.value.status == 422
     with pytest.raises(serve_mod.BadRequest, match="not supported"):
         asyncio.run(routes.completions({"model": "m", "prompt": "x", "logprobs": 3}))
+
+
+def _sse_events(body):
+    """The JSON events of an SSE body (an async iterator of bytes), [DONE] left out."""
+    async def events():
+        async for chunk in body:
+            for line in chunk.decode().split("\n\n"):
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    yield json.loads(line[len("data: "):])
+    return events()
 
 
 def test_text_generation_on_the_generation_engine(gpt2):
@@ -616,6 +638,51 @@ def test_text_generation_on_the_generation_engine(gpt2):
         assert batch == serve_mod.jsonable(pipe(prompts[:2], return_full_text=False, **params))
         want = pipe(prompts[0], return_full_text=False, **params)[0]["generated_text"]
         assert "".join(server.stream(prompts[0], params)) == want
+
+        # POST /'s stream: the engine's astream, concurrent requests of different lengths; the pipeline's text
+        async def body(prompt, k):
+            lines = await server.ndjson(prompt, {**params, "max_new_tokens": k})
+            return [json.loads(line) async for line in lines]
+
+        async def streams():
+            return await asyncio.gather(*(body(p, k) for p, k in zip(prompts, (3, 12, 7, 1, 9))))
+
+        for (p, k), lines in zip(zip(prompts, (3, 12, 7, 1, 9)), asyncio.run(streams())):
+            full = pipe(p, **{**params, "max_new_tokens": k})[0]
+            assert lines[-1] == serve_mod.jsonable(full) and p + "".join(x["token"] for x in lines[:-1]) == (
+                full["generated_text"]), (p, lines)
+        with pytest.raises(serve_mod.BadRequest, match="bogus"):
+            asyncio.run(body("hi", {"bogus": 1}))
+
+        # A client that goes away: its engine request is cancelled. The engine is held after 12
+        # forwards (of the 50 the request needs), so it cannot finish before the client leaves.
+        model, go, forwards = server.engine.model, threading.Event(), [0]
+        real = model.packed_logits
+
+        def held(*args, **kwargs):
+            forwards[0] += 1
+            if forwards[0] > 12:
+                go.wait(60)
+            return real(*args, **kwargs)
+
+        async def first_then_close():
+            lines = await server.ndjson("Hello", {"max_new_tokens": 50, "do_sample": False, "min_new_tokens": 50})
+            async for _ in lines:
+                break
+            await lines.aclose()
+
+        finished = server.engine.counters["finished"]
+        model.packed_logits = held
+        try:
+            asyncio.run(first_then_close())
+        finally:
+            go.set()
+            del model.packed_logits
+        deadline = time.time() + 60
+        while server.engine_stats()["running"] and time.time() < deadline:
+            time.sleep(0.01)
+        stats = server.stats()["engine"]
+        assert stats["finished"] == finished and stats["cancelled"] == 1 and forwards[0] < 50, stats
         stats = server.stats()["engine"]
         assert stats["finished"] >= 8 and stats["running"] == 0 and stats["kv_blocks_used"] == 0
         assert {"waiting", "kv_blocks_total", "preemptions"} <= set(stats)

@@ -91,21 +91,30 @@ class PipelineServer:
         self._skipped = 0  # requests whose clients were gone before their batch ran
         self._started = time.time()
         self.on_batch = None  # called with (requests, start, seconds) after each batch (metrics)
-        self._engine = None  # the continuous-batching engine, started on first use (False: none)
-        self.engine = None  # set by engine=: every generation request (POST / too) runs on it
-        if engine is not None:
+        self.engine = None  # the continuous-batching engine: every generation request (POST / too) runs on it
+        if engine is True:  # on where the task generates and the model can run in an engine
+            engine = {"max_num_seqs": max_batch_size} if self.can_use_engine() else None
+        if engine not in (None, False):
             self._use_engine(engine)
+
+    def can_use_engine(self) -> bool:
+        """Whether this replica's task generates text and its model runs in a :class:`trifuse.GenerationEngine`
+        (trifuse's GPT-2, T5 and BART)."""
+        model = getattr(self.pipeline, "model", None)
+        return ((self.task in GENERATION_TASKS or self.task.startswith("translation"))
+                and callable(getattr(model, "packed_logits", None)) and callable(getattr(model, "prepare", None)))
 
     def _use_engine(self, options: dict) -> None:
         """Generation on a :class:`trifuse.GenerationEngine` (continuous batching; ``options`` are its
         keyword options): the pipeline's model generates through it, pipeline calls run concurrently
-        (each request on its own, the engine merging their steps) instead of one batch at a time."""
+        (each request on its own, the engine merging their steps) instead of one batch at a time, and
+        streams take their ids from the engine's :meth:`~trifuse.GenerationEngine.astream`."""
         from trifuse.engine.continuous import EngineBackedModel, GenerationEngine
 
         if self.task not in GENERATION_TASKS and not self.task.startswith("translation"):
             raise ValueError(f"the generation engine serves {', '.join(GENERATION_TASKS)}, not {self.task}")
         model = self.pipeline.model
-        self.engine = self._engine = GenerationEngine(model, **options)  # the OpenAI routes' engine too
+        self.engine = GenerationEngine(model, **options)  # the OpenAI routes' engine too
         self.pipeline.model = EngineBackedModel(model, self.engine)
         self._lock = contextlib.nullcontext()  # the engine's thread runs the forwards
 
@@ -119,21 +128,13 @@ class PipelineServer:
         return min(room, 1 << 20)
 
     def generation_engine(self):
-        """The continuous-batching engine (:class:`trifuse.GenerationEngine`) that runs this replica's
-        OpenAI completions together, step by step, started on first use; ``None`` where the task is
-        not text generation or the model cannot run in one."""
-        if self._engine is None:
-            self._engine = False
-            model = getattr(self.pipeline, "model", None)
-            if self.task == "text-generation" and callable(getattr(model, "packed_logits", None)):
-                from trifuse.engine.continuous import GenerationEngine
-
-                self._engine = GenerationEngine(model, max_num_seqs=self.max_batch_size)
-        return self._engine or None
+        """The continuous-batching engine (:class:`trifuse.GenerationEngine`) this replica's generation
+        runs on, or ``None`` (turned off, or a task or model it cannot run)."""
+        return self.engine
 
     def engine_stats(self) -> Optional[dict]:
-        """The generation engine's running/waiting sequences and KV-pool use, once it has started."""
-        return self._engine.stats() if self._engine else None
+        """The generation engine's running/waiting sequences and KV-pool use (None without one)."""
+        return self.engine.stats() if self.engine is not None else None
 
     def check(self, inputs, params: dict):
         """``inputs`` ready for the pipeline, or :class:`BadRequest`: option types and sizes against
@@ -229,17 +230,20 @@ class PipelineServer:
 
     # -- streamed text generation: one request, piece by piece, not batched -------------------
 
-    def _start_stream(self, inputs, params: dict, put) -> threading.Event:
-        """Decode ``inputs`` in a thread of its own (the model's step state and torch's inference
-        mode stay in one thread), handing each piece, then :data:`_END` (or the exception), to
-        ``put``. Each step holds the replica's lock, so batches interleave with streams. Setting
-        the returned event stops the decoding after the current step (the client went away)."""
+    def _stream_checks(self, inputs, params: dict) -> None:
         if not hasattr(self.pipeline, "stream"):
             raise BadRequest(f"streaming is for text-generation; this server runs {self.task}")
         if not isinstance(inputs, str):
             raise BadRequest("a streamed request takes one prompt (a string) as 'inputs'")
         if params.get("return_tensors") or params.get("return_text") is False:
             raise BadRequest("a streamed request returns text: drop 'return_tensors' / 'return_text'")
+
+    def _start_stream(self, inputs, params: dict, put) -> threading.Event:
+        """Decode ``inputs`` in a thread of its own (the model's step state and torch's inference
+        mode stay in one thread), handing each piece, then :data:`_END` (or the exception), to
+        ``put``. Each step holds the replica's lock, so batches interleave with streams. Setting
+        the returned event stops the decoding after the current step (the client went away)."""
+        self._stream_checks(inputs, params)
         stop = threading.Event()
 
         def produce():
@@ -291,6 +295,8 @@ class PipelineServer:
         """:meth:`stream` for an event loop: awaits the first piece (or :class:`BadRequest`) without
         blocking the loop, then returns an async iterator over the pieces. Closing it early stops
         the decoding."""
+        if self.engine is not None and hasattr(self.pipeline, "stream_start"):
+            return await self._engine_stream(inputs, params)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         stop: Optional[threading.Event] = None
@@ -319,6 +325,60 @@ class PipelineServer:
                     item = await pieces.get()
             finally:
                 stop.set()
+
+        return rest()
+
+    async def _engine_stream(self, inputs, params: dict):
+        """:meth:`astream` on the generation engine: the ids come from its ``astream`` (this request's
+        sequence in the engine's steps beside every other), the pieces from the pipeline's
+        :class:`~trifuse.engine.pipelines.text_generation.TextPieces`. Closing the iterator cancels the
+        request in the engine."""
+        self._stream_checks(inputs, params)
+        try:
+            prompt, kw, text = self.pipeline.stream_start(inputs, **params)
+        except BaseException as e:  # noqa: BLE001 - a bad input or option: 4xx before anything is sent
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise _as_error(e) from None
+
+        async def pieces():
+            ids = self.engine.astream(prompt, **kw)
+            try:
+                async for token in ids:
+                    piece = text.feed(token)
+                    if piece:
+                        yield piece
+                    if text.ended:
+                        break
+                tail = text.flush()
+                if tail:
+                    yield tail
+            finally:
+                await ids.aclose()  # cancels the request in the engine if it is still running
+
+        it = pieces()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:  # nothing to say (EOS first)
+            first = _END
+        except BaseException as e:
+            await it.aclose()
+            if isinstance(e, Exception):
+                raise _as_error(e) from None
+            raise
+        self._streams += 1
+
+        async def rest():
+            try:
+                if first is _END:
+                    return
+                yield first
+                async for piece in it:
+                    yield piece
+            except Exception as e:  # noqa: BLE001 - as the step-wise stream reports it
+                raise _as_error(e) from None
+            finally:
+                await it.aclose()
 
         return rest()
 
