@@ -691,3 +691,36 @@ def test_text_generation_on_the_generation_engine(gpt2):
         server.engine.close()
     finally:
         kernels.set_backend(before)
+
+
+def test_encoder_servers_batch_by_tokens_and_run_packed(checkpoints, monkeypatch, reference_backend):
+    """``max_batch_tokens``: a batch's inputs run in groups of at most that many real tokens, packed
+    (the pipeline's padding-free path); every answer equals the pipeline's on its own."""
+    import trifuse.engine.models.bert as bert
+
+    ckpt = checkpoints["text-classification"]
+    pipe = trifuse.pipeline("text-classification", ckpt)
+    runs = []
+    real_plan = bert.plan
+
+    def spy(mask, **kw):
+        packed = real_plan(mask, **kw)
+        runs.append((int(mask.sum()), packed is not None))
+        return packed
+
+    server = serve_mod.PipelineServer(str(ckpt), "text-classification", max_batch_size=16, max_batch_tokens=64)
+    assert server.max_batch_tokens == 64 and server.stats()["max_batch_tokens"] == 64
+    texts = [s * (1 + i % 3) for i, s in enumerate(SENTENCES)] + SENTENCES
+    requests = [(t, {}) for t in texts] + [(texts[:3], {"top_k": 2})]
+    monkeypatch.setattr(bert, "plan", spy)
+    out = server.run_batch(requests)
+    monkeypatch.setattr(bert, "plan", real_plan)
+    for (inputs, params), got in zip(requests, out):
+        assert _close(got, serve_mod.jsonable(pipe(inputs, **params))), (inputs, got)
+    assert len(runs) > 2 and all(n <= 64 for n, _ in runs) and any(p for _, p in runs), runs
+    assert serve_mod.PipelineServer("x", "text-classification", pipeline=pipe).max_batch_tokens == 16384  # TEI's
+    with pytest.raises(serve_mod.BadRequest, match="set by the server"):
+        serve_mod.requests.check_parameters({"max_batch_tokens": 8}, serve_mod.Limits(), prompt_room=64)
+    for bad in (0, True, "8"):
+        with pytest.raises(ValueError, match="max_batch_tokens"):
+            serve_mod.PipelineServer("x", "text-classification", pipeline=pipe, max_batch_tokens=bad)

@@ -38,6 +38,10 @@ def add_arguments(p) -> None:
                    "(in-flight batching over a paged KV cache; --max-batch-size is its max_num_seqs) where the "
                    "model can run in one (default); --no-continuous-batching: @serve.batch batches and "
                    "step-wise streams")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=None, metavar="N",
+                   help="encoder tasks: a batch's inputs run in groups of at most N real tokens, packed "
+                   "(default 16384, as text-embeddings-inference); generation on the engine: tokens per step "
+                   "(default 512)")
     p.add_argument("--kv-cache-mib", type=positive_int, default=None, metavar="MIB",
                    help="with the engine: the KV pool's size (default: max_num_seqs x 1024 tokens, at most 1 GiB)")
     p.add_argument("--max-concurrent-requests", type=positive_int, default=512, metavar="N",
@@ -113,6 +117,11 @@ def main(args) -> int:
         print("trifuse serve: error: --kv-cache-mib sizes the generation engine's KV pool; it does not go with "
               "--no-continuous-batching", file=sys.stderr)
         return 2
+    if args.max_batch_tokens and not args.continuous_batching and (
+            args.task in ("text-generation", "text2text-generation", "summarization") or args.task.startswith("translation")):
+        print("trifuse serve: error: --max-batch-tokens is for encoder tasks and the generation engine; it does not "
+              "go with --no-continuous-batching", file=sys.stderr)
+        return 2
     limits = Limits(max_inputs=args.max_inputs_per_request, max_new_tokens=args.max_new_tokens,
                     max_num_beams=args.max_num_beams, max_return_sequences=args.max_return_sequences,
                     max_image_pixels=args.max_image_pixels, max_body_bytes=args.max_body_bytes,
@@ -133,7 +142,7 @@ def main(args) -> int:
                      num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                      cpus_per_replica=args.cpus_per_replica, limits=limits, served_model_name=args.served_model_name,
                      max_concurrent_requests=args.max_concurrent_requests, request_timeout_s=args.request_timeout_s,
-                     quantize=args.quantize, engine=_engine_options(args))
+                     quantize=args.quantize, engine=_engine_options(args), max_batch_tokens=args.max_batch_tokens)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())

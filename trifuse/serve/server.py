@@ -75,7 +75,7 @@ class PipelineServer:
     def __init__(self, checkpoint: str, task: str, *, device: Optional[str] = None, dtype: Optional[str] = None,
                  max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, pipeline=None,
                  limits: Optional[Limits] = None, quantize: Optional[str] = None,
-                 engine: Optional[dict] = None):
+                 engine=None, max_batch_tokens: Optional[int] = None):
         if pipeline is None:
             import trifuse
 
@@ -91,11 +91,24 @@ class PipelineServer:
         self._skipped = 0  # requests whose clients were gone before their batch ran
         self._started = time.time()
         self.on_batch = None  # called with (requests, start, seconds) after each batch (metrics)
+        if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int)
+                                             or max_batch_tokens < 1):
+            raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
+        #: an encoder task's token budget: each pipeline call runs its inputs in batches of at most this
+        #: many real tokens, packed (the pipeline's token batches; None: batches of max_batch_size inputs)
+        self.max_batch_tokens = None
+        if getattr(pipeline, "default_max_batch_tokens", None) is not None:
+            self.max_batch_tokens = max_batch_tokens or pipeline.default_max_batch_tokens
         self.engine = None  # the continuous-batching engine: every generation request (POST / too) runs on it
         if engine is True:  # on where the task generates and the model can run in an engine
             engine = {"max_num_seqs": max_batch_size} if self.can_use_engine() else None
         if engine not in (None, False):
+            if max_batch_tokens is not None:  # the engine's tokens per step
+                engine = {"max_batch_tokens": max_batch_tokens, **engine}
             self._use_engine(engine)
+        elif max_batch_tokens is not None and self.max_batch_tokens is None:
+            raise ValueError(f"max_batch_tokens is for encoder tasks and the generation engine; {task} runs "
+                             "batches of max_batch_size inputs")
 
     def can_use_engine(self) -> bool:
         """Whether this replica's task generates text and its model runs in a :class:`trifuse.GenerationEngine`
@@ -221,6 +234,8 @@ class PipelineServer:
     def _call(self, items: list, params: dict) -> list:
         if not items:
             raise BadRequest("'inputs' is empty")
+        if self.max_batch_tokens is not None:  # token batches, run packed (the pipeline's padding-free path)
+            params = {**params, "max_batch_tokens": self.max_batch_tokens}
         with self._lock:
             results = self.pipeline(items, **params)
         results = list(results) if not isinstance(results, list) else results
@@ -407,7 +422,7 @@ class PipelineServer:
     def stats(self) -> dict:
         batches = sum(self._sizes.values())
         return {"task": self.task, "requests": self._requests, "batches": batches,
-                "max_batch_size": self.max_batch_size,
+                "max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens,
                 "batch_sizes": {str(k): v for k, v in sorted(self._sizes.items())},
                 "mean_batch_size": self._requests / batches if batches else 0.0, "streams": self._streams,
                 "skipped": self._skipped, "engine": self.engine_stats(),
