@@ -107,7 +107,9 @@ def live(tmp_path_factory):
         small = dict(max_batch_size=16, batch_wait_timeout_s=0.02, cpus_per_replica=0.25)
         for name, ckpt, task, extra in (
                 ("chat", ckpts["chat"], "text-generation", {"served_model_name": "chat"}),
-                ("embed", ckpts["embed"], "sentence-embedding", {"served_model_name": "minilm"}),
+                # token batches of at most 32 real tokens, packed
+                ("embed", ckpts["embed"], "sentence-embedding", {"served_model_name": "minilm",
+                                                                 "max_batch_tokens": 32}),
                 ("rerank", ckpts["rerank"], "text-classification", {}),
                 # full after two requests, each waiting 10 s for its batch to fill
                 ("busy", ckpts["rerank"], "text-classification", {"max_concurrent_requests": 2,

@@ -117,8 +117,9 @@ def main(args) -> int:
         print("trifuse serve: error: --kv-cache-mib sizes the generation engine's KV pool; it does not go with "
               "--no-continuous-batching", file=sys.stderr)
         return 2
-    if args.max_batch_tokens and not args.continuous_batching and (
-            args.task in ("text-generation", "text2text-generation", "summarization") or args.task.startswith("translation")):
+    generation = args.task in ("text-generation", "text2text-generation", "summarization") or (
+        args.task.startswith("translation"))
+    if args.max_batch_tokens and not args.continuous_batching and generation:
         print("trifuse serve: error: --max-batch-tokens is for encoder tasks and the generation engine; it does not "
               "go with --no-continuous-batching", file=sys.stderr)
         return 2
