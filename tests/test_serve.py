@@ -28,6 +28,7 @@ import torch
 
 import trifuse
 from tests.test_bert import _package_dir
+from tests.test_pipelines import ckpt  # noqa: F401 - the tiny checkpoints fixture
 
 T = pytest.importorskip("transformers")
 serve_mod = pytest.importorskip("trifuse.serve")
@@ -724,3 +725,32 @@ def test_encoder_servers_batch_by_tokens_and_run_packed(checkpoints, monkeypatch
     for bad in (0, True, "8"):
         with pytest.raises(ValueError, match="max_batch_tokens"):
             serve_mod.PipelineServer("x", "text-classification", pipeline=pipe, max_batch_tokens=bad)
+
+
+def test_summarization_and_text2text_servers_run_on_the_engine(ckpt):
+    """``engine=True`` (what `trifuse serve` passes by default) puts a T5 summarization or
+    text2text-generation server on the GenerationEngine; concurrent requests answer as the pipeline
+    does (greedy on the engine's steps; the checkpoint's beam search through model.generate)."""
+    from trifuse import kernels
+
+    before = kernels.get_backend()
+    kernels.set_backend("reference")  # the engine's own thread starts from the process-wide backend
+    try:
+        texts = ["studies have shown that owning a dog is good for you", "the cat sat on the mat", "naïve café ☕"]
+        for task, params in (("text2text-generation", {"max_new_tokens": 9}),
+                             ("text2text-generation", {"max_new_tokens": 4, "min_new_tokens": 3}),
+                             ("summarization", {}), ("summarization", {"num_beams": 1, "max_length": 11})):
+            pipe = trifuse.pipeline(task, ckpt("t5"), device="cpu")
+            server = serve_mod.PipelineServer(str(ckpt("t5")), task, engine=True,
+                                              pipeline=trifuse.pipeline(task, ckpt("t5"), device="cpu"))
+            assert server.engine is not None
+            with ThreadPoolExecutor(3) as pool:
+                got = list(pool.map(lambda t: server.run_batch([(t, params)])[0], texts))
+            assert got == [serve_mod.jsonable(pipe(t, **params)) for t in texts], (task, params)
+            if params.get("num_beams", 4 if task == "summarization" else 1) == 1:  # not the checkpoint's beams
+                assert server.stats()["engine"]["finished"] == len(texts), server.stats()
+            server.engine.close()
+        assert serve_mod.PipelineServer("x", "text-classification", engine=True, pipeline=trifuse.pipeline(
+            "text-classification", ckpt("cls"), device="cpu")).engine is None  # not a generation task
+    finally:
+        kernels.set_backend(before)
