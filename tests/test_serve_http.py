@@ -1,9 +1,9 @@
 """`trifuse serve` over loopback, as hostile and as OpenAI clients meet it.
 
-One `trifuse serve` (a tiny GPT-2, text-generation, small caps) is started once for the
-module; more apps (a chat checkpoint, sentence embeddings on real MiniLM weights, a
-cross-encoder for /rerank, a deliberately full one for 429, a ViT for images) are composed
-into the same local Ray from the test process. Every answer is checked against
+One `trifuse serve` (a tiny GPT-2, text-generation on the GenerationEngine as by default, small
+caps) is started once for the module; more apps (a chat checkpoint, sentence embeddings on real
+MiniLM weights in packed token batches, a cross-encoder for /rerank, a deliberately full one for
+429, a ViT for images) are composed into the same local Ray from the test process. Every answer is checked against
 `trifuse.pipeline` on the same input. Loopback only; every request loop is bounded in count
 and time.
 """
