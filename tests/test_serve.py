@@ -345,7 +345,7 @@ def test_trifuse_serve_end_to_end(checkpoints, gpt2, reference_backend):
     assert "shutting down" in out
 
 
-def test_cli_rejects_bad_arguments(tmp_path, capsys):
+def test_cli_rejects_bad_arguments(tmp_path, capsys, checkpoints):
     from trifuse.cli import main
 
     for argv in (["serve", str(tmp_path), "--task", "fill-mask", "--port", "0"],
@@ -356,6 +356,10 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
         assert e.value.code == 2
     assert main(["serve", str(tmp_path), "--task", "fill-mask"]) == 2  # not a checkpoint directory
     assert "no config.json" in capsys.readouterr().err
+    ckpt = str(checkpoints["text-classification"])  # refused before Ray starts: the engine's options without it
+    for flag in (["--kv-cache-mib", "8"], ["--max-batch-tokens", "8"]):
+        assert main(["serve", ckpt, "--task", "summarization", "--no-continuous-batching", *flag]) == 2
+        assert flag[0] in capsys.readouterr().err
 
 
 def test_asyncio_front_is_awaitable_without_ray(checkpoints, reference_backend):
