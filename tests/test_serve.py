@@ -758,3 +758,71 @@ def test_summarization_and_text2text_servers_run_on_the_engine(ckpt):
             "text-classification", ckpt("cls"), device="cpu")).engine is None  # not a generation task
     finally:
         kernels.set_backend(before)
+
+
+def test_a_request_whose_client_leaves_is_cancelled_in_the_engine(gpt2):
+    """POST / without stream on the engine: the replica runs the pipeline call on a thread under a
+    CancelScope (a context variable the thread inherits); cancelling it, as the app does when the
+    client leaves, cancels the call's engine requests, and requests submitted afterwards at once."""
+    import contextvars
+
+    from trifuse import kernels
+    from trifuse.engine.continuous import CANCEL_SCOPE, CancelScope
+
+    before = kernels.get_backend()
+    kernels.set_backend("reference")
+    try:
+        server = serve_mod.PipelineServer(str(gpt2), "text-generation", engine=True,
+                                          pipeline=trifuse.pipeline("text-generation", gpt2))
+        model, go, forwards = server.engine.model, threading.Event(), [0]
+        real = model.packed_logits
+
+        def held(*args, **kwargs):  # the engine waits after 12 forwards, so the request cannot finish first
+            forwards[0] += 1
+            if forwards[0] > 12:
+                go.wait(60)
+            return real(*args, **kwargs)
+
+        long = {"max_new_tokens": 50, "min_new_tokens": 50, "do_sample": False}
+
+        def call_in(scope):
+            token = CANCEL_SCOPE.set(scope)
+            try:
+                ctx = contextvars.copy_context()
+            finally:
+                CANCEL_SCOPE.reset(token)
+            return lambda: ctx.run(server.run_batch, [("Hello", long)])[0]
+
+        scope = CancelScope()
+        model.packed_logits = held
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(call_in(scope))
+                deadline = time.time() + 60
+                while forwards[0] <= 12 and time.time() < deadline:
+                    time.sleep(0.01)
+                assert forwards[0] > 12
+                scope.cancel()
+                go.set()
+                got = answer.result(timeout=60)
+        finally:
+            go.set()
+            del model.packed_logits
+        assert isinstance(got, serve_mod.ServerError) and "Cancelled" in str(got), got
+        deadline = time.time() + 60
+        while server.engine_stats()["running"] and time.time() < deadline:
+            time.sleep(0.01)
+        stats = server.engine_stats()
+        assert stats["cancelled"] == 1 and stats["finished"] == 0 and stats["kv_blocks_used"] == 0, stats
+        got = call_in(scope)()  # the scope is cancelled already: its next requests never run
+        assert isinstance(got, serve_mod.ServerError), got
+        deadline = time.time() + 60
+        while server.engine_stats()["cancelled"] < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert server.engine_stats()["finished"] == 0 and server.engine_stats()["cancelled"] == 2
+        plain = server.run_batch([("Hello", {"max_new_tokens": 5, "do_sample": False})])[0]  # no scope: runs
+        assert plain == serve_mod.jsonable(trifuse.pipeline("text-generation", gpt2)("Hello", max_new_tokens=5,
+                                                                                    do_sample=False))
+        server.engine.close()
+    finally:
+        kernels.set_backend(before)
