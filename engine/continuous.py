@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import itertools
 import queue
 import threading
@@ -309,9 +310,11 @@ class GenerationEngine:
         for req in [r for r in self.running if self._gone(r)]:
             self._release(req)
             self.running.remove(req)
+            self.counters["cancelled"] += 1
         for req in [r for r in self.waiting if self._gone(r)]:
             self.waiting.remove(req)
             self._release(req)
+            self.counters["cancelled"] += 1
 
     @staticmethod
     def _gone(req: _Request) -> bool:
@@ -451,13 +454,14 @@ class GenerationEngine:
     # -- state ----------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Running and waiting sequences, KV-pool use, and counters (steps, tokens, preemptions)."""
+        """Running and waiting sequences, KV-pool use, and counters (steps, tokens, preemptions, requests
+        cancelled before they finished)."""
         pool = self.kv.pool
         return {"running": len(self.running), "waiting": len(self.waiting) + len(self._incoming),
                 "kv_blocks_used": pool.used, "kv_blocks_total": pool.num_blocks, "block_size": self.block_size,
                 "kv_cache_bytes": self.kv.keys.numel() * self.kv.keys.element_size() * 2,
                 **{k: self.counters[k] for k in ("steps", "step_tokens", "generated", "finished", "preemptions",
-                                                 "encoded")}}
+                                                 "encoded", "cancelled")}}
 
     def close(self) -> None:
         """Stop the loop; every unfinished request fails with :class:`EngineClosed`."""
@@ -480,6 +484,36 @@ class GenerationEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+class CancelScope:
+    """The engine requests a piece of work submits through :class:`EngineBackedModel` while the scope is
+    current (:data:`CANCEL_SCOPE`, a context variable: ``asyncio.to_thread`` carries it into the thread),
+    so that whoever started the work can cancel them all from another thread (a server whose client
+    went away). Requests submitted after :meth:`cancel` are cancelled at once."""
+
+    def __init__(self):
+        self._futures: List[Future] = []
+        self._lock = threading.Lock()
+        self.cancelled = False
+
+    def add(self, future: Future) -> None:
+        with self._lock:
+            if not self.cancelled:
+                self._futures.append(future)
+                return
+        future.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            futures, self._futures = self._futures, []
+        for f in futures:
+            f.cancel()
+
+
+#: the current :class:`CancelScope` (None: requests are not tracked)
+CANCEL_SCOPE: contextvars.ContextVar = contextvars.ContextVar("trifuse_cancel_scope", default=None)
 
 
 class EngineBackedModel:
@@ -509,6 +543,10 @@ class EngineBackedModel:
             return self._model.generate(input_ids, attention_mask, **kwargs)
         rows = self._rows(input_ids, attention_mask)
         futures = [self._engine.submit(r, **kwargs) for r in rows]
+        scope = CANCEL_SCOPE.get()
+        if scope is not None:
+            for f in futures:
+                scope.add(f)
         try:
             outs = [f.result() for f in futures]
         finally:

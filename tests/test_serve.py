@@ -28,6 +28,7 @@ import torch
 
 import trifuse
 from tests.test_bert import _package_dir
+from tests.test_pipelines import ckpt  # noqa: F401 - the tiny checkpoints fixture
 
 T = pytest.importorskip("transformers")
 serve_mod = pytest.importorskip("trifuse.serve")
@@ -344,7 +345,7 @@ def test_trifuse_serve_end_to_end(checkpoints, gpt2, reference_backend):
     assert "shutting down" in out
 
 
-def test_cli_rejects_bad_arguments(tmp_path, capsys):
+def test_cli_rejects_bad_arguments(tmp_path, capsys, checkpoints):
     from trifuse.cli import main
 
     for argv in (["serve", str(tmp_path), "--task", "fill-mask", "--port", "0"],
@@ -355,6 +356,10 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
         assert e.value.code == 2
     assert main(["serve", str(tmp_path), "--task", "fill-mask"]) == 2  # not a checkpoint directory
     assert "no config.json" in capsys.readouterr().err
+    ckpt = str(checkpoints["text-classification"])  # refused before Ray starts: the engine's options without it
+    for flag in (["--kv-cache-mib", "8"], ["--max-batch-tokens", "8"]):
+        assert main(["serve", ckpt, "--task", "summarization", "--no-continuous-batching", *flag]) == 2
+        assert flag[0] in capsys.readouterr().err
 
 
 def test_asyncio_front_is_awaitable_without_ray(checkpoints, reference_backend):
@@ -571,9 +576,8 @@ def test_completions_equal_the_pipeline_with_and_without_the_engine(gpt2, refere
     pipe = trifuse.pipeline("text-generation", gpt2)
     prompts = ["Hello, my dog is", "ça va ?"]
     for engine in (True, False):
-        server = serve_mod.PipelineServer("x", "text-generation", pipeline=pipe)
-        if not engine:
-            server._engine = False  # as for a model the engine cannot run
+        server = serve_mod.PipelineServer("x", "text-generation", engine=engine,
+                                          pipeline=trifuse.pipeline("text-generation", gpt2))
         routes = OpenAIRoutes(server, "m", run=None)
         r = asyncio.run(routes.completions({"model": "m", "prompt": prompts, "max_tokens": 7, "temperature": 0,
                                             "n": 2}))
@@ -586,12 +590,35 @@ def test_completions_equal_the_pipeline_with_and_without_the_engine(gpt2, refere
         assert (server.engine_stats() is not None) == engine
         if engine:
             assert r["usage"]["completion_tokens"] == server.engine_stats()["generated"]
-            server._engine.close()
+
+            async def streamed(prompt, k):  # streamed on the engine too: its astream, the pipeline's pieces
+                return "".join([c["choices"][0]["text"] async for c in _sse_events(await routes.completions(
+                    {"model": "m", "prompt": prompt, "max_tokens": k, "temperature": 0, "stream": True}))])
+
+            async def concurrent():
+                return await asyncio.gather(*(streamed(p, k) for p in prompts for k in (3, 11)))
+
+            got = asyncio.run(concurrent())
+            want = [pipe(p, do_sample=False, max_new_tokens=k, return_full_text=False)[0]["generated_text"]
+                    for p in prompts for k in (3, 11)]
+            assert got == want
+            assert server.engine_stats()["finished"] == 4 + 4 and server.stats()["streams"] == 4
+            server.engine.close()
     with pytest.raises(serve_mod.BadRequest, match="--max-new-tokens") as e:
         asyncio.run(routes.completions({"model": "m", "prompt": "x", "max_tokens": 10**6}))
     assert e.value.status == 422
     with pytest.raises(serve_mod.BadRequest, match="not supported"):
         asyncio.run(routes.completions({"model": "m", "prompt": "x", "logprobs": 3}))
+
+
+def _sse_events(body):
+    """The JSON events of an SSE body (an async iterator of bytes), [DONE] left out."""
+    async def events():
+        async for chunk in body:
+            for line in chunk.decode().split("\n\n"):
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    yield json.loads(line[len("data: "):])
+    return events()
 
 
 def test_text_generation_on_the_generation_engine(gpt2):
@@ -616,11 +643,186 @@ def test_text_generation_on_the_generation_engine(gpt2):
         assert batch == serve_mod.jsonable(pipe(prompts[:2], return_full_text=False, **params))
         want = pipe(prompts[0], return_full_text=False, **params)[0]["generated_text"]
         assert "".join(server.stream(prompts[0], params)) == want
+
+        # POST /'s stream: the engine's astream, concurrent requests of different lengths; the pipeline's text
+        async def body(prompt, k):
+            lines = await server.ndjson(prompt, {**params, "max_new_tokens": k})
+            return [json.loads(line) async for line in lines]
+
+        async def streams():
+            return await asyncio.gather(*(body(p, k) for p, k in zip(prompts, (3, 12, 7, 1, 9))))
+
+        for (p, k), lines in zip(zip(prompts, (3, 12, 7, 1, 9)), asyncio.run(streams())):
+            full = pipe(p, **{**params, "max_new_tokens": k})[0]
+            assert lines[-1] == serve_mod.jsonable(full) and p + "".join(x["token"] for x in lines[:-1]) == (
+                full["generated_text"]), (p, lines)
+        with pytest.raises(serve_mod.BadRequest, match="bogus"):
+            asyncio.run(body("hi", {"bogus": 1}))
+
+        # A client that goes away: its engine request is cancelled. The engine is held after 12
+        # forwards (of the 50 the request needs), so it cannot finish before the client leaves.
+        model, go, forwards = server.engine.model, threading.Event(), [0]
+        real = model.packed_logits
+
+        def held(*args, **kwargs):
+            forwards[0] += 1
+            if forwards[0] > 12:
+                go.wait(60)
+            return real(*args, **kwargs)
+
+        async def first_then_close():
+            lines = await server.ndjson("Hello", {"max_new_tokens": 50, "do_sample": False, "min_new_tokens": 50})
+            async for _ in lines:
+                break
+            await lines.aclose()
+
+        finished = server.engine.counters["finished"]
+        model.packed_logits = held
+        try:
+            asyncio.run(first_then_close())
+        finally:
+            go.set()
+            del model.packed_logits
+        deadline = time.time() + 60
+        while server.engine_stats()["running"] and time.time() < deadline:
+            time.sleep(0.01)
+        stats = server.stats()["engine"]
+        assert stats["finished"] == finished and stats["cancelled"] == 1 and forwards[0] < 50, stats
         stats = server.stats()["engine"]
         assert stats["finished"] >= 8 and stats["running"] == 0 and stats["kv_blocks_used"] == 0
         assert {"waiting", "kv_blocks_total", "preemptions"} <= set(stats)
         with pytest.raises(ValueError, match="generation engine serves"):
             serve_mod.PipelineServer("x", "fill-mask", pipeline=object(), engine={})
+        server.engine.close()
+    finally:
+        kernels.set_backend(before)
+
+
+def test_encoder_servers_batch_by_tokens_and_run_packed(checkpoints, monkeypatch, reference_backend):
+    """``max_batch_tokens``: a batch's inputs run in groups of at most that many real tokens, packed
+    (the pipeline's padding-free path); every answer equals the pipeline's on its own."""
+    import trifuse.engine.models.bert as bert
+
+    ckpt = checkpoints["text-classification"]
+    pipe = trifuse.pipeline("text-classification", ckpt)
+    runs = []
+    real_plan = bert.plan
+
+    def spy(mask, **kw):
+        packed = real_plan(mask, **kw)
+        runs.append((int(mask.sum()), packed is not None))
+        return packed
+
+    server = serve_mod.PipelineServer(str(ckpt), "text-classification", max_batch_size=16, max_batch_tokens=64)
+    assert server.max_batch_tokens == 64 and server.stats()["max_batch_tokens"] == 64
+    texts = [s * (1 + i % 3) for i, s in enumerate(SENTENCES)] + SENTENCES
+    requests = [(t, {}) for t in texts] + [(texts[:3], {"top_k": 2})]
+    monkeypatch.setattr(bert, "plan", spy)
+    out = server.run_batch(requests)
+    monkeypatch.setattr(bert, "plan", real_plan)
+    for (inputs, params), got in zip(requests, out):
+        assert _close(got, serve_mod.jsonable(pipe(inputs, **params))), (inputs, got)
+    assert len(runs) > 2 and all(n <= 64 for n, _ in runs) and any(p for _, p in runs), runs
+    assert serve_mod.PipelineServer("x", "text-classification", pipeline=pipe).max_batch_tokens == 16384  # TEI's
+    with pytest.raises(serve_mod.BadRequest, match="set by the server"):
+        serve_mod.requests.check_parameters({"max_batch_tokens": 8}, serve_mod.Limits(), prompt_room=64)
+    for bad in (0, True, "8"):
+        with pytest.raises(ValueError, match="max_batch_tokens"):
+            serve_mod.PipelineServer("x", "text-classification", pipeline=pipe, max_batch_tokens=bad)
+
+
+def test_summarization_and_text2text_servers_run_on_the_engine(ckpt):
+    """``engine=True`` (what `trifuse serve` passes by default) puts a T5 summarization or
+    text2text-generation server on the GenerationEngine; concurrent requests answer as the pipeline
+    does (greedy on the engine's steps; the checkpoint's beam search through model.generate)."""
+    from trifuse import kernels
+
+    before = kernels.get_backend()
+    kernels.set_backend("reference")  # the engine's own thread starts from the process-wide backend
+    try:
+        texts = ["studies have shown that owning a dog is good for you", "the cat sat on the mat", "naïve café ☕"]
+        for task, params in (("text2text-generation", {"max_new_tokens": 9}),
+                             ("text2text-generation", {"max_new_tokens": 4, "min_new_tokens": 3}),
+                             ("summarization", {}), ("summarization", {"num_beams": 1, "max_length": 11})):
+            pipe = trifuse.pipeline(task, ckpt("t5"), device="cpu")
+            server = serve_mod.PipelineServer(str(ckpt("t5")), task, engine=True,
+                                              pipeline=trifuse.pipeline(task, ckpt("t5"), device="cpu"))
+            assert server.engine is not None
+            with ThreadPoolExecutor(3) as pool:
+                got = list(pool.map(lambda t: server.run_batch([(t, params)])[0], texts))
+            assert got == [serve_mod.jsonable(pipe(t, **params)) for t in texts], (task, params)
+            if params.get("num_beams", 4 if task == "summarization" else 1) == 1:  # not the checkpoint's beams
+                assert server.stats()["engine"]["finished"] == len(texts), server.stats()
+            server.engine.close()
+        assert serve_mod.PipelineServer("x", "text-classification", engine=True, pipeline=trifuse.pipeline(
+            "text-classification", ckpt("cls"), device="cpu")).engine is None  # not a generation task
+    finally:
+        kernels.set_backend(before)
+
+
+def test_a_request_whose_client_leaves_is_cancelled_in_the_engine(gpt2):
+    """POST / without stream on the engine: the replica runs the pipeline call on a thread under a
+    CancelScope (a context variable the thread inherits); cancelling it, as the app does when the
+    client leaves, cancels the call's engine requests, and requests submitted afterwards at once."""
+    import contextvars
+
+    from trifuse import kernels
+    from trifuse.engine.continuous import CANCEL_SCOPE, CancelScope
+
+    before = kernels.get_backend()
+    kernels.set_backend("reference")
+    try:
+        server = serve_mod.PipelineServer(str(gpt2), "text-generation", engine=True,
+                                          pipeline=trifuse.pipeline("text-generation", gpt2))
+        model, go, forwards = server.engine.model, threading.Event(), [0]
+        real = model.packed_logits
+
+        def held(*args, **kwargs):  # the engine waits after 12 forwards, so the request cannot finish first
+            forwards[0] += 1
+            if forwards[0] > 12:
+                go.wait(60)
+            return real(*args, **kwargs)
+
+        long = {"max_new_tokens": 50, "min_new_tokens": 50, "do_sample": False}
+
+        def call_in(scope):
+            token = CANCEL_SCOPE.set(scope)
+            try:
+                ctx = contextvars.copy_context()
+            finally:
+                CANCEL_SCOPE.reset(token)
+            return lambda: ctx.run(server.run_batch, [("Hello", long)])[0]
+
+        scope = CancelScope()
+        model.packed_logits = held
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(call_in(scope))
+                deadline = time.time() + 60
+                while forwards[0] <= 12 and time.time() < deadline:
+                    time.sleep(0.01)
+                assert forwards[0] > 12
+                scope.cancel()
+                go.set()
+                got = answer.result(timeout=60)
+        finally:
+            go.set()
+            del model.packed_logits
+        assert isinstance(got, serve_mod.ServerError) and "Cancelled" in str(got), got
+        deadline = time.time() + 60
+        while server.engine_stats()["running"] and time.time() < deadline:
+            time.sleep(0.01)
+        stats = server.engine_stats()
+        assert stats["cancelled"] == 1 and stats["finished"] == 0 and stats["kv_blocks_used"] == 0, stats
+        got = call_in(scope)()  # the scope is cancelled already: its next requests never run
+        assert isinstance(got, serve_mod.ServerError), got
+        deadline = time.time() + 60
+        while server.engine_stats()["cancelled"] < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert server.engine_stats()["finished"] == 0 and server.engine_stats()["cancelled"] == 2
+        plain = server.run_batch([("Hello", {"max_new_tokens": 5, "do_sample": False})])[0]  # no scope: runs
+        assert plain == serve_mod.jsonable(trifuse.pipeline("text-generation", gpt2)("Hello", max_new_tokens=5,
+                                                                                    do_sample=False))
         server.engine.close()
     finally:
         kernels.set_backend(before)

@@ -1,9 +1,9 @@
 """`trifuse serve` over loopback, as hostile and as OpenAI clients meet it.
 
-One `trifuse serve` (a tiny GPT-2, text-generation, small caps) is started once for the
-module; more apps (a chat checkpoint, sentence embeddings on real MiniLM weights, a
-cross-encoder for /rerank, a deliberately full one for 429, a ViT for images) are composed
-into the same local Ray from the test process. Every answer is checked against
+One `trifuse serve` (a tiny GPT-2, text-generation on the GenerationEngine as by default, small
+caps) is started once for the module; more apps (a chat checkpoint, sentence embeddings on real
+MiniLM weights in packed token batches, a cross-encoder for /rerank, a deliberately full one for
+429, a ViT for images) are composed into the same local Ray from the test process. Every answer is checked against
 `trifuse.pipeline` on the same input. Loopback only; every request loop is bounded in count
 and time.
 """
@@ -29,7 +29,7 @@ import torch
 import trifuse
 from tests.listening import descendants, listening
 from tests.test_bert import _package_dir
-from tests.test_serve import TINY_BERT, _connect_ray, _free_port, _gpt2_checkpoint, _post, _wait_for
+from tests.test_serve import TINY_BERT, _connect_ray, _free_port, _gpt2_checkpoint, _lines, _post, _stream, _wait_for
 
 T = pytest.importorskip("transformers")
 pytest.importorskip("ray")
@@ -107,7 +107,9 @@ def live(tmp_path_factory):
         small = dict(max_batch_size=16, batch_wait_timeout_s=0.02, cpus_per_replica=0.25)
         for name, ckpt, task, extra in (
                 ("chat", ckpts["chat"], "text-generation", {"served_model_name": "chat"}),
-                ("embed", ckpts["embed"], "sentence-embedding", {"served_model_name": "minilm"}),
+                # token batches of at most 32 real tokens, packed
+                ("embed", ckpts["embed"], "sentence-embedding", {"served_model_name": "minilm",
+                                                                 "max_batch_tokens": 32}),
                 ("rerank", ckpts["rerank"], "text-classification", {}),
                 # full after two requests, each waiting 10 s for its batch to fill
                 ("busy", ckpts["rerank"], "text-classification", {"max_concurrent_requests": 2,
@@ -332,6 +334,37 @@ def test_completions_equal_the_pipeline(live, gen, reference_backend):
     a, b = (client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0.9, seed=7).choices[0].text
             for _ in range(2))
     assert a == b
+
+
+def test_generation_runs_on_the_engine_streamed_and_not(live, gen, reference_backend):
+    """`trifuse serve` runs text generation on the GenerationEngine by default: POST / (plain and
+    streamed, concurrent, different lengths) answers as the pipeline does, its streams taken from
+    the engine, and /stats counts the engine's sequences."""
+    url = live["url"]
+    before = json.loads(_get(url + "stats"))
+    work = [(p, 3 + 4 * i % 11, i % 2 == 0) for i, p in enumerate(PROMPTS * 2)]
+
+    def one(w):
+        prompt, k, stream = w
+        payload = {"inputs": prompt, "parameters": {**GREEDY, "max_new_tokens": k, "stream": stream}}
+        return _stream(url, payload) if stream else _post(url, payload)
+
+    with ThreadPoolExecutor(len(work)) as pool:
+        answers = list(pool.map(one, work))
+    for (prompt, k, stream), answer in zip(work, answers):
+        assert answer[0] == 200, (prompt, answer)
+        want = gen(prompt, **GREEDY, max_new_tokens=k)
+        if stream:
+            lines = _lines(answer[2])
+            assert lines[-1] == serve_mod.jsonable(want[0]), (prompt, lines)
+            assert prompt + "".join(x["token"] for x in lines[:-1]) == want[0]["generated_text"], (prompt, lines)
+        else:
+            assert answer[1] == serve_mod.jsonable(want), (prompt, answer)
+    stats = json.loads(_get(url + "stats"))
+    engine = stats["engine"]
+    assert engine["finished"] - before["engine"]["finished"] >= len(work), (before, stats)
+    assert stats["streams"] - before["streams"] == sum(s for _, _, s in work), (before, stats)
+    assert engine["running"] == 0 and engine["kv_blocks_used"] == 0 and engine["kv_blocks_total"] > 0, engine
 
 
 def test_chat_completions_need_a_chat_template(live, reference_backend):

@@ -55,10 +55,10 @@ class TextGeneration(GenerationPipeline):
             base.setdefault("pad_token_id", self.config["eos_token_id"])
         return base
 
-    def stream(self, text: str, **options) -> Iterator[str]:
-        """The generated text of one prompt, piece by piece as tokens are decoded (what ``trifuse
-        serve`` streams); the pieces joined equal ``pipe(text, return_full_text=False, **options)``'s
-        ``generated_text`` for the same draws. One sequence: no beams, ``num_return_sequences`` 1."""
+    def stream_start(self, text: str, **options) -> tuple[list[int], dict, "TextPieces"]:
+        """What :meth:`stream` decodes, for a caller that produces the ids itself (``trifuse serve`` on
+        a :class:`~engine.continuous.GenerationEngine`): ``(prompt ids, generate's keywords, pieces)``;
+        feed each new id to ``pieces``. Bad input or options raise here."""
         opts = self._options(options)
         if (opts.get("num_beams") or 1) != 1 or (opts.get("num_return_sequences") or 1) != 1:
             raise ValueError("streaming decodes one sequence: num_beams and num_return_sequences must be 1")
@@ -66,39 +66,28 @@ class TextGeneration(GenerationPipeline):
         if not unit.enc.ids:
             raise ValueError("streaming needs a non-empty prompt")
         kw = self._generate_kwargs(opts, self._base())
-        ids = torch.tensor([unit.enc.ids], dtype=torch.long, device=self.device)
-        skip = opts.get("skip_special_tokens", True)
         clean = opts.get("clean_up_tokenization_spaces")
         clean = self.tokenizer.clean_up_tokenization_spaces if clean is None else bool(clean)
         eos = kw.get("eos_token_id", self.config.get("eos_token_id"))
         eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        tokens: list[int] = []
-        said = ""
+        return list(unit.enc.ids), kw, TextPieces(self.tokenizer, opts.get("skip_special_tokens", True), clean, eos)
 
-        def text() -> str:
-            return self.tokenizer.decode(tokens, skip_special_tokens=skip, clean_up_tokenization_spaces=clean)
-
+    def stream(self, text: str, **options) -> Iterator[str]:
+        """The generated text of one prompt, piece by piece as tokens are decoded (what ``trifuse
+        serve`` streams); the pieces joined equal ``pipe(text, return_full_text=False, **options)``'s
+        ``generated_text`` for the same draws. One sequence: no beams, ``num_return_sequences`` 1."""
+        prompt, kw, pieces = self.stream_start(text, **options)
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             for step in self.model.stream(ids, torch.ones_like(ids), **kw):
-                tokens.append(int(step[0]))
-                text_now = text()
-                if text_now.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-                    continue
-                if clean:
-                    # Hugging Face's clean-up deletes a space before punctuation and contractions
-                    # (" ." -> ".", " n't" -> "n't"), so the next tokens may still rewrite the text
-                    # from the last space on: hold that back (a word at most).
-                    text_now = text_now[: max(text_now.rfind(" "), 0)]
-                if len(text_now) > len(said) and text_now.startswith(said):
-                    yield text_now[len(said):]
-                    said = text_now
-                if tokens[-1] in eos:
+                piece = pieces.feed(int(step[0]))
+                if piece:
+                    yield piece
+                if pieces.ended:
                     break
-        final = text()
-        if not final.startswith(said):  # cannot happen with Hugging Face's clean-up rules; say so if it does
-            raise RuntimeError(f"streamed text {said!r} is not a prefix of the decoded text {final!r}")
-        if final[len(said):]:
-            yield final[len(said):]
+        tail = pieces.flush()
+        if tail:
+            yield tail
 
     def _prepare(self, i, x, opts):
         x = text_input(x, self.task)
@@ -164,3 +153,43 @@ class TextGeneration(GenerationPipeline):
         return records
 
 
+
+
+class TextPieces:
+    """Generated ids in, text pieces out: each piece is final (the pieces joined equal the ids
+    decoded at once, as the pipeline decodes them). A character split across tokens waits for the
+    rest; with Hugging Face's clean-up of tokenization spaces, which deletes a space before
+    punctuation and contractions (" ." -> ".", " n't" -> "n't"), the text from the last space on
+    is held back (a word at most) until later tokens cannot rewrite it."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool, clean: bool, eos: set):
+        self.tokenizer, self.skip, self.clean, self.eos = tokenizer, skip_special_tokens, clean, eos
+        self.tokens: list[int] = []
+        self.said = ""
+        self.ended = False  # an EOS id was fed
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip,
+                                     clean_up_tokenization_spaces=self.clean)
+
+    def feed(self, token: int) -> str:
+        """The text that ``token`` makes final ('' if none yet)."""
+        self.tokens.append(token)
+        self.ended = self.ended or token in self.eos
+        now = self._text()
+        if now.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return ""
+        if self.clean:
+            now = now[: max(now.rfind(" "), 0)]
+        if len(now) > len(self.said) and now.startswith(self.said):
+            piece, self.said = now[len(self.said):], now
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        """The rest of the text, once no more ids come."""
+        final = self._text()
+        if not final.startswith(self.said):  # cannot happen with Hugging Face's clean-up rules; say so if it does
+            raise RuntimeError(f"streamed text {self.said!r} is not a prefix of the decoded text {final!r}")
+        piece, self.said = final[len(self.said):], final
+        return piece

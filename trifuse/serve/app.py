@@ -68,11 +68,11 @@ def _app_class():
     class TrifuseDeployment:
         def __init__(self, checkpoint, task, device, dtype, max_batch_size, batch_wait_timeout_s, limits=None,
                      served_model_name=None, max_concurrent_requests=512, request_timeout_s=300.0, quantize=None,
-                     engine=None):
+                     engine=None, max_batch_tokens=None):
             _bind_replica_grpc_to_loopback()
             self.server = PipelineServer(checkpoint, task, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                          batch_wait_timeout_s=batch_wait_timeout_s, limits=limits, quantize=quantize,
-                                         engine=engine)
+                                         engine=engine, max_batch_tokens=max_batch_tokens)
             self.batched.set_max_batch_size(max_batch_size)
             self.batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
             self.name = served_model_name or _model_name(checkpoint)
@@ -92,13 +92,23 @@ def _app_class():
             """``POST /``'s answer for ``(inputs, params)``: checked, batched, failures its own."""
             inputs = self.server.check(inputs, params)
             request = Request(inputs, params)
+            scope = None
             try:
                 if self.server.engine is not None:  # continuous batching: the engine merges requests' steps
-                    result = (await asyncio.to_thread(self.server.run_batch, [request]))[0]
+                    from trifuse.engine.continuous import CANCEL_SCOPE, CancelScope
+
+                    scope = CancelScope()  # its engine requests, cancelled if the client goes away
+                    token = CANCEL_SCOPE.set(scope)  # asyncio.to_thread takes it into the thread
+                    try:
+                        result = (await asyncio.to_thread(self.server.run_batch, [request]))[0]
+                    finally:
+                        CANCEL_SCOPE.reset(token)
                 else:
                     result = await self.batched(request)
             except asyncio.CancelledError:  # the client went away (or the timeout): skip it if not started
                 request.gone.set()
+                if scope is not None:
+                    scope.cancel()
                 raise
             if isinstance(result, (BadRequest, ServerError)):
                 raise result
@@ -218,14 +228,18 @@ def deployment(checkpoint, task: str, *, device: Optional[str] = None, dtype: Op
                gpus_per_replica: Optional[float] = None, cpus_per_replica: float = 1.0, name: str = "trifuse",
                limits: Optional[Limits] = None, served_model_name: Optional[str] = None,
                max_concurrent_requests: int = 512, request_timeout_s: float = 300.0, quantize: Optional[str] = None,
-               engine: Optional[dict] = None):
+               engine=True, max_batch_tokens: Optional[int] = None):
     """A Ray Serve application serving ``trifuse.pipeline(task, checkpoint)``; pass it to
     ``serve.run`` or compose it with your own deployments. ``gpus_per_replica`` reserves GPUs
     per replica through Ray (default: 1 when ``device`` is CUDA, else none). ``limits`` caps
     what one request may ask for; past ``max_concurrent_requests`` in flight a replica answers
-    429; a request running longer than ``request_timeout_s`` is answered 504. ``engine`` (generation tasks): a
-    :class:`trifuse.GenerationEngine`'s options, e.g. ``{}``: requests run on it (continuous batching)
-    instead of ``@serve.batch``."""
+    429; a request running longer than ``request_timeout_s`` is answered 504. ``engine``: generation tasks
+    (text-generation, text2text-generation, summarization, translation) run every request, streamed or
+    not, on a :class:`trifuse.GenerationEngine` (continuous batching; ``max_batch_size`` is its
+    ``max_num_seqs``) instead of ``@serve.batch``: ``True`` (default) where the model can run in one,
+    a dict of the engine's options to insist, ``False`` for batches. ``max_batch_tokens``: encoder tasks
+    run each batch's inputs in groups of at most this many real tokens, packed (default: the pipeline's,
+    16384 as text-embeddings-inference); on the generation engine, its tokens per step."""
     for key, v in (("max_batch_size", max_batch_size), ("num_replicas", num_replicas),
                    ("max_concurrent_requests", max_concurrent_requests)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -249,4 +263,4 @@ def deployment(checkpoint, task: str, *, device: Optional[str] = None, dtype: Op
                            ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
                            max_ongoing_requests=ongoing, max_queued_requests=ongoing)
     return cls.bind(str(checkpoint), task, device, dtype, max_batch_size, batch_wait_timeout_s, limits or Limits(),
-                    served_model_name, max_concurrent_requests, request_timeout_s, quantize, engine)
+                    served_model_name, max_concurrent_requests, request_timeout_s, quantize, engine, max_batch_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import signal
@@ -32,12 +33,17 @@ def add_arguments(p) -> None:
                    help="requests per batch (default 32)")
     p.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0, metavar="MS",
                    help="how long a batch waits to fill, in ms (default 5)")
-    p.add_argument("--continuous-batching", action="store_true",
-                   help="generation tasks: run requests on trifuse.GenerationEngine (in-flight batching over a "
-                   "paged KV cache) instead of batches; --max-batch-size is then its max_num_seqs")
+    p.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="generation tasks: run every request, streamed or not, on trifuse.GenerationEngine "
+                   "(in-flight batching over a paged KV cache; --max-batch-size is its max_num_seqs) where the "
+                   "model can run in one (default); --no-continuous-batching: @serve.batch batches and "
+                   "step-wise streams")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=None, metavar="N",
+                   help="encoder tasks: a batch's inputs run in groups of at most N real tokens, packed "
+                   "(default 16384, as text-embeddings-inference); generation on the engine: tokens per step "
+                   "(default 512)")
     p.add_argument("--kv-cache-mib", type=positive_int, default=None, metavar="MIB",
-                   help="with --continuous-batching: the KV pool's size (default: max_num_seqs x 1024 tokens, "
-                   "at most 1 GiB)")
+                   help="with the engine: the KV pool's size (default: max_num_seqs x 1024 tokens, at most 1 GiB)")
     p.add_argument("--max-concurrent-requests", type=positive_int, default=512, metavar="N",
                    help="requests in flight per replica; past it a request is answered 429 (default 512)")
     p.add_argument("--request-timeout-s", type=non_negative_float, default=300.0, metavar="S",
@@ -89,12 +95,12 @@ def start_local_ray(host: str) -> None:
 
 
 def _engine_options(args):
+    """``deployment``'s ``engine=``: off, on where the model can (default), or insisted on with a pool size."""
     if not args.continuous_batching:
-        return None
-    opts = {"max_num_seqs": args.max_batch_size}
-    if args.kv_cache_mib:
-        opts["kv_cache_bytes"] = args.kv_cache_mib << 20
-    return opts
+        return False
+    if not args.kv_cache_mib:
+        return True
+    return {"max_num_seqs": args.max_batch_size, "kv_cache_bytes": args.kv_cache_mib << 20}
 
 
 def main(args) -> int:
@@ -106,6 +112,16 @@ def main(args) -> int:
         return 2
     if not args.request_timeout_s > 0:
         print("trifuse serve: error: --request-timeout-s must be > 0", file=sys.stderr)
+        return 2
+    if args.kv_cache_mib and not args.continuous_batching:
+        print("trifuse serve: error: --kv-cache-mib sizes the generation engine's KV pool; it does not go with "
+              "--no-continuous-batching", file=sys.stderr)
+        return 2
+    generation = args.task in ("text-generation", "text2text-generation", "summarization") or (
+        args.task.startswith("translation"))
+    if args.max_batch_tokens and not args.continuous_batching and generation:
+        print("trifuse serve: error: --max-batch-tokens is for encoder tasks and the generation engine; it does not "
+              "go with --no-continuous-batching", file=sys.stderr)
         return 2
     limits = Limits(max_inputs=args.max_inputs_per_request, max_new_tokens=args.max_new_tokens,
                     max_num_beams=args.max_num_beams, max_return_sequences=args.max_return_sequences,
@@ -127,7 +143,7 @@ def main(args) -> int:
                      num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                      cpus_per_replica=args.cpus_per_replica, limits=limits, served_model_name=args.served_model_name,
                      max_concurrent_requests=args.max_concurrent_requests, request_timeout_s=args.request_timeout_s,
-                     quantize=args.quantize, engine=_engine_options(args))
+                     quantize=args.quantize, engine=_engine_options(args), max_batch_tokens=args.max_batch_tokens)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())

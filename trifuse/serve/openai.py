@@ -8,11 +8,12 @@ vLLM's server (``vllm/entrypoints/openai/``); errors are :class:`BadRequest` wit
 and the option at fault, which the app turns into OpenAI's error JSON.
 
 Embeddings and rerank go through the replica's batches (``run``: the same ``@serve.batch`` as
-``POST /``). Completions run on the continuous-batching engine (:class:`trifuse.GenerationEngine`,
-:meth:`PipelineServer.generation_engine`): concurrent requests share its steps, and a request whose
-client leaves (or that times out) is cancelled there. Streamed completions decode through the
-server's step-wise stream (:meth:`PipelineServer.astream`), one sequence at a time, interleaved
-with the batches step by step; closing the stream stops the decoding after the current step.
+``POST /``). Completions, streamed or not, run on the continuous-batching engine
+(:class:`trifuse.GenerationEngine`, :meth:`PipelineServer.generation_engine`; streams through
+:meth:`PipelineServer.astream`, which takes its ids from the engine's ``astream``): concurrent requests
+share its steps, and a request whose client leaves (or that times out) is cancelled there. With the
+engine off (``--no-continuous-batching``) they decode through the server's step-wise stream, one
+sequence at a time, interleaved with the batches step by step.
 """
 
 from __future__ import annotations

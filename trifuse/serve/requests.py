@@ -124,7 +124,7 @@ _INT = {"max_new_tokens", "min_new_tokens", "max_length", "min_length", "num_bea
 _FLOAT = {"temperature", "top_p", "repetition_penalty", "length_penalty", "timeout"}
 _TOKEN = {"eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id"}
 #: options the server sets, never a request
-_SERVER_ONLY = {"batch_size", "progress", "generator", "device", "dtype"}
+_SERVER_ONLY = {"batch_size", "max_batch_tokens", "progress", "generator", "device", "dtype"}
 _TOKEN_ID_MAX = 2**31 - 1
 
 

@@ -75,7 +75,7 @@ class PipelineServer:
     def __init__(self, checkpoint: str, task: str, *, device: Optional[str] = None, dtype: Optional[str] = None,
                  max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, pipeline=None,
                  limits: Optional[Limits] = None, quantize: Optional[str] = None,
-                 engine: Optional[dict] = None):
+                 engine=None, max_batch_tokens: Optional[int] = None):
         if pipeline is None:
             import trifuse
 
@@ -91,21 +91,43 @@ class PipelineServer:
         self._skipped = 0  # requests whose clients were gone before their batch ran
         self._started = time.time()
         self.on_batch = None  # called with (requests, start, seconds) after each batch (metrics)
-        self._engine = None  # the continuous-batching engine, started on first use (False: none)
-        self.engine = None  # set by engine=: every generation request (POST / too) runs on it
-        if engine is not None:
+        if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int)
+                                             or max_batch_tokens < 1):
+            raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
+        #: an encoder task's token budget: each pipeline call runs its inputs in batches of at most this
+        #: many real tokens, packed (the pipeline's token batches; None: batches of max_batch_size inputs)
+        self.max_batch_tokens = None
+        if getattr(pipeline, "default_max_batch_tokens", None) is not None:
+            self.max_batch_tokens = max_batch_tokens or pipeline.default_max_batch_tokens
+        self.engine = None  # the continuous-batching engine: every generation request (POST / too) runs on it
+        if engine is True:  # on where the task generates and the model can run in an engine
+            engine = {"max_num_seqs": max_batch_size} if self.can_use_engine() else None
+        if engine not in (None, False):
+            if max_batch_tokens is not None:  # the engine's tokens per step
+                engine = {"max_batch_tokens": max_batch_tokens, **engine}
             self._use_engine(engine)
+        elif max_batch_tokens is not None and self.max_batch_tokens is None:
+            raise ValueError(f"max_batch_tokens is for encoder tasks and the generation engine; {task} runs "
+                             "batches of max_batch_size inputs")
+
+    def can_use_engine(self) -> bool:
+        """Whether this replica's task generates text and its model runs in a :class:`trifuse.GenerationEngine`
+        (trifuse's GPT-2, T5 and BART)."""
+        model = getattr(self.pipeline, "model", None)
+        return ((self.task in GENERATION_TASKS or self.task.startswith("translation"))
+                and callable(getattr(model, "packed_logits", None)) and callable(getattr(model, "prepare", None)))
 
     def _use_engine(self, options: dict) -> None:
         """Generation on a :class:`trifuse.GenerationEngine` (continuous batching; ``options`` are its
         keyword options): the pipeline's model generates through it, pipeline calls run concurrently
-        (each request on its own, the engine merging their steps) instead of one batch at a time."""
+        (each request on its own, the engine merging their steps) instead of one batch at a time, and
+        streams take their ids from the engine's :meth:`~trifuse.GenerationEngine.astream`."""
         from trifuse.engine.continuous import EngineBackedModel, GenerationEngine
 
         if self.task not in GENERATION_TASKS and not self.task.startswith("translation"):
             raise ValueError(f"the generation engine serves {', '.join(GENERATION_TASKS)}, not {self.task}")
         model = self.pipeline.model
-        self.engine = self._engine = GenerationEngine(model, **options)  # the OpenAI routes' engine too
+        self.engine = GenerationEngine(model, **options)  # the OpenAI routes' engine too
         self.pipeline.model = EngineBackedModel(model, self.engine)
         self._lock = contextlib.nullcontext()  # the engine's thread runs the forwards
 
@@ -119,21 +141,13 @@ class PipelineServer:
         return min(room, 1 << 20)
 
     def generation_engine(self):
-        """The continuous-batching engine (:class:`trifuse.GenerationEngine`) that runs this replica's
-        OpenAI completions together, step by step, started on first use; ``None`` where the task is
-        not text generation or the model cannot run in one."""
-        if self._engine is None:
-            self._engine = False
-            model = getattr(self.pipeline, "model", None)
-            if self.task == "text-generation" and callable(getattr(model, "packed_logits", None)):
-                from trifuse.engine.continuous import GenerationEngine
-
-                self._engine = GenerationEngine(model, max_num_seqs=self.max_batch_size)
-        return self._engine or None
+        """The continuous-batching engine (:class:`trifuse.GenerationEngine`) this replica's generation
+        runs on, or ``None`` (turned off, or a task or model it cannot run)."""
+        return self.engine
 
     def engine_stats(self) -> Optional[dict]:
-        """The generation engine's running/waiting sequences and KV-pool use, once it has started."""
-        return self._engine.stats() if self._engine else None
+        """The generation engine's running/waiting sequences and KV-pool use (None without one)."""
+        return self.engine.stats() if self.engine is not None else None
 
     def check(self, inputs, params: dict):
         """``inputs`` ready for the pipeline, or :class:`BadRequest`: option types and sizes against
@@ -220,6 +234,8 @@ class PipelineServer:
     def _call(self, items: list, params: dict) -> list:
         if not items:
             raise BadRequest("'inputs' is empty")
+        if self.max_batch_tokens is not None:  # token batches, run packed (the pipeline's padding-free path)
+            params = {**params, "max_batch_tokens": self.max_batch_tokens}
         with self._lock:
             results = self.pipeline(items, **params)
         results = list(results) if not isinstance(results, list) else results
@@ -229,17 +245,20 @@ class PipelineServer:
 
     # -- streamed text generation: one request, piece by piece, not batched -------------------
 
-    def _start_stream(self, inputs, params: dict, put) -> threading.Event:
-        """Decode ``inputs`` in a thread of its own (the model's step state and torch's inference
-        mode stay in one thread), handing each piece, then :data:`_END` (or the exception), to
-        ``put``. Each step holds the replica's lock, so batches interleave with streams. Setting
-        the returned event stops the decoding after the current step (the client went away)."""
+    def _stream_checks(self, inputs, params: dict) -> None:
         if not hasattr(self.pipeline, "stream"):
             raise BadRequest(f"streaming is for text-generation; this server runs {self.task}")
         if not isinstance(inputs, str):
             raise BadRequest("a streamed request takes one prompt (a string) as 'inputs'")
         if params.get("return_tensors") or params.get("return_text") is False:
             raise BadRequest("a streamed request returns text: drop 'return_tensors' / 'return_text'")
+
+    def _start_stream(self, inputs, params: dict, put) -> threading.Event:
+        """Decode ``inputs`` in a thread of its own (the model's step state and torch's inference
+        mode stay in one thread), handing each piece, then :data:`_END` (or the exception), to
+        ``put``. Each step holds the replica's lock, so batches interleave with streams. Setting
+        the returned event stops the decoding after the current step (the client went away)."""
+        self._stream_checks(inputs, params)
         stop = threading.Event()
 
         def produce():
@@ -291,6 +310,8 @@ class PipelineServer:
         """:meth:`stream` for an event loop: awaits the first piece (or :class:`BadRequest`) without
         blocking the loop, then returns an async iterator over the pieces. Closing it early stops
         the decoding."""
+        if self.engine is not None and hasattr(self.pipeline, "stream_start"):
+            return await self._engine_stream(inputs, params)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         stop: Optional[threading.Event] = None
@@ -322,6 +343,60 @@ class PipelineServer:
 
         return rest()
 
+    async def _engine_stream(self, inputs, params: dict):
+        """:meth:`astream` on the generation engine: the ids come from its ``astream`` (this request's
+        sequence in the engine's steps beside every other), the pieces from the pipeline's
+        :class:`~trifuse.engine.pipelines.text_generation.TextPieces`. Closing the iterator cancels the
+        request in the engine."""
+        self._stream_checks(inputs, params)
+        try:
+            prompt, kw, text = self.pipeline.stream_start(inputs, **params)
+        except BaseException as e:  # noqa: BLE001 - a bad input or option: 4xx before anything is sent
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise _as_error(e) from None
+
+        async def pieces():
+            ids = self.engine.astream(prompt, **kw)
+            try:
+                async for token in ids:
+                    piece = text.feed(token)
+                    if piece:
+                        yield piece
+                    if text.ended:
+                        break
+                tail = text.flush()
+                if tail:
+                    yield tail
+            finally:
+                await ids.aclose()  # cancels the request in the engine if it is still running
+
+        it = pieces()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:  # nothing to say (EOS first)
+            first = _END
+        except BaseException as e:
+            await it.aclose()
+            if isinstance(e, Exception):
+                raise _as_error(e) from None
+            raise
+        self._streams += 1
+
+        async def rest():
+            try:
+                if first is _END:
+                    return
+                yield first
+                async for piece in it:
+                    yield piece
+            except Exception as e:  # noqa: BLE001 - as the step-wise stream reports it
+                raise _as_error(e) from None
+            finally:
+                await it.aclose()
+
+        return rest()
+
     async def ndjson(self, inputs, params: dict):
         """A streamed request's response body, after :meth:`astream` has accepted it: one
         ``{"token": piece}`` line per piece, then ``{"generated_text": ...}`` holding what
@@ -347,7 +422,7 @@ class PipelineServer:
     def stats(self) -> dict:
         batches = sum(self._sizes.values())
         return {"task": self.task, "requests": self._requests, "batches": batches,
-                "max_batch_size": self.max_batch_size,
+                "max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens,
                 "batch_sizes": {str(k): v for k, v in sorted(self._sizes.items())},
                 "mean_batch_size": self._requests / batches if batches else 0.0, "streams": self._streams,
                 "skipped": self._skipped, "engine": self.engine_stats(),
