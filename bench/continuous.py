@@ -266,7 +266,7 @@ def run(opts, models=None):
         rows = device_rows(models, list(plan["concurrency"]), plan["requests"], str(opts.device), new=plan["new"])
     else:
         # The CPU's native path, as a user's process has it: `trifuse bench` turns Triton's interpreter on
-        # to check the kernels, which would otherwise run here (100x slower). Process-wide, as the servers
+        # to check the kernels, which would otherwise run here (far slower). Process-wide, as the servers
         # run in their own threads; called from the main thread, get_backend() is the process-wide one.
         from trifuse import kernels
 
