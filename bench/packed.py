@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from trifuse import engine
+from trifuse import engine, kernels
 from trifuse.engine.family import ENCODER
 
 from .suite import (
@@ -97,16 +97,25 @@ def _bench(name: str, opts: Options, backends: list[str], workload: dict) -> lis
     fns = {b: (lambda f=f: f()[keep]) for b, f in encoder_backend_fns(
         ours, hf_eager, build_sdpa, inputs, peers, batch=len(lens), threads=opts.threads).items()}
 
-    def run_padded():
-        with engine.use_packing(False):
+    # On the CPU trifuse's rows run the native path, as a user's process does: `trifuse bench` turns
+    # Triton's interpreter on to check the kernels, and interpreted times say nothing.
+    backend = "native" if dev.type == "cpu" else kernels.get_backend()
+
+    def run_packed():
+        with kernels.use_backend(backend):
             return ours(**inputs).last_hidden_state[keep]
 
-    fns["trifuse-packed"] = lambda: ours(**inputs).last_hidden_state[keep]
+    def run_padded():
+        with engine.use_packing(False), kernels.use_backend(backend):
+            return ours(**inputs).last_hidden_state[keep]
+
+    fns["trifuse-packed"] = run_packed
     fns["trifuse-padded"] = run_padded
     base = {"suite": "packed", "op": name, "shape": f"{len(lens)}x{max(lens)} ({real} real)", "batch": len(lens),
             "seq": max(lens), "dtype": DTYPE_NAMES[dtype], "real_tokens": real, "padded_tokens": padded,
             "ideal_ratio": padded / real}
-    rows = time_model_backends(fns, ref, backends, opts, base, items=len(lens), tokens=real)
+    rows = time_model_backends(fns, ref, backends, opts, base, items=len(lens), tokens=real,
+                               native=("trifuse-packed", "trifuse-padded") if backend == "native" else ())
     by = {r["backend"]: r for r in rows if is_timed_result(r)}
     for r in rows:
         if "hf-sdpa" in by and r["backend"] in by:

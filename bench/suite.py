@@ -205,12 +205,13 @@ def _untimed_status(row: dict, backend: str, opts: Options, interpreted: bool) -
 
 
 def time_model_backends(fns: dict, ref: torch.Tensor, backends: Sequence[str], opts: Options, base_row: dict,
-                        *, items: int, tokens: int, item_name: str = "seq") -> list[dict]:
+                        *, items: int, tokens: int, item_name: str = "seq", native: Sequence[str] = ()) -> list[dict]:
     """Check each backend's output against ``ref``, then time the ones that match.
 
     ``items`` sequences (or images) of ``tokens`` tokens in all go through one call;
     rows get ``{item_name}_per_s`` and ``tokens_per_s``. On the CPU the trifuse
-    backend runs interpreted Triton: it is checked, not timed.
+    backend runs interpreted Triton: it is checked, not timed (except the ``native`` backends,
+    which the caller runs on the native CPU path).
     """
     from trifuse import kernels
     dev = opts.device
@@ -226,7 +227,7 @@ def time_model_backends(fns: dict, ref: torch.Tensor, backends: Sequence[str], o
                 out = fns[backend]()
                 row["max_abs_err"] = (out.float() - ref.float()).abs().max().item()
                 row["rel_err"] = rel_error(out, ref)
-                untimed = _untimed_status(row, backend, opts, interpreted)
+                untimed = _untimed_status(row, backend, opts, interpreted and backend not in native)
                 if untimed:
                     rows.append({**row, "status": untimed})
                     continue
