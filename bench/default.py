@@ -540,14 +540,19 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
     part = ""
     with Progress(parts) as progress:
         run_opts = dataclasses.replace(run_opts, progress=progress.step)
+
+        def whole_part(part: str, *names) -> None:
+            """A part that is one suite's run: run, write its files, report, update the index."""
+            progress.start(part)
+            results[part] = _run_part(part, _suite(part).run, run_opts, *names)
+            write(part)
+            took[part] = progress.finish(summary(results[part].rows))
+            report.print_table(results[part].rows, results[part].title, wide=wide)
+            write_index(f"still running ({part} done)")
+
         try:
             for part in first:
-                progress.start(part)
-                results[part] = _run_part(part, _suite(part).run, run_opts)
-                write(part)
-                took[part] = progress.finish(summary(results[part].rows))
-                report.print_table(results[part].rows, results[part].title, wide=wide)
-                write_index(f"still running ({part} done)")
+                whole_part(part)
             for family, module, sizes in plan:
                 part = family
                 progress.start(family)
@@ -571,20 +576,10 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
                 write_index(f"still running ({family} done)")
                 if family == packed_after:  # the mixed-length batch, padded against padding-free (issue 27)
                     part = "packed"
-                    progress.start(part)
-                    results[part] = _run_part(part, _suite(part).run, run_opts, [names[-1] if gpu else names[0]])
+                    whole_part(part, [names[-1] if gpu else names[0]])
                     release_exports()
-                    write(part)
-                    took[part] = progress.finish(summary(results[part].rows))
-                    report.print_table(results[part].rows, results[part].title, wide=wide)
-                    write_index("still running (packed done)")
             for part in last:
-                progress.start(part)
-                results[part] = _run_part(part, _suite(part).run, run_opts)
-                write(part)
-                took[part] = progress.finish(summary(results[part].rows))
-                report.print_table(results[part].rows, results[part].title, wide=wide)
-                write_index(f"still running ({part} done)")
+                whole_part(part)
         except KeyboardInterrupt:
             write_index(f"interrupted during {part}")
             report.console.print(f"[bold red]Interrupted during {part}[/]; what finished is in {folder}")
