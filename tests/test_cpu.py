@@ -14,7 +14,7 @@ from tests import test_bart, test_bert, test_gpt2, test_t5, test_vit
 from tests.helpers import TOL, assert_matches_reference, rel_err
 from tests.test_attention import CASES, _ref64, _visible
 from trifuse import engine, kernels
-from trifuse.engine.layers import PackedLinear, _onednn
+from trifuse.engine.layers import PackedLinear, _onednn, lm_head, project, stored_transposed
 from trifuse.kernels import RelativeBias, attention
 
 
@@ -133,6 +133,94 @@ def test_packed_linear(shape, gelu, dtype, native):
         lin.weight.mul_(2)
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=TOL[dtype][0] * 8,
                                    rtol=TOL[dtype][1])
+
+
+def _linear_inputs(rows: int, k: int, n: int, odd_strides: bool, seed: int):
+    """``x`` with ``rows`` rows of width ``k`` (3-D; with ``odd_strides`` the last position of a longer
+    batch, the slice a decoder's LM head reads), a weight ``[n, k]`` and a bias."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 5 if odd_strides else 1, k, generator=g)
+    x = x[:, -1:] if odd_strides else x
+    return x, torch.randn(n, k, generator=g) / 8, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])
+@pytest.mark.parametrize("n,k", [(97, 64), (64, 80), (1, 8)])
+@pytest.mark.parametrize("gelu", [None, "tanh"])
+@pytest.mark.parametrize("odd_strides", [False, True])
+def test_project_on_either_layout(rows, n, k, gelu, odd_strides, native):
+    """fp32 ``x @ w^T + b`` (and GELU) with the weight stored ``[N, K]`` and ``[K, N]`` (read through a
+    transposed view, one row taking BLAS's GEMV): both within fp32's budget of float64."""
+    if not _onednn(torch.float32):
+        pytest.skip("no oneDNN in this PyTorch build")
+    x, w, b = _linear_inputs(rows, k, n, odd_strides, seed=rows * 100 + n)
+    ref = F.linear(x.double(), w.double(), b.double())
+    ref = ref if gelu is None else F.gelu(ref, approximate=gelu)
+    wt = w.t().contiguous().t()
+    assert stored_transposed(wt) == (n > 1) and not stored_transposed(w)
+    for weight in (w, wt):
+        for bias in (b, None):
+            out = project(x, weight, bias, gelu)
+            want = ref if bias is not None else F.linear(x.double(), w.double())
+            want = want if gelu is None or bias is not None else F.gelu(want, approximate=gelu)
+            assert out.shape == (rows, 1, n) and out.dtype == torch.float32
+            torch.testing.assert_close(out.double(), want, atol=TOL[torch.float32][0] * 8,
+                                       rtol=TOL[torch.float32][1])
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_lm_head_bf16_on_a_sliced_row(rows, native):
+    """An LM head on the last position of a bf16 batch (a 3-D slice with odd strides, which made
+    ``F.linear`` copy the whole table per call) within bf16's 2x-PyTorch budget."""
+    x, w, _ = _linear_inputs(rows, 64, 301, True, seed=rows)
+    x, w = x.bfloat16(), w.bfloat16()
+    out = lm_head(x, w)
+    assert out.shape == (rows, 1, 301) and out.dtype == torch.bfloat16
+    assert_matches_reference(out, F.linear(x.double(), w.double()), torch.bfloat16,
+                             torch_lowp=F.linear(x, w), scale=8.0)
+
+
+def test_gpt2_weights_laid_out_for_decoding_one_copy_each():
+    """``from_pretrained`` on the CPU stores fp32 QKV, up-projection and the tied embedding ``[K, N]``
+    (transposed views, one copy each; the state dict still holds Hugging Face's values), the narrow
+    projections as they were; bf16 keeps the checkpoint layout."""
+    hf = test_gpt2.hf_model()
+    ours = engine.from_pretrained(hf)
+    layer = ours.layers[0]
+    for lin in (layer.attn.qkv, layer.ffn.up):
+        assert isinstance(lin, PackedLinear) and stored_transposed(lin.weight)
+    for lin in (layer.attn.out, layer.ffn.down):
+        assert lin.weight.is_contiguous()
+    wte = ours.wte.weight
+    assert stored_transposed(wte) and wte.untyped_storage().nbytes() == wte.numel() * wte.element_size()
+    assert ours.tied_lm_embedding is ours.wte
+    torch.testing.assert_close(wte, hf.transformer.wte.weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer.attn.qkv.weight, hf.transformer.h[0].attn.c_attn.weight.t(), rtol=0, atol=0)
+    bf16 = engine.from_pretrained(hf, dtype=torch.bfloat16)
+    assert all(p.is_contiguous() for p in bf16.parameters())
+    assert engine.from_pretrained(hf, task="feature-extraction").wte.weight.is_contiguous()  # a lookup only
+
+
+@pytest.mark.parametrize("lengths", [[9], [9, 4]])
+def test_gpt2_greedy_native_equals_hf(lengths, native):
+    """Greedy decoding on the native path (one row: the GEMV on the ``[K, N]`` weights; two rows: oneDNN
+    on the transposed views) gives Hugging Face's tokens, and every step's logits match float64."""
+    hf = test_gpt2.hf_model()
+    ours = engine.from_pretrained(hf)
+    ids, mask = test_gpt2.left_padded(lengths)
+    with torch.no_grad():
+        want = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        got = ours.generate(ids, mask, max_new_tokens=6)
+        assert torch.equal(got, want)
+        full = torch.cat([mask, torch.ones_like(got[:, ids.shape[1]:])], dim=1)
+        pos = (full.cumsum(-1) - 1).clamp(min=0)
+        ref = hf.double()(got, attention_mask=full, position_ids=pos).logits
+        cache, logits = ours.new_cache(len(lengths), got.shape[1]), []
+        logits.append(ours(got[:, :ids.shape[1]], full[:, :ids.shape[1]], past_key_values=cache).logits)
+        for i in range(ids.shape[1], got.shape[1]):
+            logits.append(ours(got[:, i:i + 1], full[:, :i + 1], past_key_values=cache).logits)
+    real = full.bool()
+    assert rel_err(torch.cat(logits, 1)[real], ref[real]) < 2e-5
 
 
 def test_auto_picks_native_without_the_interpreter(monkeypatch):

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trifuse import kernels
@@ -36,7 +35,7 @@ from .. import inputs
 from ..cache import KVCache, self_attention_mask
 from ..decoding import Decoding, Prefill
 from ..family import DECODER, Family
-from ..layers import Attention, LayerNorm, PreLNBlock, check_activation
+from ..layers import Attention, LayerNorm, PreLNBlock, check_activation, lm_head
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import ModelOutput
 
@@ -304,9 +303,13 @@ class GPT2Model(Decoding, nn.Module):
         x, _ = self.ln_f(pending[:, rows], residual=h[:, rows])
         return self._lm_logits(x[0])
 
+    @property
+    def tied_lm_embedding(self) -> Optional[nn.Embedding]:
+        """The embedding table that is also the LM head (laid out for it on the CPU: ``pack_linears``)."""
+        return self.wte if self.has_lm_head and self.lm_head is None else None
+
     def _lm_logits(self, x: Tensor) -> Tensor:
-        head = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head)
+        return lm_head(x, self.wte.weight if self.lm_head is None else self.lm_head.weight)
 
     # -- decoding (engine.decoding.Decoding: generate, stream) -------------------
 
