@@ -16,6 +16,8 @@ length every backend is checked before it is timed, in two phases:
   legitimately break differently in low precision).
 
 Backends: ``trifuse`` (our kernels: ``model.generate`` and the forward it runs),
+``trifuse-native`` (the same model on the native CPU path, ``kernels.use_backend("native")``:
+oneDNN/BLAS linears laid out for decoding, SDPA attention; docs/cpu.md),
 ``reference`` (our graph on the PyTorch reference ops), ``hf-eager``,
 ``hf-sdpa`` (``GPT2LMHeadModel.generate``), ``torch-compile`` (Hugging Face's
 SDPA model: its forward under ``torch.compile`` for prefill, and ``generate``
@@ -27,7 +29,8 @@ run with an empty past, whose graph computes every position's logits; decode is
 of each timed call, as a user's), and, on a GPU, ``trifuse-graphs`` (decode only:
 ``engine.graphs.CUDAGraphDecoder``, each step one CUDA graph replay; its prefill is
 ``trifuse``'s). Without a GPU the trifuse backend runs Triton's
-interpreter: checked, not timed; and the default backends run onnxruntime-cpu only
+interpreter: checked, not timed (trifuse-native is the
+CPU's timed row); and the default backends run onnxruntime-cpu only
 on models under 100M parameters (``suite.ORT_CPU_DEFAULT_MAX_PARAMS``; GPT-2 base
 takes about 20 s to export on 2 cores), so ``gpt2-tiny`` but not ``gpt2``.
 """
@@ -38,7 +41,7 @@ from typing import Callable, Optional
 
 import torch
 
-from trifuse import engine, kernels
+from trifuse import engine
 from trifuse.engine.family import DECODER
 
 from .suite import (
@@ -54,6 +57,7 @@ from .suite import (
     kind_model_types,
     kind_sizes,
     model_backends,
+    on_backend,
     ort_models,
     pick_backends,
     step,
@@ -103,12 +107,6 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
     def ours_generate(n):
         return lambda: ours.generate(prompt, pmask, max_new_tokens=n, eos_token_id=[], pad_token_id=0)
 
-    def reference(fn):
-        def run():
-            with kernels.use_backend("reference"):
-                return fn()
-        return run
-
     def hf_prefill(model):
         return lambda: model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).logits[:, -1]
 
@@ -116,8 +114,10 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, ctx: i
         return lambda: model.generate(input_ids=prompt, attention_mask=pmask, max_new_tokens=n, min_new_tokens=n,
                                       do_sample=False, **kw)
 
-    prefill = {"trifuse": ours_prefill, "reference": reference(ours_prefill), "hf-eager": hf_prefill(hf_eager)}
-    generate = {"trifuse": ours_generate, "reference": lambda n: reference(ours_generate(n)),
+    prefill = {"trifuse": ours_prefill, "trifuse-native": on_backend("native", ours_prefill),
+               "reference": on_backend("reference", ours_prefill), "hf-eager": hf_prefill(hf_eager)}
+    generate = {"trifuse": ours_generate, "trifuse-native": lambda n: on_backend("native", ours_generate(n)),
+                "reference": lambda n: on_backend("reference", ours_generate(n)),
                 "hf-eager": lambda n: hf_generate(hf_eager, n)}
     if hf_sdpa is not None:
         prefill["hf-sdpa"] = hf_prefill(hf_sdpa)

@@ -15,6 +15,8 @@ in two phases:
   generated tokens, and each must be its argmax up to the dtype's budget.
 
 Backends: ``trifuse`` (our kernels: ``model.encode`` / ``model.generate``),
+``trifuse-native`` (the same model on the native CPU path, ``kernels.use_backend("native")``:
+oneDNN/BLAS linears laid out for decoding, SDPA attention; docs/cpu.md),
 ``reference`` (our graph on the PyTorch reference ops), ``hf-eager``,
 ``hf-sdpa`` (``T5ForConditionalGeneration``: its encoder, its ``generate``),
 ``torch-compile`` (Hugging Face's SDPA model: the encoder under
@@ -27,7 +29,7 @@ with past: the encoder phase runs the encoder file; decode is
 out of each timed call, as a user's; the sessions are opened once), and, on a
 GPU, ``trifuse-graphs`` (decode only: ``engine.graphs.CUDAGraphDecoder``, each
 step one CUDA graph replay; its encoder is ``trifuse``'s). Without a GPU the trifuse backend runs Triton's interpreter:
-checked, not timed; and the default backends run onnxruntime-cpu only on models
+checked, not timed (trifuse-native is the CPU's timed row); and the default backends run onnxruntime-cpu only on models
 under 100M parameters (``suite.ORT_CPU_DEFAULT_MAX_PARAMS``; t5-base takes about
 40 s to export on 2 cores), so ``t5-small`` but not ``t5-base``.
 """
@@ -38,7 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
-from trifuse import engine, kernels
+from trifuse import engine
 from trifuse.engine.family import SEQ2SEQ
 
 from .suite import (
@@ -54,6 +56,7 @@ from .suite import (
     kind_model_types,
     kind_sizes,
     model_backends,
+    on_backend,
     ort_models,
     pick_backends,
     step,
@@ -108,12 +111,6 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
     def ours_generate(n):
         return lambda: ours.generate(ids, mask, max_new_tokens=n, eos_token_id=[], pad_token_id=0)
 
-    def reference(fn):
-        def run():
-            with kernels.use_backend("reference"):
-                return fn()
-        return run
-
     def hf_encoder(model):
         return lambda: model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
 
@@ -121,8 +118,10 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int, seq: i
         return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                       do_sample=False, num_beams=1, **kw)
 
-    encoder = {"trifuse": ours_encoder, "reference": reference(ours_encoder), "hf-eager": hf_encoder(hf_eager)}
-    generate = {"trifuse": ours_generate, "reference": lambda n: reference(ours_generate(n)),
+    encoder = {"trifuse": ours_encoder, "trifuse-native": on_backend("native", ours_encoder),
+               "reference": on_backend("reference", ours_encoder), "hf-eager": hf_encoder(hf_eager)}
+    generate = {"trifuse": ours_generate, "trifuse-native": lambda n: on_backend("native", ours_generate(n)),
+                "reference": lambda n: on_backend("reference", ours_generate(n)),
                 "hf-eager": lambda n: hf_generate(hf_eager, n)}
     if hf_sdpa is not None:
         encoder["hf-sdpa"] = hf_encoder(hf_sdpa)

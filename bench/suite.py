@@ -389,7 +389,7 @@ def cpu_note(device: torch.device) -> str:
     from trifuse import kernels
     if kernels.triton_runnable(device):
         return ("No GPU: the trifuse backend's Triton kernels are checked under Triton's interpreter, not timed; "
-                "CPU latencies of the PyTorch paths are shown for reference only.")
+                "trifuse-native is trifuse's native CPU path (kernels/cpu.py, oneDNN linears), timed.")
     return ("No GPU and no Triton interpreter (TRITON_INTERPRET=1 was not set before trifuse was imported): "
             "the trifuse backend ran the native CPU path (kernels/cpu.py); its timings are not the Triton kernels'.")
 
@@ -478,9 +478,20 @@ def _decode_noise(one: Timing, full: Timing) -> Optional[str]:
 
 
 # Decoders (GPT-2, T5): the backends side by side.
-DECODER_BACKENDS = ("trifuse", "trifuse-graphs", "reference", "hf-eager", "hf-sdpa", "torch-compile", "onnxruntime-cpu",
-                    "onnxruntime-cuda")
-DECODER_CPU_DEFAULT = ("trifuse", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
+DECODER_BACKENDS = ("trifuse", "trifuse-graphs", "trifuse-native", "reference", "hf-eager", "hf-sdpa", "torch-compile",
+                    "onnxruntime-cpu", "onnxruntime-cuda")
+DECODER_CPU_DEFAULT = ("trifuse", "trifuse-native", "reference", "hf-eager", "hf-sdpa", "onnxruntime-cpu")
+
+
+def on_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``kernels.use_backend(backend)``: ``"native"`` is trifuse's CPU path whatever ``auto``
+    picks here (a ``trifuse-native`` row), ``"reference"`` the PyTorch reference ops."""
+    def run():
+        from trifuse import kernels
+
+        with kernels.use_backend(backend):
+            return fn()
+    return run
 
 
 def build_hf_generator(name: str, named: dict, dtype: torch.dtype, device: torch.device, attn: str,

@@ -517,6 +517,24 @@ def test_decoder_suites_onnxruntime_backends():
         assert rows[first]["median_ms"] > 0
 
 
+def test_decoder_suites_trifuse_native_rows_are_timed():
+    """On the CPU the trifuse-native rows (the native path, under the interpreter's run as well) are
+    checked against Hugging Face and timed, in both phases, beside hf-sdpa's."""
+    from trifuse.bench import decoder, seq2seq
+    from trifuse.bench.suite import DECODER_CPU_DEFAULT
+
+    assert "trifuse-native" in DECODER_CPU_DEFAULT
+    for suite, name, first in ((decoder, "gpt2-tiny", "prefill"), (seq2seq, "t5-tiny", "encoder")):
+        opts = Options(device=torch.device("cpu"), dtype=torch.float32, backends=["trifuse-native", "hf-sdpa"],
+                       quick=True)
+        rows = {(r["backend"], r["phase"]): r for r in suite.run(opts, [name]).rows}
+        assert set(rows) == {(b, p) for b in ("trifuse-native", "hf-sdpa") for p in (first, "decode")}, rows
+        for (backend, phase), row in rows.items():
+            assert row["status"] == "ok" or row["status"].startswith("noisy"), row
+            assert row["rel_err"] < 1e-4, row
+        assert rows[("trifuse-native", first)]["median_ms"] > 0
+
+
 def test_onnxruntime_backend_wrong_output_is_a_mismatch(monkeypatch):
     """A runner whose logits are negated: both GPT-2 phases are flagged, neither is timed."""
     from trifuse import export

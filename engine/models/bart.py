@@ -46,7 +46,7 @@ from .. import inputs
 from ..cache import EncoderDecoderCache, encoder_state, self_attention_mask
 from ..decoding import CACHE_CHUNK, EncoderDecoderDecoding
 from ..family import SEQ2SEQ, Family
-from ..layers import Attention, FeedForward, LayerNorm, PostLNBlock, check_activation, kernel_mask
+from ..layers import Attention, FeedForward, LayerNorm, PostLNBlock, check_activation, kernel_mask, lm_head
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import EncoderOutput, ModelOutput
 from ..packing import Packed, plan
@@ -501,9 +501,14 @@ class BartModel(EncoderDecoderDecoding, nn.Module):
         x = self.decoder(self._embed(ids[None]), pos, None, None, None, step, 0)
         return self._logits(x[0, rows])
 
+    @property
+    def tied_lm_embedding(self) -> Optional[nn.Embedding]:
+        """The embedding table that is also the LM head (laid out for it on the CPU: ``pack_linears``)."""
+        return self.shared if self.has_lm_head and self.lm_head is None else None
+
     def _logits(self, x: Tensor) -> Tensor:
         head = self.shared.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head) + self.final_logits_bias
+        return lm_head(x, head) + self.final_logits_bias
 
     # -- decoding (engine.decoding.EncoderDecoderDecoding: generate, stream) -----
 

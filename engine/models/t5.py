@@ -59,7 +59,7 @@ from .. import inputs
 from ..cache import EncoderDecoderCache, encoder_state, self_attention_mask
 from ..decoding import EncoderDecoderDecoding
 from ..family import SEQ2SEQ, Family
-from ..layers import Attention, RMSNorm, bias_act, check_activation, kernel_mask
+from ..layers import Attention, RMSNorm, bias_act, check_activation, kernel_mask, lm_head
 from ..loading import assemble_state, load_into
 from ..outputs import EncoderOutput, ModelOutput
 from ..packing import plan
@@ -502,11 +502,15 @@ class T5Model(EncoderDecoderDecoding, nn.Module):
         x = self.decoder(self.shared(ids[None]), None, None, None, step, 0, self.stream_dtype)
         return self._logits(x[0, rows])
 
+    @property
+    def tied_lm_embedding(self) -> Optional[nn.Embedding]:
+        """The embedding table that is also the LM head (laid out for it on the CPU: ``pack_linears``)."""
+        return self.shared if self.has_lm_head and self.lm_head is None else None
+
     def _logits(self, x: Tensor) -> Tensor:
         if self.config.scale_decoder_outputs:
             x = x * (self.config.d_model ** -0.5)
-        head = self.shared.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head)
+        return lm_head(x, self.shared.weight if self.lm_head is None else self.lm_head.weight)
 
     # -- decoding (engine.decoding.EncoderDecoderDecoding: generate, stream) -----
 
