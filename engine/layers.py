@@ -45,6 +45,9 @@ def _onednn(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+_BLAS_ROWS = 2  # up to this many rows, an fp32 weight stored [K, N] goes to BLAS (see project)
+
+
 def stored_transposed(w: Tensor) -> bool:
     """Whether ``w`` ``[N, K]`` is a transposed view of a contiguous ``[K, N]`` tensor (:func:`pack_linears`)."""
     return w.dim() == 2 and w.shape[0] > 1 and w.stride() == (1, w.shape[0])
@@ -55,16 +58,16 @@ def project(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, gelu: Optional[
     by the layout ``w`` is stored in (any leading dims on ``x``; ``w`` in ``x``'s dtype, or oneDNN's
     prepacked bf16 weight).
 
-    One row (a decoding step) against an fp32 weight stored ``[K, N]`` (:func:`pack_linears`) is a
-    GEMV that streams the weight once, row after row: BLAS's (``torch.addmm``) reads it faster than
-    oneDNN reads ``[N, K]`` (about 1.2-1.6x on one Zen 4 thread, the matrix out of cache). Every
-    other case is oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU freezing
+    One or two rows (a decoding step) against an fp32 weight stored ``[K, N]`` (:func:`pack_linears`)
+    stream the weight once, row after row, through BLAS (``torch.addmm``), faster than oneDNN reads
+    ``[N, K]`` (about 1.2-1.6x on one Zen 4 thread, the matrix out of cache; from four rows on oneDNN
+    is as fast on either layout, or faster). Every other case is oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU freezing
     emits) on the strides as they are, the bias and the GELU in its epilogue. ``x`` is read as a 2-D
     matrix: a 3-D input with odd strides would make ``matmul`` copy the weight per call.
     """
     k, n = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, k)
-    if x2.shape[0] == 1 and x.dtype == torch.float32 and stored_transposed(w):
+    if x2.shape[0] <= _BLAS_ROWS and x.dtype == torch.float32 and stored_transposed(w):
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
         if gelu is not None:
             y = torch.ops.aten.gelu_(y, approximate=gelu)
