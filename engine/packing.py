@@ -4,7 +4,9 @@ A model unpads once at its embeddings (:meth:`Packed.unpad`), runs every block o
 ``[total_tokens, hidden]`` (linear layers, norms and activations see real tokens only; attention is
 :func:`kernels.attention_varlen` over ``cu_seqlens``) and pads back (:meth:`Packed.pad`) only
 what its API returns padded. :class:`Packed` is the descriptor the blocks receive in place of a
-padding mask. See docs/padding-free.md.
+padding mask (:class:`PackedCross` for a packed decoder's cross-attention). Decoders pack a padded
+batch that starts from an empty cache (:func:`plan` with ``decoder=True``, :func:`plan_decoder`),
+writing the real tokens' keys/values into the cache slots the padded run fills. See docs/padding-free.md.
 
 When packing pays (:func:`plan`): the rule below, measured on the CPU with bench/packed.py's
 model (MiniLM widths) -- see the docs page for the figures and how they were taken.
