@@ -284,7 +284,8 @@ class GPT2Model(Decoding, nn.Module):
             if self.has_lm_head and not logits_to_keep:
                 logits = packed.pad(self._lm_logits(packed_x))  # the head on real tokens only
         if self.has_lm_head and logits is None:
-            logits = self._lm_logits(x[:, -logits_to_keep:] if logits_to_keep else x)
+            # contiguous: a strided [B, k, H] slice sends F.linear to a batched matmul (~9x slower on the CPU)
+            logits = self._lm_logits((x[:, -logits_to_keep:] if logits_to_keep else x).contiguous())
         return CausalLMOutput(logits=logits, past_key_values=cache, last_hidden_state=x,
                               hidden_states=tuple(hidden) if hidden is not None else None)
 
