@@ -30,14 +30,18 @@ PACK_BELOW = 0.9
 #: faster as one padded tensor than through the bookkeeping).
 PACK_MIN_POSITIONS = 64
 
-_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("trifuse_packing", default=True)
+_enabled: contextvars.ContextVar = contextvars.ContextVar("trifuse_packing", default=True)
 
 
 @contextlib.contextmanager
-def use_packing(enabled: bool) -> Iterator[None]:
+def use_packing(enabled) -> Iterator[None]:
     """``with engine.use_packing(False): model(ids, mask)`` runs padded batches padded (this thread
-    only), e.g. to time one against the other; packing is on by default."""
-    token = _enabled.set(bool(enabled))
+    only), e.g. to time one against the other; packing is on by default. ``"always"`` packs every
+    batch the structure allows, whatever :data:`PACK_BELOW` and :data:`PACK_MIN_POSITIONS` say (how
+    ``python -m trifuse.bench.packing_rule`` measures where the rule should sit)."""
+    if enabled != "always" and not isinstance(enabled, bool):
+        raise ValueError(f"use_packing takes True, False or 'always', got {enabled!r}")
+    token = _enabled.set(enabled)
     try:
         yield
     finally:
@@ -147,14 +151,15 @@ def plan(attention_mask: Optional[Tensor], *, need_probs: bool = False, decoder:
         return None
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
         return None  # the export keeps the padded interface (docs/padding-free.md)
-    if attention_mask.numel() < PACK_MIN_POSITIONS:
+    always = _enabled.get() == "always"
+    if attention_mask.numel() < PACK_MIN_POSITIONS and not always:
         return None
     keep = attention_mask.ne(0)
     if not decoder and not bool(keep[:, 0].all()):
         return None
     if relative and not _contiguous(keep):
         return None
-    if int(keep.sum()) > PACK_BELOW * keep.numel():
+    if int(keep.sum()) > PACK_BELOW * keep.numel() and not always:
         return None
     return Packed.from_mask(keep)
 

@@ -386,3 +386,39 @@ def test_the_decoder_rules():
     assert packing.plan_cross(queries, enc[:4], (4, 10)) is None  # beams share an encoder row
     enc[5] = False
     assert packing.plan_cross(queries, enc, (8, 10)) is None  # an empty encoder row
+
+
+def test_use_packing_always_packs_what_the_rule_would_not_and_refuses_other_values(tmp_path):
+    """``use_packing("always")`` (the rule sweep's switch) packs a small, barely padded batch that
+    ``plan``'s thresholds leave padded; values other than True/False/"always" are refused."""
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 7] = 0  # 15 of 16 real, 16 positions: under both thresholds
+    assert packing.plan(mask) is None
+    with packing.use_packing("always"):
+        p = packing.plan(mask)
+    assert p is not None and p.cu_seqlens.tolist() == [0, 8, 15]
+    with pytest.raises(ValueError, match="always"):
+        with packing.use_packing("yes"):
+            pass
+
+
+def test_packing_rule_sweep_checks_and_times_both_paths(monkeypatch):
+    """bench/packing_rule.py on a tiny model and two shapes: every row is checked equal at the real tokens
+    (inside the sweep) and carries both timings; the lengths hit the asked real fraction."""
+    from transformers import BertConfig, BertModel
+
+    from trifuse.bench import packing_rule
+
+    g = torch.Generator().manual_seed(1)
+    for frac in packing_rule.FRACTIONS:
+        lens = packing_rule.batch_lengths(16, 64, frac, g)
+        assert abs(sum(lens) / (16 * 64) - frac) < 0.08 and max(lens) == 64 and min(lens) >= 1
+    torch.manual_seed(0)
+    hf = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=37)).eval()
+    model = engine.from_pretrained(hf, task="feature-extraction", device="cpu")
+    monkeypatch.setattr(packing_rule, "SHAPES", ((2, 16), (4, 8)))
+    monkeypatch.setattr(packing_rule, "FRACTIONS", (0.6,))
+    rows = packing_rule.sweep(model, 99, threads=1, min_time_s=0.0)
+    assert [(r["batch"], r["seqlen"]) for r in rows] == [(2, 16), (4, 8)]
+    assert all(r["padded_ms"] > 0 and r["packed_ms"] > 0 and r["real_fraction"] < 1 for r in rows)
