@@ -61,9 +61,10 @@ def project(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, gelu: Optional[
     One or two rows (a decoding step) against an fp32 weight stored ``[K, N]`` (:func:`pack_linears`)
     stream the weight once, row after row, through BLAS (``torch.addmm``), faster than oneDNN reads
     ``[N, K]`` (about 1.2-1.6x on one Zen 4 thread, the matrix out of cache; from four rows on oneDNN
-    is as fast on either layout, or faster). Every other case is oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU freezing
-    emits) on the strides as they are, the bias and the GELU in its epilogue. ``x`` is read as a 2-D
-    matrix: a 3-D input with odd strides would make ``matmul`` copy the weight per call.
+    is as fast on either layout, or faster). Every other case is oneDNN's GEMM
+    (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU freezing emits) on the strides as they
+    are, the bias and the GELU in its epilogue. ``x`` is read as a 2-D matrix: a 3-D input with odd
+    strides would make ``matmul`` copy the weight per call.
     """
     k, n = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, k)
@@ -79,7 +80,7 @@ def project(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, gelu: Optional[
 
 class PackedLinear(nn.Linear):
     """``nn.Linear`` that, on the native CPU path, runs :func:`project`: oneDNN's GEMM with the bias (and
-    a GELU) fused in, or BLAS's GEMV for one row against a weight stored ``[K, N]``.
+    a GELU) fused in, or BLAS for one or two rows against a weight stored ``[K, N]``.
 
     bf16 weights are reordered once into oneDNN's blocked layout (a second copy, rebuilt whenever the
     weight changes: the cache is keyed on its storage, strides and version, and ``load_state_dict``
