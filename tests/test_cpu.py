@@ -14,7 +14,7 @@ from tests import test_bart, test_bert, test_gpt2, test_t5, test_vit
 from tests.helpers import TOL, assert_matches_reference, rel_err
 from tests.test_attention import CASES, _ref64, _visible
 from trifuse import engine, kernels
-from trifuse.engine.layers import PackedLinear, _onednn, lm_head, project, stored_transposed
+from trifuse.engine.layers import PackedLinear, _onednn, lm_head, pack_linears, project, stored_transposed
 from trifuse.kernels import RelativeBias, attention
 
 
@@ -199,6 +199,10 @@ def test_gpt2_weights_laid_out_for_decoding_one_copy_each():
     bf16 = engine.from_pretrained(hf, dtype=torch.bfloat16)
     assert all(p.is_contiguous() for p in bf16.parameters())
     assert engine.from_pretrained(hf, task="feature-extraction").wte.weight.is_contiguous()  # a lookup only
+    # Only where it pays: not K a multiple of 1024, nor N a multiple of 4096 (engine.layers._store_transposed).
+    seq = pack_linears(torch.nn.Sequential(torch.nn.Linear(1024, 3000), torch.nn.Linear(64, 4096),
+                                           torch.nn.Linear(96, 200), torch.nn.Linear(96, 200).double()))
+    assert [stored_transposed(m.weight) for m in seq] == [False, False, True, False]
 
 
 @pytest.mark.parametrize("lengths", [[9], [9, 4]])
