@@ -227,6 +227,18 @@ def test_gpt2_greedy_native_equals_hf(lengths, native):
     assert rel_err(torch.cat(logits, 1)[real], ref[real]) < 2e-5
 
 
+def test_gpt2_beam_search_native_equals_hf(native):
+    """Beam search on the native path (3 beams: oneDNN on the transposed views each step) gives Hugging
+    Face's sequences."""
+    hf = test_gpt2.hf_model()
+    ours = engine.from_pretrained(hf)
+    ids, mask = test_gpt2.left_padded([7, 4])
+    kw = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2)
+    with torch.no_grad():
+        want = hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kw)
+        assert torch.equal(ours.generate(ids, mask, **kw), want)
+
+
 def test_auto_picks_native_without_the_interpreter(monkeypatch):
     from trifuse.kernels import _dispatch
 
