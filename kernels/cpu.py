@@ -128,16 +128,17 @@ def _sdpa_matmul(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], bias: 
         for h0 in range(0, H, nh):
             for i0 in range(0, lq, nq):
                 b, h, i = slice(b0, b0 + nb), slice(h0, h0 + nh), slice(i0, i0 + nq)
-                s = torch.matmul(q[b, h, i].to(torch.float32, copy=True).mul_(scale), kt[b, h])  # fp32 [nb, nh, nq, Lk]
-                bias_c, add_c = _slice(bias, b, h, i), _slice(add, b, h, i)
-                if bias_c is not None:
-                    s.add_(bias_c)
-                if add_c is not None:
-                    s.add_(add_c)
+                qc = q[b, h, i].to(torch.float32, copy=True).mul_(scale)
+                s = torch.matmul(qc, kt[b, h])  # fp32 [nb, nh, nq, Lk]
+                parts = [t for t in (_slice(bias, b, h, i), _slice(add, b, h, i)) if t is not None]
+                for t in parts:
+                    s.add_(t)
                 torch.ops.aten._softmax.out(s, -1, False, out=s)
-                if add_c is not None and bool(s[..., 0].isnan().any()):
-                    # rows whose every key is masked: softmax's 0/0; the op's contract is zeros there
-                    s.masked_fill_(torch.isneginf(add_c).all(-1, keepdim=True), 0.0)
+                if parts and bool(s[..., 0].isnan().any()):
+                    # Rows whose every score is -inf (masked): softmax's 0/0; the op's contract is zeros
+                    # there. A NaN from the inputs themselves stays NaN.
+                    dead = parts[0] if len(parts) == 1 else parts[0].float() + parts[1]
+                    s.masked_fill_(torch.isneginf(dead).all(-1, keepdim=True), 0.0)
                 torch.matmul(s.to(v.dtype), v[b, h], out=out[b, h, i])
     return out
 

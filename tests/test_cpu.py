@@ -148,6 +148,24 @@ def test_bf16_matmul_attention_t5_bias(bidirectional, Lq, Lk, offset, native, ma
     assert_matches_reference(out, _ref64(q, k, v, **kw), torch.bfloat16, torch_lowp=lowp)
 
 
+def test_bf16_matmul_attention_rows_masked_by_the_bias(native, matmul_calls):
+    """A row whose additive bias is -inf at every key returns zeros (the reference's rule); a NaN in the
+    inputs is not hidden as such a row."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, 100, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    bias = torch.randn(2, 1, 100, 100, generator=g).to(torch.bfloat16)
+    bias[0, :, 3] = float("-inf")
+    out = attention(q, k, v, bias=bias)
+    assert matmul_calls
+    assert (out[0, :, 3] == 0).all() and torch.isfinite(out).all()
+    with kernels.use_backend("reference"):
+        lowp = kernels.attention_reference(q, k, v, bias=bias)
+    assert_matches_reference(out, _ref64(q, k, v, bias=bias), torch.bfloat16, torch_lowp=lowp)
+    q[1, 0, 5, 0] = float("nan")
+    out = attention(q, k, v, bias=bias)
+    assert out[1, 0, 5].isnan().all() and (out[0, :, 3] == 0).all()
+
+
 def test_bf16_long_attention_takes_the_matmul_path_by_default(native, matmul_calls):
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 130, 64, generator=g).to(torch.bfloat16) for _ in range(3))
