@@ -136,8 +136,13 @@ def cpu_threads(n: int):
 
 def measure(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 10,
             min_time_s: float = 0.25, min_iters: int = 10, max_iters: int = 1000,
-            flush_l2: bool = True, threads: Optional[int] = None) -> Timing:
+            flush_l2: bool = True, threads: Optional[int] = None, max_time_s: float = 30.0) -> Timing:
     """Time ``fn()`` on ``device``; the first call is reported apart as ``cold_ms``.
+
+    ``max_time_s`` bounds a slow call's measurement (a padded batch of a base-size model on one CPU
+    thread takes seconds a call): warm-up stops after a quarter of it, and the samples are cut to fit
+    it, never below :data:`MIN_SLOW_SAMPLES`. Calls fast enough for ``min_iters`` within it are
+    measured as before.
 
     On the CPU torch runs ``threads`` intra-op threads (default :data:`DEFAULT_CPU_THREADS`)
     for the whole measurement, and the load average is read before and after it.
@@ -147,28 +152,36 @@ def measure(fn: Callable[[], object], device: torch.device | str, *, warmup: int
         n = threads or DEFAULT_CPU_THREADS
         before = _loadavg()
         with cpu_threads(n):
-            t = _measure(fn, device, warmup, min_time_s, min_iters, max_iters, flush_l2)
+            t = _measure(fn, device, warmup, min_time_s, min_iters, max_iters, flush_l2, max_time_s)
         after = _loadavg()
         t.threads, t.cpus = n, os.cpu_count()
         if before is not None and after is not None:
             t.load = (before, after)
         return t
-    return _measure(fn, device, warmup, min_time_s, min_iters, max_iters, flush_l2)
+    return _measure(fn, device, warmup, min_time_s, min_iters, max_iters, flush_l2, max_time_s)
 
 
-def _measure(fn, device, warmup, min_time_s, min_iters, max_iters, flush_l2) -> Timing:
+#: The fewest samples a slow call gets under ``max_time_s`` (a median and a spread).
+MIN_SLOW_SAMPLES = 3
+
+
+def _measure(fn, device, warmup, min_time_s, min_iters, max_iters, flush_l2, max_time_s=30.0) -> Timing:
     t0 = time.perf_counter()
     fn()
     _sync(device)
     cold_ms = (time.perf_counter() - t0) * 1e3
 
     t0 = time.perf_counter()
-    for _ in range(warmup):
+    done = 0
+    while done < warmup and (done == 0 or time.perf_counter() - t0 < max_time_s / 4):
         fn()
+        done += 1
     _sync(device)
     # Without warm-up calls the cold call is the only estimate of the cost (an overestimate).
-    per_call = max((time.perf_counter() - t0) / warmup if warmup else cold_ms * 1e-3, 1e-7)
+    per_call = max((time.perf_counter() - t0) / done if done else cold_ms * 1e-3, 1e-7)
     iters = int(min(max_iters, max(min_iters, min_time_s / per_call)))
+    if iters * per_call > max_time_s:
+        iters = max(min(iters, MIN_SLOW_SAMPLES), int(max_time_s / per_call))
 
     if device.type == "cuda":
         samples = _cuda_samples(fn, device, iters, flush_l2)

@@ -6,7 +6,8 @@ every output the report gives the max absolute error and the error relative to
 the largest reference value (``max|ours - ref| / max|ref|``; element-wise
 relative error is meaningless next to zeros), first in fp32, then in the
 requested low-precision dtype, and walks the hidden states layer by layer to
-name the first one that leaves its budget.
+name the first one that leaves its budget. Per-token outputs are compared at the
+real tokens: a padded batch runs packed, with zeros at its padded positions.
 
 Budgets: fp32 errors must stay under 1e-4 relative. In fp16/bf16 the reference
 is Hugging Face in fp32 and the budget is the flash-attention rule: at most
@@ -21,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .family import SEQ2SEQ
 from .registry import family_of, from_pretrained, resolve_dtype
 
 FP32_BUDGET = 1e-4
@@ -64,13 +66,26 @@ def _run(model, inputs: dict):
         return model(**inputs, output_hidden_states=True)
 
 
-def _hidden(out, names) -> list:
+def _real_tokens(inputs: dict, seq2seq: bool):
+    """``real(field, t)``: ``t`` at the real tokens where it is per token of a padded batch. Padded
+    batches run packed and hold zeros at padded positions (docs/padding-free.md), where Hugging Face
+    computes the padding tokens anyway; nothing downstream reads them."""
+    def real(field: str, t: torch.Tensor) -> torch.Tensor:
+        encoder_side = not seq2seq or field.startswith("encoder_")
+        mask = inputs.get("attention_mask" if encoder_side else "decoder_attention_mask")
+        if mask is None or t.dim() < 2 or tuple(t.shape[:2]) != tuple(mask.shape):
+            return t
+        return t[mask.bool()]
+    return real
+
+
+def _hidden(out, names, real) -> list:
     """``(label, tensor)`` per hidden state: the embeddings, then each layer's output; ``names``:
     the output fields holding them, one per stack (the family's ``hidden_streams``)."""
     found = []
     for name in names:
         stack = "" if len(names) == 1 else name.split("_")[0] + " "
-        found += [(f"{stack}embeddings" if i == 0 else f"{stack}layer {i}", h)
+        found += [(f"{stack}embeddings" if i == 0 else f"{stack}layer {i}", real(name, h))
                   for i, h in enumerate(getattr(out, name, None) or ())]
     return found
 
@@ -95,6 +110,7 @@ def check(source, *, dtype="fp32", device=None, batch: int = 3, seq: int = 32, t
     auto = getattr(transformers, fam.hf_classes[ours32.task])
     hf32 = auto.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").to(device).eval()
     streams = fam.hidden_streams
+    real = _real_tokens(inputs, fam.kind == SEQ2SEQ)
 
     ref = _run(hf32, inputs)
     runs = [(torch.float32, _run(ours32, inputs), None)]
@@ -116,13 +132,14 @@ def check(source, *, dtype="fp32", device=None, batch: int = 3, seq: int = 32, t
 
         for key in FIELDS:
             if key in ours.keys() and getattr(ref, key, None) is not None:
-                max_abs, rel = _rel(ours[key], ref[key])
-                bud, hf_rel = budget(theirs[key] if theirs is not None else None, ref[key])
+                max_abs, rel = _rel(real(key, ours[key]), real(key, ref[key]))
+                bud, hf_rel = budget(real(key, theirs[key]) if theirs is not None else None, real(key, ref[key]))
                 rows.append(Row(name, key, max_abs, rel, bud, hf_rel))
         first_bad[name] = None
-        ref_hidden = _hidden(ref, streams)
-        theirs_hidden = _hidden(theirs, streams) if theirs is not None else [(None, None)] * len(ref_hidden)
-        for i, ((label, h), (_, r), (_, t)) in enumerate(zip(_hidden(ours, streams), ref_hidden, theirs_hidden)):
+        ref_hidden = _hidden(ref, streams, real)
+        theirs_hidden = _hidden(theirs, streams, real) if theirs is not None else [(None, None)] * len(ref_hidden)
+        for i, ((label, h), (_, r), (_, t)) in enumerate(zip(_hidden(ours, streams, real), ref_hidden,
+                                                             theirs_hidden)):
             rel = _rel(h, r)[1]
             if rel > budget(t, r)[0]:
                 first_bad[name] = (i, rel, label)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from trifuse import kernels
 
-from .packing import Packed
+from .packing import Packed, PackedCross
 
 # Hugging Face activation names -> the GELU kernel's ``approximate``.
 _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
@@ -151,7 +151,11 @@ class Attention(nn.Module):
       kernel) go to the kernel as they are; ``need_probs`` returns the probabilities too (eager, fp32).
     * ``mask`` may be an :class:`engine.packing.Packed` instead: ``x`` is then ``[total_tokens, hidden]``
       (a packed batch, no padding) and self-attention runs within each sequence
-      (``kernels.attention_varlen``; ``causal`` and ``relative_bias`` per sequence).
+      (``kernels.attention_varlen``; ``causal`` and ``relative_bias`` per sequence). With a ``cache``
+      (a decoder's packed prefill, ``start`` 0) each real token's keys and values go to the slot the
+      padded batch would fill, zeros to the padded slots. Cross-attention takes an
+      :class:`engine.packing.PackedCross` and ``kv`` views ``[1, H, T_enc, D]`` of the encoder's packed
+      keys/values.
 
     ``forward`` returns ``(output, probabilities or None)``.
     """
@@ -175,8 +179,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, cache=None, start: Union[int, Tensor] = 0,
                 kv: Optional[Tuple[Tensor, Tensor]] = None, bias: Optional[Tensor] = None,
                 relative_bias: Optional[kernels.RelativeBias] = None, need_probs: bool = False):
-        if isinstance(mask, Packed):
-            return self._varlen(x, mask, relative_bias), None
+        if isinstance(mask, (Packed, PackedCross)):
+            return self._varlen(x, mask, relative_bias, kv, cache, start), None
         if getattr(cache, "packed", False):  # engine.paged.PackedStep: many sequences' tokens in one row
             return self.out(cache.attention(self, x, relative_bias)), None
         b, n, _ = x.shape
@@ -201,10 +205,19 @@ class Attention(nn.Module):
             probs = None
         return self.out(ctx.transpose(1, 2).reshape(b, n, -1)), probs
 
-    def _varlen(self, x: Tensor, p: Packed, relative_bias: Optional[kernels.RelativeBias]) -> Tensor:
+    def _varlen(self, x: Tensor, p: Union[Packed, PackedCross], relative_bias: Optional[kernels.RelativeBias],
+                kv=None, cache=None, start: int = 0) -> Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv(x).view(t, 3, self.heads, self.head_dim).unbind(1)  # [T, H, D] strided views
-        ctx = kernels.attention_varlen(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_seqlen, p.max_seqlen,
+        if isinstance(p, PackedCross):
+            q = self.q(x).view(t, self.heads, self.head_dim)
+            k, v = (y[0].transpose(0, 1) for y in kv)  # [T_enc, H, D] views
+            p, pk = p.queries, p.keys
+        else:
+            q, k, v = self.qkv(x).view(t, 3, self.heads, self.head_dim).unbind(1)  # [T, H, D] strided views
+            pk = p
+            if cache is not None:  # [B, H, L, D], zeros at the padded slots
+                cache.update(self.layer, start, p.pad(k).transpose(1, 2), p.pad(v).transpose(1, 2))
+        ctx = kernels.attention_varlen(q, k, v, p.cu_seqlens, pk.cu_seqlens, p.max_seqlen, pk.max_seqlen,
                                        causal=self.causal, relative_bias=relative_bias, scale=self.scale,
                                        _validated=True)  # Packed builds them consistent
         return self.out(ctx.reshape(t, -1))

@@ -4,7 +4,9 @@ A model unpads once at its embeddings (:meth:`Packed.unpad`), runs every block o
 ``[total_tokens, hidden]`` (linear layers, norms and activations see real tokens only; attention is
 :func:`kernels.attention_varlen` over ``cu_seqlens``) and pads back (:meth:`Packed.pad`) only
 what its API returns padded. :class:`Packed` is the descriptor the blocks receive in place of a
-padding mask. See docs/padding-free.md.
+padding mask (:class:`PackedCross` for a packed decoder's cross-attention). Decoders pack a padded
+batch that starts from an empty cache (:func:`plan` with ``decoder=True``, :func:`plan_decoder`),
+writing the real tokens' keys/values into the cache slots the padded run fills. See docs/padding-free.md.
 
 When packing pays (:func:`plan`): the rule below, measured on the CPU with bench/packed.py's
 model (MiniLM widths) -- see the docs page for the figures and how they were taken.
@@ -28,14 +30,18 @@ PACK_BELOW = 0.9
 #: faster as one padded tensor than through the bookkeeping).
 PACK_MIN_POSITIONS = 64
 
-_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("trifuse_packing", default=True)
+_enabled: contextvars.ContextVar = contextvars.ContextVar("trifuse_packing", default=True)
 
 
 @contextlib.contextmanager
-def use_packing(enabled: bool) -> Iterator[None]:
+def use_packing(enabled) -> Iterator[None]:
     """``with engine.use_packing(False): model(ids, mask)`` runs padded batches padded (this thread
-    only), e.g. to time one against the other; packing is on by default."""
-    token = _enabled.set(bool(enabled))
+    only), e.g. to time one against the other; packing is on by default. ``"always"`` packs every
+    batch the structure allows, whatever :data:`PACK_BELOW` and :data:`PACK_MIN_POSITIONS` say (how
+    ``python -m trifuse.bench.packing_rule`` measures where the rule should sit)."""
+    if enabled != "always" and not isinstance(enabled, bool):
+        raise ValueError(f"use_packing takes True, False or 'always', got {enabled!r}")
+    token = _enabled.set(enabled)
     try:
         yield
     finally:
@@ -117,15 +123,27 @@ class Packed:
         return m.view(self.batch, self.seqlen)
 
 
-def plan(attention_mask: Optional[Tensor], *, need_probs: bool = False) -> Optional[Packed]:
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedCross:
+    """Cross-attention of a packed decoder batch: its tokens (``queries``) attend to their encoder
+    row's real tokens (``keys``, the encoder's states packed the same way), row for row."""
+
+    queries: Packed
+    keys: Packed
+
+
+def plan(attention_mask: Optional[Tensor], *, need_probs: bool = False, decoder: bool = False,
+         relative: bool = False) -> Optional[Packed]:
     """A :class:`Packed` for this padded batch when packing pays, else ``None`` (run padded).
 
     Packs when: there is padding to drop (at most :data:`PACK_BELOW` of the positions are real),
     the batch holds at least :data:`PACK_MIN_POSITIONS` positions, every row starts with a real
-    token (left padding keeps the padded path: a padded row's first position is what the
-    pooler and Hugging Face's classifiers read), no attention probabilities are asked for, and
+    token (left padding keeps an encoder's padded path: a padded row's first position is what the
+    pooler and Hugging Face's classifiers read; a ``decoder`` reads no such position, and left
+    padding is how decoder-only prompts come), no attention probabilities are asked for, and
     nothing is being traced or captured (packing reads the mask back to the host), and packing is
-    not switched off (:func:`use_packing`).
+    not switched off (:func:`use_packing`). ``relative`` (T5's relative positions): each row's real
+    tokens must also sit side by side, as a mask with holes spaces them differently when padded.
     """
     if attention_mask is None or need_probs or attention_mask.dim() != 2 or not _enabled.get():
         return None
@@ -133,14 +151,53 @@ def plan(attention_mask: Optional[Tensor], *, need_probs: bool = False) -> Optio
         return None
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
         return None  # the export keeps the padded interface (docs/padding-free.md)
-    if attention_mask.numel() < PACK_MIN_POSITIONS:
+    always = _enabled.get() == "always"
+    if attention_mask.numel() < PACK_MIN_POSITIONS and not always:
         return None
     keep = attention_mask.ne(0)
-    if not bool(keep[:, 0].all()):
+    if not decoder and not bool(keep[:, 0].all()):
         return None
-    if int(keep.sum()) > PACK_BELOW * keep.numel():
+    if relative and not _contiguous(keep):
+        return None
+    if int(keep.sum()) > PACK_BELOW * keep.numel() and not always:
         return None
     return Packed.from_mask(keep)
+
+
+def _contiguous(keep: Tensor) -> bool:
+    """Whether each row's real tokens (``keep`` ``[B, L]`` bool) form one run (an empty row does)."""
+    pos = torch.arange(keep.shape[1], device=keep.device)
+    first = torch.where(keep, pos, keep.shape[1]).amin(1)
+    last = torch.where(keep, pos, -1).amax(1)
+    return bool(((last - first + 1).clamp(min=0) == keep.sum(1)).all())
+
+
+def plan_cross(queries: Packed, encoder_mask: Optional[Tensor], encoder_shape) -> Optional[PackedCross]:
+    """The cross-attention layout of a packed decoder batch over an encoder batch of ``encoder_shape``
+    ``(B_enc, L_enc)`` with ``encoder_mask`` (bool, ``None``: no padding), or ``None`` when the decoder
+    must run padded: its rows are not one per encoder row (beams share an encoder row), or an encoder
+    row is empty (the padded kernels define what such a row's queries read)."""
+    b, n = encoder_shape
+    if queries.batch != b:
+        return None
+    keep = torch.ones(b, n, dtype=torch.bool, device=queries.indices.device) if encoder_mask is None else encoder_mask
+    keys = Packed.from_mask(keep)
+    if bool((keys.cu_seqlens[1:] == keys.cu_seqlens[:-1]).any()):
+        return None
+    return PackedCross(queries, keys)
+
+
+def plan_decoder(attention_mask: Optional[Tensor], start: int, encoder_mask: Optional[Tensor],
+                 cross_kv: Optional[Tensor], *, relative: bool = False) -> Optional[tuple]:
+    """An encoder-decoder's padded decoder batch, packed when it pays: ``(PackedCross, cross_kv
+    [1, T_enc, width])`` -- the decoder's and the encoder's layouts, and every layer's cross keys/values
+    (``cross_kv`` ``[B_enc, L_enc, width]``) at the encoder's real tokens only -- or ``None`` (run
+    padded): nothing cached before (``start`` 0), :func:`plan` and :func:`plan_cross` agree."""
+    if start or cross_kv is None:
+        return None
+    queries = plan(attention_mask, decoder=True, relative=relative)
+    cross = None if queries is None else plan_cross(queries, encoder_mask, cross_kv.shape[:2])
+    return None if cross is None else (cross, cross.keys.unpad(cross_kv)[None])
 
 
 def token_batches(order: list, lengths: list, max_batch_tokens: int) -> list:

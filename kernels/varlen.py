@@ -148,18 +148,19 @@ if HAS_TRITON:
 
     def _prune_configs(configs, named_args, **kwargs):
         # Short sequences take the 64-row blocks (a 128-row block of a 24-token sentence is
-        # mostly idle); fp32's three dots per product hold only the smallest tile; the T5
-        # lookup and wide heads drop the 8-warp 128x64 tile (tests/aot_hopper.py).
+        # mostly idle); fp32's three dots per product hold only the smallest tiles; the T5
+        # lookup and wide heads drop the 8-warp 128x64 tile (bench/static/aot_hopper.py).
         def arg(name):
             return kwargs.get(name, named_args.get(name))
 
-        if arg("DOT_PREC") == "tf32x3":
-            return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (32, 32)]
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (32, 32)]
+        block_d = arg("BLOCK_D")
+        if arg("DOT_PREC") == "tf32x3":  # 32x32 spills at wide heads (bench/static/hopper-sm90.md)
+            tile = (16, 32) if block_d is not None and block_d > 64 else (32, 32)
+            return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == tile]
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] > 32]  # the 32- and 16-row tiles are fp32's
         lq = arg("LQ_KEY")
         if lq is not None and lq <= 64:
             kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 64]
-        block_d = arg("BLOCK_D")
         if block_d is not None and block_d > 64:
             kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 64 and not (c.kwargs["BLOCK_M"] == 128
                                                                           and arg("HAS_REL"))]
@@ -168,7 +169,7 @@ if HAS_TRITON:
     _GPU_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 3),
-                             (32, 32, 4, 3)]  # the last for fp32 only
+                             (32, 32, 4, 3), (16, 32, 4, 3)]  # the last two for fp32 only (narrow, wide heads)
     ]
     if not INTERPRET:
         _varlen_fwd_tuned = triton.autotune(

@@ -39,6 +39,28 @@ def test_measure_cpu_counts_and_orders():
     assert s["threads"] == 1 and s["load_before"] >= 0 and s["load_after"] >= 0
 
 
+def test_measure_bounds_a_slow_call_by_max_time(monkeypatch):
+    """A call that takes 12 s (a fake clock: no real time passes) gets one warm-up call and the minimum
+    samples, not ``warmup + min_iters`` calls; a fast call keeps its counts (the test above)."""
+    from trifuse.bench import timing
+
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing.time, "perf_counter_ns", lambda: int(clock[0] * 1e9))
+    calls = []
+
+    def slow():
+        calls.append(1)
+        clock[0] += 12.0
+
+    t = measure(slow, "cpu", warmup=10, min_time_s=0.25, min_iters=6, threads=1, max_time_s=30.0)
+    assert len(calls) == 1 + 1 + timing.MIN_SLOW_SAMPLES  # cold, one warm-up, the fewest samples
+    assert list(t.samples_ms) == [12000.0] * timing.MIN_SLOW_SAMPLES and t.cold_ms == 12000.0
+    calls.clear()
+    t = measure(slow, "cpu", warmup=2, min_time_s=0.25, min_iters=6, threads=1, max_time_s=200.0)
+    assert len(calls) == 1 + 2 + 6  # within the bound: as asked
+
+
 def test_timing_flags_noise():
     """Each reason alone makes a measurement noisy, and the status says which."""
     steady = np.full(30, 2.0) + np.linspace(0, 0.02, 30)

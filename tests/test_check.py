@@ -66,3 +66,22 @@ def test_check_gpt2_t5_vit(tmp_path, capsys):
         assert all(r.rel < 1e-5 for r in report.rows if r.dtype == "fp32"), (name, report.rows)
     assert trifuse_main(["check", str(tmp_path / "t5"), "--dtype", "fp32", "--device", "cpu", "--seq", "8"]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_check_compares_packed_batches_at_real_tokens(tmp_path, monkeypatch):
+    """At the default size (batch 3, seq 32) the padded batch runs packed (engine.packing): per-token
+    outputs hold zeros at padded positions, so check compares the real tokens."""
+    from tests.test_gpt2 import hf_model as gpt2_model
+    from trifuse import kernels
+
+    packed = []
+    varlen = kernels.attention_varlen
+    monkeypatch.setattr(kernels, "attention_varlen", lambda *a, **k: packed.append(1) or varlen(*a, **k))
+    gpt2_model().save_pretrained(tmp_path / "gpt2")
+    _saved(tmp_path / "bert", head="ForTokenClassification")
+    for name in ("gpt2", "bert"):
+        packed.clear()
+        report = check_mod.check(tmp_path / name, dtype="fp32", device="cpu")
+        assert packed, f"{name}: the check's batch did not run packed"
+        assert report.ok and report.first_bad_layer == {"fp32": None}, (name, report)
+        assert all(r.rel < 1e-5 for r in report.rows), (name, report.rows)

@@ -49,7 +49,7 @@ from ..family import SEQ2SEQ, Family
 from ..layers import Attention, FeedForward, LayerNorm, PostLNBlock, check_activation, kernel_mask
 from ..loading import assemble_state, load_into, module_keys
 from ..outputs import EncoderOutput, ModelOutput
-from ..packing import Packed, plan
+from ..packing import Packed, plan, plan_decoder
 
 TASKS = ("text2text-generation", "feature-extraction", "sequence-classification", "question-answering")
 _ARCH_TASKS = {"BartForConditionalGeneration": "text2text-generation", "BartModel": "feature-extraction",
@@ -463,12 +463,19 @@ class BartModel(EncoderDecoderDecoding, nn.Module):
         enc_hidden, enc_states, cross_kv, enc_mask = encoder_state(self, cache, input_ids, attention_mask,
                                                                    encoder_outputs, output_hidden_states, b)
 
+        # A padded decoder batch with nothing cached runs padding-free when it pays (engine.packing).
+        packed = plan_decoder(decoder_attention_mask, start, enc_mask, cross_kv)
         x, hidden = self._decode(decoder_input_ids, decoder_attention_mask, cross_kv, enc_mask, cache, start,
-                                 output_hidden_states)
+                                 output_hidden_states, packed)
+        # Per-token outputs: on the real tokens only, then back to [B, n, ...] with zeros at padded positions.
+        per_token = (lambda t: t) if packed is None else packed[0].queries.pad
+        logits = self._logits(x) if self.task == "text2text-generation" else None
+        qa = self.qa_outputs(x) if self.task == "question-answering" else None
+        x, hidden = per_token(x), None if hidden is None else tuple(per_token(t) for t in hidden)
         out = Seq2SeqOutput(past_key_values=cache, last_hidden_state=x, encoder_last_hidden_state=enc_hidden,
                             decoder_hidden_states=hidden, encoder_hidden_states=enc_states)
         if self.task == "text2text-generation":
-            out.logits = self._logits(x)
+            out.logits = per_token(logits)
         elif self.task == "sequence-classification":
             if x.shape[:2] != input_ids.shape:
                 raise ValueError(f"sequence classification reads the decoder states at input_ids' EOS positions: "
@@ -476,18 +483,23 @@ class BartModel(EncoderDecoderDecoding, nn.Module):
             rep = x[eos_mask].view(b, -1, x.shape[-1])[:, -1]
             out.logits = self.cls_out(torch.tanh(self.cls_dense(rep)))
         elif self.task == "question-answering":
-            start_logits, end_logits = self.qa_outputs(x).split(1, dim=-1)
+            start_logits, end_logits = per_token(qa).split(1, dim=-1)
             out.start_logits, out.end_logits = start_logits.squeeze(-1), end_logits.squeeze(-1)
         return out
 
     def _decode(self, ids: Tensor, decoder_attention_mask: Optional[Tensor], cross_kv: Tensor,
                 enc_mask: Optional[Tensor], cache: Optional[BartCache], start: int,
-                output_hidden_states: bool = False) -> Tuple[Tensor, Optional[tuple]]:
+                output_hidden_states: bool = False, packed: Optional[tuple] = None) -> Tuple[Tensor, Optional[tuple]]:
+        """The decoder's final states ``[B, n, d_model]``; with ``packed`` (:func:`engine.packing.plan_decoder`)
+        the real tokens' ``[T, d_model]`` (hidden states likewise)."""
         n = ids.shape[1]
         mask = self_attention_mask(decoder_attention_mask, cache, start, n)
+        pos = self.decoder.positions(start, n)
+        if packed is not None:  # learned positions as the padded batch numbers them (start is 0)
+            (enc_mask, cross_kv), mask = packed, packed[0].queries
+            ids, pos = mask.unpad(ids), self.decoder.embed_positions[_OFFSET + mask.positions]
         hidden = [] if output_hidden_states else None
-        x = self.decoder(self._embed(ids), self.decoder.positions(start, n), mask, cross_kv, enc_mask, cache, start,
-                         hidden)
+        x = self.decoder(self._embed(ids), pos, mask, cross_kv, enc_mask, cache, start, hidden)
         if cache is not None:
             cache.length = start + n
         return x, tuple(hidden) if hidden is not None else None

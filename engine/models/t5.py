@@ -62,7 +62,7 @@ from ..family import SEQ2SEQ, Family
 from ..layers import Attention, RMSNorm, bias_act, check_activation, kernel_mask
 from ..loading import assemble_state, load_into
 from ..outputs import EncoderOutput, ModelOutput
-from ..packing import plan
+from ..packing import plan, plan_decoder
 
 TASKS = ("text2text-generation", "feature-extraction", "encoder")
 _ARCH_TASKS = {"T5ForConditionalGeneration": "text2text-generation", "T5Model": "feature-extraction",
@@ -289,7 +289,7 @@ class Decoder(nn.Module):
                 cache: Optional[T5Cache], start: Union[int, Tensor], stream: torch.dtype,
                 hidden: Optional[list] = None) -> Tensor:
         compute = emb.dtype
-        kv_len = 0 if self_mask is None else self_mask.shape[1]
+        kv_len = self_mask.shape[1] if isinstance(self_mask, Tensor) else 0
         h, pending, rel = emb.to(stream), None, self.rel(start, kv_len)
         # In-kernel relative bias, or (static decoding) a dense [1, H, 1, Lk] one.
         bias, rel = (rel, None) if isinstance(rel, Tensor) else (None, rel)
@@ -416,7 +416,9 @@ class T5Model(EncoderDecoderDecoding, nn.Module):
         """The encoder alone: ``last_hidden_state`` ``[B, L, d_model]`` (and ``hidden_states``)."""
         self._check_ids("input_ids", input_ids)
         self._check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
-        packed = plan(attention_mask)  # padding-free when it pays (engine.packing): [T, d_model] inside
+        # Padding-free when it pays (engine.packing): [T, d_model] inside; relative positions need each
+        # row's real tokens side by side.
+        packed = plan(attention_mask, relative=True)
         emb = self.shared(input_ids if packed is None else packed.unpad(input_ids))
         hidden = [emb] if output_hidden_states else None
         x = self.encoder(emb, kernel_mask(attention_mask) if packed is None else packed, self.stream_dtype, hidden)
@@ -474,17 +476,28 @@ class T5Model(EncoderDecoderDecoding, nn.Module):
         enc_hidden, enc_states, cross_kv, enc_mask = encoder_state(self, cache, input_ids, attention_mask,
                                                                    encoder_outputs, output_hidden_states, b)
 
+        # A padded decoder batch with nothing cached runs padding-free when it pays (engine.packing).
+        packed = plan_decoder(decoder_attention_mask, start, enc_mask, cross_kv, relative=True)
         x, hidden = self._decode(decoder_input_ids, decoder_attention_mask, cross_kv, enc_mask, cache, start,
-                                 output_hidden_states)
-        return Seq2SeqOutput(logits=self._logits(x) if self.task == "text2text-generation" else None,
+                                 output_hidden_states, packed)
+        logits = self._logits(x) if self.task == "text2text-generation" else None
+        if packed is not None:  # back to [B, n, ...], zeros at padded positions
+            pad = packed[0].queries.pad
+            x, logits = pad(x), None if logits is None else pad(logits)
+            hidden = None if hidden is None else tuple(pad(t) for t in hidden)
+        return Seq2SeqOutput(logits=logits,
                              past_key_values=cache, last_hidden_state=x, encoder_last_hidden_state=enc_hidden,
                              decoder_hidden_states=hidden, encoder_hidden_states=enc_states)
 
     def _decode(self, ids: Tensor, decoder_attention_mask: Optional[Tensor], cross_kv: Tensor,
                 enc_mask: Optional[Tensor], cache: Optional[T5Cache], start: int,
-                output_hidden_states: bool = False) -> Tuple[Tensor, Optional[tuple]]:
+                output_hidden_states: bool = False, packed: Optional[tuple] = None) -> Tuple[Tensor, Optional[tuple]]:
+        """The decoder's final states ``[B, n, d_model]``; with ``packed`` (:func:`engine.packing.plan_decoder`)
+        the real tokens' ``[T, d_model]`` (hidden states likewise)."""
         n = ids.shape[1]
         mask = self_attention_mask(decoder_attention_mask, cache, start, n)
+        if packed is not None:
+            (enc_mask, cross_kv), mask, ids = packed, packed[0].queries, packed[0].queries.unpad(ids)
         emb = self.shared(ids)
         hidden = [emb] if output_hidden_states else None
         x = self.decoder(emb, mask, cross_kv, enc_mask, cache, start, self.stream_dtype, hidden)
