@@ -9,7 +9,8 @@ specification) and runs it on PyTorch's own fused CPU kernels, which are vectori
   inputs included) and returns zeros for a row that sees no key, as the reference
   does; for bf16 with at least :data:`MATMUL_MIN` queries and keys, two batched GEMMs
   around an fp32 softmax (:func:`_sdpa_matmul`, fp32 scores, chunked to
-  :data:`SCORES_MAX`); for bf16 decoding steps SDPA's fp32 kernel on fp32 copies.
+  :data:`SCORES_MAX`); for bf16 decoding steps over at most :data:`UPCAST_MAX_KEYS` keys'
+  elements, SDPA's fp32 kernel on fp32 copies.
   Masks and biases become one mask; T5's relative bias is
   materialized ``[1, H, Lq, Lk]`` (the attention wrapper builds it once per
   :class:`~kernels.attention.RelativeBias`, so a model's layers share it, as
@@ -44,8 +45,11 @@ def relative_bias_dense(table: Tensor, bidirectional: bool, num_buckets: int, ma
 
 #: bf16 attention with at least this many queries and keys runs :func:`_sdpa_matmul`.
 MATMUL_MIN = 96
-#: bf16 attention with at most this many queries (decoding) runs SDPA's fp32 kernel on fp32 copies.
+#: bf16 attention with at most this many queries (decoding) runs SDPA's fp32 kernel on fp32 copies ...
 UPCAST_MAX_Q = 8
+#: ... when its keys hold at most this many elements (fp32 copies of k and v: 8 MiB); past it the copies'
+#: memory traffic costs more than SDPA's bf16 kernel loses (measured: 8 x 12 heads x 512 keys x 64 lost).
+UPCAST_MAX_KEYS = 1 << 20
 #: :func:`_sdpa_matmul`'s scores: one chunk holds at most this many fp32 scores (1 MiB, about one
 #: core's L2), chunked over batch items, then heads, then query rows, so memory follows the chunk.
 SCORES_MAX = 1 << 18
@@ -56,13 +60,13 @@ def plan(q: Tensor, k: Tensor) -> str:
     copies) or ``"sdpa"``. fp32 and fp16 always take SDPA's kernel (for fp32 it is as fast as the
     matmuls or faster). SDPA's bf16 kernel runs two small oneDNN GEMM calls per block of 32 query rows,
     which two batched GEMMs over whole heads beat from about 96 x 96 up, and its bf16 decoding step is
-    slower than its fp32 one; docs/cpu.md has the measurements."""
+    slower than its fp32 one while the fp32 copies stay small; docs/cpu.md has the measurements."""
     if q.dtype != torch.bfloat16 or q.device.type != "cpu":
         return "sdpa"
     lq, lk = q.shape[-2], k.shape[-2]
     if lq >= MATMUL_MIN and lk >= MATMUL_MIN:
         return "matmul"
-    return "fp32" if lq <= UPCAST_MAX_Q else "sdpa"
+    return "fp32" if lq <= UPCAST_MAX_Q and k.numel() <= UPCAST_MAX_KEYS else "sdpa"
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], bias: Optional[Tensor], scale: float,

@@ -89,11 +89,12 @@ def matmul_calls(monkeypatch):
 
 
 def test_bf16_attention_kernel_choice():
-    def plan(dtype, lq, lk):
-        return cpu_mod.plan(torch.empty(2, 3, lq, 8, dtype=dtype), torch.empty(2, 3, lk, 8, dtype=dtype))
+    def plan(dtype, lq, lk, b=2):
+        return cpu_mod.plan(torch.empty(b, 3, lq, 8, dtype=dtype), torch.empty(b, 3, lk, 8, dtype=dtype))
 
     assert plan(torch.bfloat16, 97, 97) == plan(torch.bfloat16, 128, 512) == "matmul"
     assert plan(torch.bfloat16, 1, 500) == plan(torch.bfloat16, 8, 8) == "fp32"  # decoding steps
+    assert plan(torch.bfloat16, 1, 500, b=100) == "sdpa"  # 1.2M keys' elements: the fp32 copies cost more
     assert plan(torch.bfloat16, 32, 32) == plan(torch.bfloat16, 200, 64) == "sdpa"
     assert plan(torch.float32, 128, 128) == plan(torch.float16, 128, 128) == plan(torch.float32, 1, 128) == "sdpa"
 
