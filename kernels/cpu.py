@@ -150,7 +150,8 @@ def _sdpa_matmul(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], bias: 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optional[Tensor],
               rel_table: Optional[Tensor], rel_bidirectional: bool, rel_num_buckets: int,
               rel_max_distance: int, rel_query_offset: int, causal: bool, scale: float) -> Tensor:
-    """The attention op's contract on :func:`sdpa`; ``q`` ``[B, H, Lq, D]``, ``k``/``v`` ``[B, H, Lk, D]``, any strides."""
+    """The attention op's contract on :func:`sdpa`; ``q`` ``[B, H, Lq, D]``, ``k``/``v`` ``[B, H, Lk, D]``,
+    any strides."""
     lq, lk = q.shape[2], k.shape[2]
     if rel_table is not None:
         rel = relative_bias_dense(rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance,
