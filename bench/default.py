@@ -576,7 +576,8 @@ def run_main_job(opts: Options, out_root: Path, *, keep_onnx: bool = False,
                 write_index(f"still running ({family} done)")
                 if family == packed_after:  # the mixed-length batch, padded against padding-free (issue 27)
                     part = "packed"
-                    whole_part(part, [names[-1] if gpu else names[0]])
+                    # ... and a decoder's left-padded prompts (its prefill runs packed too)
+                    whole_part(part, [names[-1] if gpu else names[0], "gpt2-tiny" if quick and not gpu else "gpt2"])
                     release_exports()
             for part in last:
                 whole_part(part)

@@ -15,6 +15,11 @@ Face eager (fp32 within 1e-4) before it is timed:
 * ``hf-eager``, ``hf-sdpa``; ``onnxruntime-cpu``/``onnxruntime-cuda`` (our export, padded:
   ONNX Runtime has no varlen attention on the CPU).
 
+A decoder-only size (``gpt2``, ``gpt2-tiny``, ...) runs the same lengths as a prompt batch: left-padded,
+as decoder-only prompts are, positions counted from each prompt's first real token (what ``generate``
+gives), the prefill's hidden states compared at the real tokens; its shape reads ``(... real, left)``,
+and it has no ONNX Runtime row (GPT-2's export takes past key/values; ``bench/decoder.py`` times it).
+
 Rows carry tokens/s of real tokens, ``speedup_vs_hf_sdpa``, the ideal ratio, and for
 trifuse-packed ``frac_of_ideal``: (padded time / packed time) / ideal ratio.
 """
@@ -27,7 +32,7 @@ from typing import Optional
 import torch
 
 from trifuse import engine, kernels
-from trifuse.engine.family import ENCODER
+from trifuse.engine.family import DECODER, ENCODER
 
 from .suite import (
     DTYPE_NAMES,
@@ -52,8 +57,14 @@ GPU_DEFAULT = ("trifuse-packed", "trifuse-padded", "hf-eager", "hf-sdpa")
 
 
 def build_hf(name: str, dtype: torch.dtype, device: torch.device, attn: str):
-    """Hugging Face's text encoder for a named size (seeded random weights) or a checkpoint directory."""
-    return build_hf_named(name, kind_sizes(ENCODER), dtype, device, attn)
+    """Hugging Face's text encoder (or decoder-only model, without its LM head) for a named size (seeded
+    random weights) or a checkpoint directory."""
+    return build_hf_named(name, _sizes(name), dtype, device, attn)
+
+
+def _sizes(name: str) -> dict:
+    decoders = kind_sizes(DECODER)
+    return decoders if name in decoders else kind_sizes(ENCODER)
 
 
 def lengths(batch: int, median: float, sigma: float, max_len: int, seed: int) -> list[int]:
@@ -63,11 +74,13 @@ def lengths(batch: int, median: float, sigma: float, max_len: int, seed: int) ->
     return [int(min(max_len, max(1, round(math.exp(math.log(median) + sigma * float(x)))))) for x in z]
 
 
-def padded_batch(vocab: int, lens: list[int], seed: int = 0):
+def padded_batch(vocab: int, lens: list[int], seed: int = 0, left: bool = False):
     g = torch.Generator().manual_seed(seed)
     n = max(lens)
     ids = torch.randint(3, vocab, (len(lens), n), generator=g)
     mask = (torch.arange(n)[None, :] < torch.tensor(lens)[:, None]).long()
+    if left:
+        mask = mask.flip(1)
     return ids.masked_fill(mask == 0, 0), mask
 
 
@@ -79,12 +92,16 @@ def _bench(name: str, opts: Options, backends: list[str], workload: dict) -> lis
     # Clipped to the position table (RoBERTa's starts after the padding index); 256 for the named sizes.
     workload = {**workload, "max_len": min(workload["max_len"], cfg.max_position_embeddings - 2)}
     lens = lengths(**workload)
-    ids, mask = padded_batch(cfg.vocab_size, lens)
+    decoder = name in kind_sizes(DECODER) or cfg.model_type in ("gpt2",)
+    ids, mask = padded_batch(cfg.vocab_size, lens, left=decoder)
     ids, mask = ids.to(dev), mask.to(dev)
     keep = mask.bool()
     real, padded = int(keep.sum()), keep.numel()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if decoder:  # each prompt's positions from its first real token, as generate counts them
+        inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        ref = hf_eager(input_ids=ids, attention_mask=mask).last_hidden_state[keep]  # [real tokens, hidden]
+        ref = hf_eager(**inputs).last_hidden_state[keep]  # [real tokens, hidden]
     ours = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=dtype, device=dev)
 
     def build_sdpa():
@@ -92,7 +109,8 @@ def _bench(name: str, opts: Options, backends: list[str], workload: dict) -> lis
         model.load_state_dict(hf_eager.state_dict())
         return model
 
-    inputs = {"input_ids": ids, "attention_mask": mask}
+    if decoder:  # its export takes past key/values: bench/decoder.py times ONNX Runtime's prefill
+        backends = [b for b in backends if not b.startswith("onnxruntime")]
     peers = [b for b in backends if not b.startswith("trifuse")]
     fns = {b: (lambda f=f: f()[keep]) for b, f in encoder_backend_fns(
         ours, hf_eager, build_sdpa, inputs, peers, batch=len(lens), threads=opts.threads).items()}
@@ -111,7 +129,8 @@ def _bench(name: str, opts: Options, backends: list[str], workload: dict) -> lis
 
     fns["trifuse-packed"] = run_packed
     fns["trifuse-padded"] = run_padded
-    base = {"suite": "packed", "op": name, "shape": f"{len(lens)}x{max(lens)} ({real} real)", "batch": len(lens),
+    shape = f"{len(lens)}x{max(lens)} ({real} real{', left' if decoder else ''})"
+    base = {"suite": "packed", "op": name, "shape": shape, "batch": len(lens),
             "seq": max(lens), "dtype": DTYPE_NAMES[dtype], "real_tokens": real, "padded_tokens": padded,
             "ideal_ratio": padded / real}
     rows = time_model_backends(fns, ref, backends, opts, base, items=len(lens), tokens=real,
@@ -127,12 +146,12 @@ def _bench(name: str, opts: Options, backends: list[str], workload: dict) -> lis
 
 
 def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
-    """``models``: named text-encoder sizes or checkpoint directories (the main job passes the BERT
-    row's size); by default bert-base, or bert-small for a quick CPU run (bert-base on 32 x 256
-    padded takes seconds a call there). ``opts.batch[0]`` replaces the workload's batch of 32."""
+    """``models``: named text-encoder or decoder-only sizes, or checkpoint directories (the main job passes
+    the BERT row's size and a GPT-2 size); by default bert-base and gpt2, or bert-small and gpt2-tiny for
+    a quick CPU run (a base size on the padded batch takes seconds a call there). ``opts.batch[0]`` replaces the workload's batch of 32."""
     gpu = opts.on_gpu
     backends = pick_backends(opts, BACKENDS, GPU_DEFAULT if gpu else CPU_DEFAULT)
-    models = models or (["bert-small"] if opts.quick and not gpu else ["bert-base"])
+    models = models or (["bert-small", "gpt2-tiny"] if opts.quick and not gpu else ["bert-base", "gpt2"])
     workload = dict(WORKLOAD)
     if opts.batch:
         workload["batch"] = opts.batch[0]

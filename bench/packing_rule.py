@@ -28,7 +28,7 @@ from trifuse.engine.family import ENCODER
 from .suite import build_hf_named, kind_sizes
 from .timing import measure
 
-SHAPES = ((2, 16), (4, 16), (2, 32), (4, 32), (8, 32), (8, 64), (16, 64), (32, 128))
+SHAPES = ((2, 16), (4, 16), (2, 32), (4, 32), (8, 32), (8, 64), (16, 64), (16, 128))
 FRACTIONS = (0.5, 0.75, 0.85, 0.9, 0.95)
 
 

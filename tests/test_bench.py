@@ -448,6 +448,7 @@ def test_main_job_smoke(tmp_path, monkeypatch, capsys):
     rows = json.loads(next(folder.glob("packed-*.json")).read_text())["rows"]  # the mixed-length batch
     assert {r["backend"] for r in rows} >= {"trifuse-packed", "trifuse-padded", "hf-eager"}
     assert all(bench_row_passed(r) for r in rows), rows
+    assert any(r["op"] == "gpt2-tiny" and "left" in r["shape"] for r in rows)  # a decoder's prompts too
     rows = json.loads(next(folder.glob("models-*.json")).read_text())["rows"]
     assert rows and all(bench_row_passed(r) for r in rows), rows
     assert all(r["threads"] == 1 for r in rows if r.get("median_ms"))  # pinned, recorded
