@@ -34,7 +34,16 @@ QUANTIZATIONS = ("int8",)
 #: oneDNN's int8 linear (``onednn::qlinear_pointwise``, what Inductor's x86 int8 path emits) is in
 #: this torch build; without it (non-x86 builds) :class:`Int8Linear` runs ``torch._int_mm``.
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
-_HALF_UP = torch.tensor(128.5)
+#: ``v + _ROUND`` (``|v| <= 127``) rounds ``v`` to the nearest integer, ties to even, in fp32's last bits:
+#: at ``1.5 * 2**23`` the float's spacing is 1, so its int32 bits are those of ``1.5 * 2**23`` plus
+#: ``round(v) + 128``, whose low byte is the uint8 ``round(v) + 128`` (zero point 128).
+_ROUND = 1.5 * 2**23 + 128
+
+
+def _quantize_rows(x: Tensor, inv_scale: Tensor) -> Tensor:
+    """``round(x * inv_scale) + 128`` as uint8: a multiply, an add and one int32 -> uint8 narrowing (vectorized;
+    a float -> uint8 conversion is a scalar loop on the CPU, and ``torch.round`` would be a pass of its own)."""
+    return torch.mul(x, inv_scale).add_(_ROUND).view(torch.int32).to(torch.uint8)
 
 
 class Int8Linear(nn.Module):
@@ -63,13 +72,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()  # [M, K]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()  # [M, K]
         # max|x| per row as max(amax, -amin): vectorized, unlike vector_norm(inf) or aminmax on the CPU.
         amax = torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg_()).clamp_min_(1e-12)  # [M, 1]
-        sx = amax / 127
-        # x / sx + 128 lies in [1, 255]; + 0.5 then truncation rounds it (halves up) in the same pass.
-        # Through int32: float -> uint8 is a scalar loop on the CPU, float -> int32 -> uint8 is not.
-        xu = torch.addcmul(_HALF_UP, x2, 127 / amax).to(torch.int32).to(torch.uint8)  # [M, K], zero point 128
+        xu = _quantize_rows(x2, 127 / amax)  # [M, K] uint8, zero point 128
         if x.device.type == "cpu" and ONEDNN:
             # oneDNN's u8 x s8 kernel (VNNI's native form) on a prepacked weight, the per-channel
             # weight scale applied in the kernel.
@@ -80,8 +88,14 @@ class Int8Linear(nn.Module):
         else:
             xq = xu.to(torch.int16).sub_(128).to(torch.int8)
             y = torch._int_mm(xq, self.qweight.t()).mul(self.scale)  # int32 [M, N] -> fp32
-        y = y.mul_(sx) if self.bias is None else torch.addcmul(self.bias, y, sx, out=y)  # per token, the bias
-        return y.to(x.dtype).view(*lead, self.out_features)
+        sx = amax.mul_(1 / 127)
+        # The per-token scale and the bias in fp32, written straight in the model's dtype (one pass).
+        out = y if x.dtype == torch.float32 else torch.empty(y.shape, dtype=x.dtype, device=y.device)
+        if self.bias is None:
+            torch.mul(y, sx, out=out)
+        else:
+            torch.addcmul(self.bias, y, sx, out=out)
+        return out.view(*lead, self.out_features)
 
     def _zero_points(self) -> Tensor:
         zp = self.__dict__.get("_zp")

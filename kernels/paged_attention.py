@@ -24,7 +24,8 @@ Returns ``[T, H, D]`` in ``q``'s dtype. Three implementations of one specificati
   padding; no bf16 dot either, so bf16 runs under the interpreter too). Long keys with few programs
   split across programs and a second kernel merges the partial softmaxes (flash-decoding);
 * the CPU path: the step's keys gathered once into a padded ``[S, Lmax]`` batch and one masked
-  ``scaled_dot_product_attention`` per query-length group, in the input dtype;
+  :func:`kernels.cpu.sdpa` call (SDPA's kernel; for bf16 its fp32 one on fp32 copies, faster at one
+  query per row);
 * :func:`paged_attention_reference`, a loop over query tokens in fp64 (the specification).
 
 Anchors: vLLM's PagedAttention (Kwon et al., SOSP 2023) and ``triton_unified_attention``
@@ -37,9 +38,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu
 from ._checks import check_float
 from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, use_triton
 from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, RelativeBias, relative_position_bucket
@@ -264,14 +265,12 @@ def _cpu(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, token_
         v = _gather_keys(v_pool, block_tables, seqs, max_kv)[inverse]
     pos = torch.arange(max_kv, device=q.device)
     visible = pos[None, :] < kv_lens[:, None].long()  # [T, Lmax]
-    if lut is None:
-        mask = visible[:, None, None, :]
-    else:
+    bias = None
+    if lut is not None:
         dist = (pos[None, :] - (kv_lens[:, None].long() - 1)).clamp(-max_distance, max_distance) + max_distance
-        bias = lut[:, dist].permute(1, 0, 2) / LOG2E  # [T, H, Lmax], natural-log units
-        mask = bias.masked_fill(~visible[:, None, :], float("-inf"))[:, :, None, :].to(q.dtype)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         scale=scale)
+        bias = (lut[:, dist].permute(1, 0, 2) / LOG2E)[:, :, None, :]  # [T, H, 1, Lmax], natural-log units
+    # One query per row: cpu.sdpa's kernel for it (bf16 runs SDPA's fp32 kernel on fp32 copies).
+    out = cpu.sdpa(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), visible[:, None, None, :], bias, scale)
     return out[:, :, 0, :]
 
 

@@ -29,8 +29,9 @@ the block lies past its sequence's end (flash-attention's Triton varlen forward)
 sized by ``max_seqlen_q``, so the checks insist it is at least every sequence's length. K and V
 stream through Hopper's TMA when the layout allows (unit last stride, 16-byte aligned rows): the
 descriptor covers one sequence's keys and zero-fills past its end. On the CPU (no interpreter)
-the op runs PyTorch's SDPA one sequence at a time, which beats padding the batch back for
-attention (bench/packed.py); fp64 runs the reference, as does bf16 under the interpreter.
+the op runs :func:`kernels.cpu.sdpa` (SDPA's kernel, or batched matmuls for long bf16 sequences) on
+groups of sequences of similar length, which beats padding the batch back for attention
+(bench/packed.py); fp64 runs the reference, as does bf16 under the interpreter.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu
 from ._checks import check_float
 from ._dispatch import HAS_TRITON, INTERPRET, get_backend, next_power_of_2, path, use_triton
 from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, RelativeBias, attention_reference, relative_position_bucket
@@ -236,7 +237,8 @@ def _groups(lengths: list) -> list:
 
 
 def _sdpa_grouped(q, k, v, cu, by_dist, rel_max_distance, causal, scale) -> Tensor:
-    """Sequences with as many queries as keys: gathered by length into a few padded SDPA calls."""
+    """Sequences with as many queries as keys: gathered by length into a few padded calls of
+    :func:`kernels.cpu.sdpa`."""
     out = torch.zeros_like(q)
     c = cu.tolist()
     lengths = [e - s for s, e in zip(c[:-1], c[1:])]
@@ -247,15 +249,12 @@ def _sdpa_grouped(q, k, v, cu, by_dist, rel_max_distance, causal, scale) -> Tens
         valid = pos[None, :] < lens[:, None]  # [g, L]
         idx = (torch.tensor([c[i] for i in group])[:, None] + pos[None, :]).masked_fill_(~valid, 0)
         qg, kg, vg = (t[idx].transpose(1, 2) for t in (q, k, v))  # [g, H, L, D]
-        mask = valid[:, None, None, :]  # keys
-        if causal:
-            mask = mask & (pos[None, :] <= pos[:, None])
+        keep = None if len(group) == 1 else valid[:, None, None, :]  # keys
+        bias = None
         if by_dist is not None:
             dist = (pos[None, :] - pos[:, None]).clamp_(-rel_max_distance, rel_max_distance) + rel_max_distance
-            mask = by_dist[:, dist][None].masked_fill(~mask, float("-inf"))  # [g, H, L, L]
-        elif len(group) == 1 and not causal:
-            mask = None
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)  # [g, H, L, D]
+            bias = by_dist[:, dist][None]  # [1, H, L, L]
+        o = cpu.sdpa(qg, kg, vg, keep, bias, scale, causal=causal)  # [g, H, L, D]
         out[idx[valid]] = o.transpose(1, 2)[valid]
     return out
 
@@ -274,23 +273,18 @@ def _sdpa(q, k, v, cu_q, cu_k, rel_table, rel_bidirectional, rel_num_buckets, re
         lq, lk = qe - qs, ke - ks
         if lq == 0 or lk == 0:
             continue
-        mask = None
+        bias = keep = None
         if by_dist is not None:
             off = lk - lq if rel_query_offset is None else rel_query_offset
             dist = (torch.arange(lk)[None, :] - torch.arange(lq)[:, None] - off).clamp_(
                 -rel_max_distance, rel_max_distance) + rel_max_distance
-            mask = by_dist[:, dist]  # [H, lq, lk]
-        if causal and lq != lk or (causal and mask is not None):
+            bias = by_dist[:, dist]  # [H, lq, lk]
+        if causal and lq != lk:
             keep = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-            if mask is None:
-                mask = keep
-            else:
-                mask = mask.masked_fill(~keep, float("-inf"))
         # [1, H, L, D] views: 4-D inputs take SDPA's fused CPU kernel (3-D ones its unfused math path).
         seq = (t.transpose(0, 1)[None] for t in (q[qs:qe], k[ks:ke], v[ks:ke]))
-        o = F.scaled_dot_product_attention(*seq, attn_mask=mask, scale=scale,
-                                           is_causal=causal and mask is None)[0]
-        if causal and lq > lk:  # rows that see no key: zeros (SDPA gives NaN there)
+        o = cpu.sdpa(*seq, keep, bias, scale, causal=causal and lq == lk)[0]
+        if causal and lq > lk:  # rows that see no key: zeros
             o[:, : lq - lk] = 0
         out[qs:qe] = o.transpose(0, 1)
     return out

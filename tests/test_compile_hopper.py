@@ -171,8 +171,9 @@ def test_committed_report_covers_every_kernel_and_dtype_and_no_shipped_config_sp
         rows = [r for r in json.load(f)["rows"] if not r["peer"]]
     kernels = {"_norm_fwd", "_norm_fwd_looped", "_gelu_fwd", "_attn_fwd", "_attn_combine", "_paged_fwd",
                "_paged_merge", "_varlen_fwd"}
-    for dtype in ("fp16", "bf16", "fp32"):
-        assert {r["kernel"] for r in rows if r["dtype"] == dtype} == kernels, dtype
+    assert {r["kernel"] for r in rows} == kernels
+    for dtype in ("fp16", "bf16", "fp32"):  # the split-K combines work in fp32 whatever the inputs
+        assert {r["kernel"] for r in rows if r["dtype"] == dtype} >= kernels - {"_attn_combine", "_paged_merge"}, dtype
     assert all(r["ok"] for r in rows)
     bad = [f"{r['kernel']} {r['dtype']} {r['flags']} {r['config']}" for r in rows
            if r["shipped_config"] and (r["spill_stores"] or r["spill_loads"] or not r["fits_shared"])]

@@ -6,6 +6,8 @@ tests force ``native`` (and, beside it, ``reference``) and hold both to the fp32
 the 2x-PyTorch rule). Nothing is timed.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,8 @@ from tests.test_attention import CASES, _ref64, _visible
 from trifuse import engine, kernels
 from trifuse.engine.layers import PackedLinear, _onednn, lm_head, pack_linears, project, stored_transposed
 from trifuse.kernels import RelativeBias, attention
+
+cpu_mod = importlib.import_module("trifuse.kernels.cpu")
 
 
 @pytest.fixture
@@ -69,6 +73,110 @@ def test_t5_relative_bias_native(bidirectional, Lq, Lk, offset, native):
     assert len(rb.__dict__["_dense"]) == 1
     attention(q, k, v, **kw)
     assert len(rb.__dict__["_dense"]) == 1
+
+
+# ----------------------------------------------------------------------------
+# bf16 attention's matmul path (kernels.cpu._sdpa_matmul): two batched GEMMs, fp32 scores and softmax.
+
+
+@pytest.fixture
+def matmul_calls(monkeypatch):
+    """The matmul path's calls (the real function runs; each call's q shape is recorded)."""
+    calls = []
+    real = cpu_mod._sdpa_matmul
+    monkeypatch.setattr(cpu_mod, "_sdpa_matmul", lambda q, *a: calls.append(tuple(q.shape)) or real(q, *a))
+    return calls
+
+
+def test_bf16_attention_kernel_choice():
+    def plan(dtype, lq, lk, b=2):
+        return cpu_mod.plan(torch.empty(b, 3, lq, 8, dtype=dtype), torch.empty(b, 3, lk, 8, dtype=dtype))
+
+    assert plan(torch.bfloat16, 97, 97) == plan(torch.bfloat16, 128, 512) == "matmul"
+    assert plan(torch.bfloat16, 1, 500) == plan(torch.bfloat16, 8, 8) == "fp32"  # decoding steps
+    assert plan(torch.bfloat16, 1, 500, b=100) == "sdpa"  # 1.2M keys' elements: the fp32 copies cost more
+    assert plan(torch.bfloat16, 32, 32) == plan(torch.bfloat16, 200, 64) == "sdpa"
+    assert plan(torch.float32, 128, 128) == plan(torch.float16, 128, 128) == plan(torch.float32, 1, 128) == "sdpa"
+
+
+BF16_CASES = [  # B, H, Lq, Lk, D, causal, bias shape ("" = none)
+    (3, 2, 97, 97, 80, False, "1H"),  # batch row 1 sees no key at all
+    (2, 3, 97, 130, 96, True, "B1"),  # Lq < Lk: bottom-right causal, as with a cache
+    (2, 1, 130, 97, 8, True, ""),  # Lq > Lk: the first rows see no key
+    (3, 2, 1, 97, 8, False, "BH"),
+    (3, 2, 7, 7, 80, True, "1H"),
+]
+
+
+@pytest.mark.parametrize("chunks", ["whole", "heads", "rows"])
+@pytest.mark.parametrize("B,H,Lq,Lk,D,causal,bias_shape", BF16_CASES)
+def test_bf16_matmul_attention_against_float64(B, H, Lq, Lk, D, causal, bias_shape, chunks, native, matmul_calls,
+                                               monkeypatch):
+    monkeypatch.setattr(cpu_mod, "MATMUL_MIN", 1)  # every size through the matmul path, not only >= 96
+    if chunks != "whole":  # chunked to one head's scores, or a few query rows: memory follows the chunk
+        monkeypatch.setattr(cpu_mod, "SCORES_MAX", Lq * Lk if chunks == "heads" else 3 * Lk)
+    g = torch.Generator().manual_seed(B * 1000 + Lq * 10 + D)
+    q, k, v = ((2 * torch.randn(B, H, L, D, generator=g)).to(torch.bfloat16) for L in (Lq, Lk, Lk))
+    mask = torch.ones(B, Lk, dtype=torch.long)
+    mask[1] = 0
+    mask[-1, Lk // 2:] = 0
+    bias = None
+    if bias_shape:
+        shape = (B if bias_shape[0] == "B" else 1, H if bias_shape[1] == "H" else 1, Lq, Lk)
+        bias = torch.randn(shape, generator=g).to(torch.bfloat16)
+    kw = dict(causal=causal, attention_mask=mask, bias=bias)
+    out = attention(q, k, v, **kw)
+    assert matmul_calls, "the bf16 matmul path ran"
+    assert torch.isfinite(out).all()
+    with kernels.use_backend("reference"):
+        lowp = kernels.attention_reference(q, k, v, **kw)  # fp32 math on the same bf16 inputs
+    assert_matches_reference(out, _ref64(q, k, v, **kw), torch.bfloat16, torch_lowp=lowp)
+    vis = _visible(B, Lq, Lk, causal, mask, q.device).any(-1, keepdim=True).expand_as(out)
+    assert not vis.all() and (out[~vis] == 0).all(), "a row that sees no key returns zeros"
+
+
+@pytest.mark.parametrize("bidirectional,Lq,Lk,offset", [(True, 97, 97, 0), (False, 1, 33, 32), (False, 7, 100, 93)])
+def test_bf16_matmul_attention_t5_bias(bidirectional, Lq, Lk, offset, native, matmul_calls, monkeypatch):
+    monkeypatch.setattr(cpu_mod, "MATMUL_MIN", 1)
+    g = torch.Generator().manual_seed(Lq + Lk)
+    q, k, v = (torch.randn(2, 3, L, 16, generator=g).to(torch.bfloat16) for L in (Lq, Lk, Lk))
+    rb = RelativeBias(torch.randn(8, 3, generator=g).to(torch.bfloat16), bidirectional, 8, 20, query_offset=offset)
+    kw = dict(causal=not bidirectional, attention_mask=_mask(2, Lk, g), relative_bias=rb, scale=1.0)
+    out = attention(q, k, v, **kw)
+    assert matmul_calls
+    with kernels.use_backend("reference"):
+        lowp = kernels.attention_reference(q, k, v, **kw)
+    assert_matches_reference(out, _ref64(q, k, v, **kw), torch.bfloat16, torch_lowp=lowp)
+
+
+def test_bf16_matmul_attention_rows_masked_by_the_bias(native, matmul_calls):
+    """A row whose additive bias is -inf at every key returns zeros (the reference's rule); a NaN in the
+    inputs is not hidden as such a row."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, 100, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    bias = torch.randn(2, 1, 100, 100, generator=g).to(torch.bfloat16)
+    bias[0, :, 3] = float("-inf")
+    out = attention(q, k, v, bias=bias)
+    assert matmul_calls
+    assert (out[0, :, 3] == 0).all() and torch.isfinite(out).all()
+    with kernels.use_backend("reference"):
+        lowp = kernels.attention_reference(q, k, v, bias=bias)
+    assert_matches_reference(out, _ref64(q, k, v, bias=bias), torch.bfloat16, torch_lowp=lowp)
+    q[1, 0, 5, 0] = float("nan")
+    out = attention(q, k, v, bias=bias)
+    assert out[1, 0, 5].isnan().all() and (out[0, :, 3] == 0).all()
+
+
+def test_bf16_long_attention_takes_the_matmul_path_by_default(native, matmul_calls):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 130, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+    out = attention(q, k, v, causal=True)
+    assert matmul_calls == [(1, 2, 130, 64)]
+    with kernels.use_backend("reference"):
+        lowp = kernels.attention_reference(q, k, v, causal=True)
+    assert_matches_reference(out, _ref64(q, k, v, causal=True), torch.bfloat16, torch_lowp=lowp)
+    attention(q.float(), k.float(), v.float(), causal=True)  # fp32 keeps SDPA's kernel
+    assert len(matmul_calls) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -168,3 +168,17 @@ def test_fake_tensor_shape():
     with mode:
         out = attention_varlen(*a)
     assert out.shape == (7, 2, 16)
+
+
+@pytest.mark.parametrize("rel,causal", [(None, False), (None, True), ((True, None), False), ((False, None), True)])
+def test_bf16_native_runs_the_matmul_path(rel, causal, monkeypatch):
+    """bf16 on the CPU: sequence groups of at least ``MATMUL_MIN`` tokens take kernels.cpu's matmul path
+    (two batched GEMMs, fp32 scores and softmax), the others SDPA; both within bf16's budget of float64."""
+    cpu_mod = importlib.import_module("trifuse.kernels.cpu")
+    monkeypatch.setattr(varlen_mod, "_kernel_takes", lambda q: False)
+    calls = []
+    real = cpu_mod._sdpa_matmul
+    monkeypatch.setattr(cpu_mod, "_sdpa_matmul", lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
+    lengths = [97, 0, 1, 100, 7, 40]
+    _run(lengths, lengths, 3, 80, torch.bfloat16, causal=causal, rel=rel, scale=None if rel is None else 1.0)
+    assert calls and min(calls) >= cpu_mod.MATMUL_MIN, calls  # groups padded to >= 96 tokens; the 1-token one: SDPA
