@@ -33,6 +33,7 @@ import torch
 
 from trifuse import engine, kernels
 from trifuse.engine.family import DECODER, ENCODER
+from trifuse.engine.registry import family_for
 
 from .suite import (
     DTYPE_NAMES,
@@ -92,7 +93,8 @@ def _bench(name: str, opts: Options, backends: list[str], workload: dict) -> lis
     # Clipped to the position table (RoBERTa's starts after the padding index); 256 for the named sizes.
     workload = {**workload, "max_len": min(workload["max_len"], cfg.max_position_embeddings - 2)}
     lens = lengths(**workload)
-    decoder = name in kind_sizes(DECODER) or cfg.model_type in ("gpt2",)
+    fam = family_for(cfg.model_type)
+    decoder = fam is not None and fam.kind == DECODER  # a decoder-only checkpoint too
     ids, mask = padded_batch(cfg.vocab_size, lens, left=decoder)
     ids, mask = ids.to(dev), mask.to(dev)
     keep = mask.bool()
