@@ -268,9 +268,7 @@ class Attention(nn.Module):
                 raise ValueError("attention probabilities are returned for plain (non-causal, unbiased) attention")
             ctx, probs = attention_with_probs(q, k, v, mask, self.scale)
         else:
-            # One query sees every key under a bottom-right causal mask: no mask to build (a decoding step).
-            causal = self.causal and q.shape[2] > 1
-            ctx = kernels.attention(q, k, v, causal=causal, attention_mask=mask, scale=self.scale, bias=bias,
+            ctx = kernels.attention(q, k, v, causal=self.causal, attention_mask=mask, scale=self.scale, bias=bias,
                                     relative_bias=relative_bias)
             probs = None
         return self.out(ctx.transpose(1, 2).reshape(b, n, -1)), probs

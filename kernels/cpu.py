@@ -157,7 +157,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Opt
         rel = relative_bias_dense(rel_table, rel_bidirectional, rel_num_buckets, rel_max_distance,
                                   rel_query_offset, lq, lk, q.dtype)
         bias = rel if bias is None else bias.to(q.dtype) + rel
-    # The op's causal is bottom-right aligned: top-left (sdpa's) only when Lq == Lk.
+    # The op's causal is bottom-right aligned: one query (a decoding step) sees every key, so no mask
+    # to build; top-left (sdpa's) only when Lq == Lk.
+    causal = causal and lq > 1
     top_left = causal and lq == lk
     keep = None
     if causal and not top_left:

@@ -75,7 +75,11 @@ def test_call_time_batch_size_and_device(ckpt):  # noqa: F811
     cls = trifuse.pipeline("text-classification", ckpt("cls"), device="cpu")
     texts = ["one", "two words", "three words here"]
     want = cls(texts)
-    assert cls(texts, batch_size=1) == want and cls(texts, batch_size=2) == want
+    for got in (cls(texts, batch_size=1), cls(texts, batch_size=2)):
+        # Batches of other shapes may take other GEMM kernels (engine/layers.py: one or two rows on BLAS's
+        # GEMV): the same labels, scores within fp32's budget, not bit for bit.
+        assert [g["label"] for g in got] == [w["label"] for w in want]
+        assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], rel=1e-5, abs=1e-6)
     for bad, error in ((-1, ValueError), (0, ValueError), (True, TypeError), (2.0, TypeError), ("2", TypeError)):
         with pytest.raises(error, match="batch_size must be a positive int"):
             cls(texts, batch_size=bad)
