@@ -72,7 +72,7 @@ def _bench_one(name: str, opts: Options, backends: list[str], batch: int) -> lis
     with torch.no_grad():
         ref = hf_eager(pixel_values=pixels).last_hidden_state
     seq = ref.shape[1]  # patches + CLS (+ DeiT's distillation token)
-    ours = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=dtype, device=dev)
+    ours = engine.from_pretrained(hf_eager, task="feature-extraction", dtype=dtype, device=dev, quantize=opts.quantize)
 
     def build_sdpa():
         model = build_hf(name, dtype, dev, "sdpa")

@@ -164,6 +164,7 @@ def test_cli_rejects_unknown_suite(capsys):
     (["--threads", "0"], "argument --threads: must be > 0, got 0"),
     (["--quick", "--full"], "argument --full: not allowed with argument --quick"),
     (["kernels", "--keep-onnx"], "--keep-onnx applies to the main job"),
+    (["gpt2-tiny", "--quantize", "int8", "--device", "cpu"], "the decoder and seq2seq suites do not take it yet"),
 ])
 def test_cli_refuses_bad_arguments_in_one_line(args, message, capsys):
     """Out-of-range sizes are refused (exit status 2, one error line), never clamped."""
@@ -278,6 +279,24 @@ def test_cli_bench_routes_vit_checkpoint_to_vit_suite(tmp_path):
     rows = {r["backend"]: r for r in json.loads(result.read_text())["rows"]}
     assert bench_row_passed(rows["trifuse"])
     assert all(bench_row_passed(rows[b]) and rows[b]["status"] != "checked" for b in ("reference", "hf-eager"))
+
+
+def test_cli_bench_vit_quantize_int8_runs_the_int8_model(tmp_path, monkeypatch):
+    """`--quantize int8` reaches the vision suite's trifuse rows (it ran them in fp32 before, silently)."""
+    from tests.test_vit import CONFIGS, hf_model
+    from trifuse.engine import quantize
+
+    calls = []
+    forward = quantize.Int8Linear.forward
+    monkeypatch.setattr(quantize.Int8Linear, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    ckpt = tmp_path / "vit"
+    hf_model(next(iter(CONFIGS)), "ForImageClassification").save_pretrained(ckpt)
+    rc = trifuse_main(["bench", str(ckpt), "--quick", "--batch", "1", "--device", "cpu", "--quantize", "int8",
+                       "--backends", "trifuse-native", "hf-eager", "--out", str(tmp_path)])
+    assert rc == 0 and calls
+    (result,) = list(tmp_path.glob("vision-*.json"))
+    rows = {r["backend"]: r for r in json.loads(result.read_text())["rows"]}
+    assert bench_row_passed(rows["trifuse-native"]) and rows["trifuse-native"]["rel_err"] > 0
 
 
 def test_cli_bench_gpt2_smoke(tmp_path):
