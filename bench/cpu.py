@@ -73,12 +73,15 @@ def matmul_ceilings(threads: int, n: int = 1024) -> dict:
     return out
 
 
-def model_flops(hf_model, tokens: int, seq: int, batch: int) -> float:
-    """Multiply-adds x 2 of the linears (every token) and of attention's two products."""
+def model_flops(hf_model, lengths: list) -> float:
+    """The useful work of a batch of sequences of ``lengths`` real tokens: multiply-adds x 2 of the
+    linears (every real token) and of attention's two products (each sequence over its own tokens).
+    Padding is not work: a path that skips it is not charged for it, one that computes it gets no
+    credit (so every row's fraction of the ceiling compares the same work)."""
     linear = sum(m.weight.numel() for m in hf_model.modules() if isinstance(m, torch.nn.Linear))
     c = hf_model.config
-    attn = 4 * batch * seq * seq * c.hidden_size * c.num_hidden_layers
-    return 2 * linear * tokens + attn
+    attn = 4 * sum(n * n for n in lengths) * c.hidden_size * c.num_hidden_layers
+    return 2 * linear * sum(lengths) + attn
 
 
 # ----------------------------------------------------------------------------
@@ -200,11 +203,13 @@ def run(opts: Options, names: Optional[list] = None) -> SuiteResult:
             mask[1:, seq // 2:] = 0  # mixed lengths, as a batch of real requests
         with torch.no_grad():
             ref = hf64(input_ids=ids, attention_mask=mask).last_hidden_state
-        flops = model_flops(hf, batch * seq, seq, batch)
+        lengths = mask.sum(1).tolist()
+        flops = model_flops(hf, lengths)
         for backend in backends:
             prec = precision(backend)
             step(opts, f"{name} {batch}x{seq} {backend}")
-            row = {"suite": "cpu", "op": name, "shape": f"{batch}x{seq}", "batch": batch, "seq": seq,
+            shape = f"{batch}x{seq}" if sum(lengths) == batch * seq else f"{batch}x{seq} ({sum(lengths)} real)"
+            row = {"suite": "cpu", "op": name, "shape": shape, "batch": batch, "seq": seq,
                    "dtype": prec, "backend": backend}
             try:
                 with cpu_threads(threads):
