@@ -8,8 +8,8 @@ padding mask (:class:`PackedCross` for a packed decoder's cross-attention). Deco
 batch that starts from an empty cache (:func:`plan` with ``decoder=True``, :func:`plan_decoder`),
 writing the real tokens' keys/values into the cache slots the padded run fills. See docs/padding-free.md.
 
-When packing pays (:func:`plan`): the rule below, measured on the CPU with bench/packed.py's
-model (MiniLM widths) -- see the docs page for the figures and how they were taken.
+When packing pays (:func:`plan`): the rule below, measured on the CPU with bench/packing_rule.py on
+MiniLM -- see the docs page for the figures and how they were taken.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 
 #: Pack a padded batch when at most this fraction of its positions are real tokens. Above it the
-#: gather/scatter and the per-sequence attention cost more than the padding they save (measured
-#: under load with bench/packed.py: at 90% real, padded and packed were within noise).
+#: gather/scatter and the per-sequence attention cost more than the padding they save (measured on
+#: a quiet CPU with ``python -m trifuse.bench.packing_rule``: 0.97-1.04x at 89-92% real, a loss or
+#: nothing above; docs/padding-free.md).
 PACK_BELOW = 0.9
-#: ... and when the padded batch holds at least this many positions (a handful of tokens runs
-#: faster as one padded tensor than through the bookkeeping).
+#: ... and when the padded batch holds at least this many positions (conservative: at 32 positions
+#: packing still won 4-23% below 85% real, a fraction of a millisecond to a few).
 PACK_MIN_POSITIONS = 64
 
 _enabled: contextvars.ContextVar = contextvars.ContextVar("trifuse_packing", default=True)
