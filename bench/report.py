@@ -281,13 +281,18 @@ _PEER_COLORS = {"hf-eager": "tab:green", "hf-sdpa": "tab:red", "torch-compile": 
                 "reference": "tab:gray"}
 
 
+#: trifuse's own series in shades of blue, one shade per variant that shares a plot with another.
+_OUR_COLORS = {"trifuse": "#08306b", "reference": "#08306b", "trifuse-packed": "#08306b", "trifuse-padded": "#9ecae1",
+               "trifuse-native": "#2171b5", "trifuse-graphs": "#6baed6", "trifuse-fp32": "#08306b",
+               "trifuse-bf16": "#2171b5", "trifuse-int8": "#6baed6"}
+
+
 def _style(backend: str, device_type: str, index: int) -> dict:
     """trifuse's series: heavy and dark blue; each peer its own colour."""
     import matplotlib
 
     if _ours(backend, device_type):
-        return {"color": "#08306b" if backend in ("trifuse", "reference") else "#4292c6", "linewidth": 2.4,
-                "zorder": 3}
+        return {"color": _OUR_COLORS.get(backend, "#4292c6"), "linewidth": 2.4, "zorder": 3}
     color = _PEER_COLORS.get(backend) or matplotlib.colormaps["tab10"](1 + index % 9)
     return {"color": color, "linewidth": 1.4, "zorder": 2}
 
@@ -305,7 +310,8 @@ def _left_out(rows: Sequence[dict], drawn: Sequence[dict]) -> str:
 def _finish(fig, path: Path, title: str, footnote: str = "") -> bool:
     import textwrap
 
-    fig.suptitle(title, fontsize=11)
+    heading = textwrap.wrap(title, width=int(fig.get_figwidth() * 12))  # about 12 characters an inch at 11 points
+    fig.suptitle("\n".join(heading), fontsize=11)  # tight_layout leaves it room
     bottom = 0.0
     if footnote:  # wrapped to the figure's width (about 15 characters an inch at 8 points)
         lines = textwrap.wrap(footnote, width=int(fig.get_figwidth() * 15))
