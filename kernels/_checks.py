@@ -23,6 +23,21 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
+def check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+    """Attention's inputs: float tensors with one dim per name in ``layout`` (``"B, H, L, D"``),
+    ``k`` and ``v`` in ``q``'s dtype and on its device. Shapes beyond the rank are the op's to check."""
+    ndim = len(layout.split(","))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(op, name, t)
+        if t.dim() != ndim:
+            raise ValueError(f"{op}: {name} must be {ndim}-D [{layout}], got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but q has dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+
+
 def check_like(op: str, name: str, t: Optional[torch.Tensor], ref: torch.Tensor, ref_name: str,
                *, shape: Optional[Sequence[int]] = None, same_dtype: bool = True) -> None:
     """``t`` (if given) is a float tensor on ``ref``'s device, of ``shape`` (default: ``ref``'s)."""

@@ -54,7 +54,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import check_float
+from ._checks import check_float, check_qkv
 from . import cpu
 from ._buckets import relative_position_bucket  # re-exported: kernels.relative_position_bucket
 from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, path, use_triton
@@ -405,15 +405,8 @@ def _check(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bia
 
 
 def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(op, name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
+    check_qkv(op, q, k, v, "B, H, L, D")
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but q has dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
         for dim, what in ((0, "batch size"), (1, "number of heads"), (3, "head dim")):
             if t.shape[dim] != q.shape[dim]:
                 raise ValueError(

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from . import cpu
-from ._checks import check_float
+from ._checks import check_float, check_qkv
 from ._dispatch import HAS_TRITON, INTERPRET, get_backend, next_power_of_2, path, use_triton
 from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, RelativeBias, attention_reference, relative_position_bucket
 
@@ -297,15 +297,8 @@ def _sdpa(q, k, v, cu_q, cu_k, rel_table, rel_bidirectional, rel_num_buckets, re
 
 def _check(q, k, v, cu_q, cu_k, max_q, max_k, rel_table, rel_num_buckets, rel_max_distance, scale) -> None:
     op = "attention_varlen"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(op, name, t)
-        if t.dim() != 3:
-            raise ValueError(f"{op}: {name} must be 3-D [total_tokens, H, D], got shape {tuple(t.shape)}")
+    check_qkv(op, q, k, v, "total_tokens, H, D")
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but q has dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
         if t.shape[1:] != q.shape[1:]:
             raise ValueError(f"{op}: {name} has [H, D] = {tuple(t.shape[1:])} but q has {tuple(q.shape[1:])}")
     if v.shape[0] != k.shape[0]:
