@@ -26,16 +26,19 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
 def check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
     """Attention's inputs: float tensors with one dim per name in ``layout`` (``"B, H, L, D"``),
     ``k`` and ``v`` in ``q``'s dtype and on its device. Shapes beyond the rank are the op's to check."""
-    ndim = len(layout.split(","))
+    ndim = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(op, name, t)
         if t.dim() != ndim:
             raise ValueError(f"{op}: {name} must be {ndim}-D [{layout}], got shape {tuple(t.shape)}")
+    dtype, device = q.dtype, q.device
+    if k.dtype is dtype and v.dtype is dtype and k.device == device and v.device == device:
+        return  # the common case, in four comparisons; the loop below says what is wrong otherwise
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but q has dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+        if t.dtype != dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but q has dtype {dtype}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {device}")
 
 
 def check_like(op: str, name: str, t: Optional[torch.Tensor], ref: torch.Tensor, ref_name: str,
@@ -48,9 +51,9 @@ def check_like(op: str, name: str, t: Optional[torch.Tensor], ref: torch.Tensor,
         raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
     if same_dtype and t.dtype != ref.dtype:
         raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
-    want = tuple(ref.shape) if shape is None else tuple(shape)
-    if tuple(t.shape) != want:
-        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {want}")
+    want = ref.shape if shape is None else shape  # torch.Size is a tuple: no conversion on the way
+    if t.shape != want:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(want)}")
 
 
 def check_eps(op: str, eps: float) -> None:

@@ -18,6 +18,13 @@ The rule, applied at call time inside every custom op (:func:`path`):
 :func:`use_backend` overrides it for the calling thread (or asyncio task) only,
 through a :mod:`contextvars` variable, so threads serving one model do not
 switch each other's backend.
+
+:func:`eager_native` is the eager fast path's guard: in plain eager inference on the
+native path the public wrappers call :mod:`kernels.cpu` themselves (after the same input
+checks) instead of going through ``torch.ops.trifuse`` (``torch.library``'s dispatch costs
+microseconds a call, which small models pay dozens of times a forward). Under
+``torch.compile``, ``torch.export``, ONNX export, ``jit.trace`` and every other tracing or
+mode the wrappers keep calling the custom ops, so graphs see one opaque node as before.
 """
 
 from __future__ import annotations
@@ -109,6 +116,44 @@ def path(t: torch.Tensor) -> str:
     if backend == "auto" and t.device.type == "cpu" and not triton_runnable(t.device):
         return "native"
     return "triton" if use_triton(t) else "reference"
+
+
+_C = torch._C
+#: The ``auto`` backend runs CPU tensors natively unless Triton's interpreter is on (fixed at import).
+_AUTO_CPU_NATIVE = not (HAS_TRITON and INTERPRET)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_native(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether an op on ``x`` (its main input) and ``others`` (its other tensors, ``None`` allowed) may
+    call :mod:`kernels.cpu` directly, skipping ``torch.ops.trifuse``: the call runs the native path
+    (:func:`path`) on a float dtype other than fp64 (which runs the reference), in plain eager mode.
+
+    Plain eager means: not compiling or exporting (``torch.compiler.is_compiling``, which dynamo
+    also folds to ``True`` while it traces this very function), not ``jit``-tracing (legacy ONNX
+    export), no ``__torch_dispatch__`` mode (FakeTensor, ``make_fx``, non-strict export) or
+    ``__torch_function__`` mode (``with torch.device(...)`` included), no functorch transform, no
+    autocast (the ops do not autocast; PyTorch's native kernels would), plain tensors only (no
+    subclass: FakeTensor, functional or user tensors go through dispatch), and nothing that would
+    record autograd history (the ops have no autograd formula, so a backward through them fails;
+    the native kernels would silently differentiate): grad mode off (``no_grad``,
+    ``inference_mode``) or no tensor requiring grad. Each test is a C call of well under 1 us.
+    """
+    if (torch.compiler.is_compiling() or type(x) is not torch.Tensor or _C._is_tracing()
+            or _C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled()
+            or _C._are_functorch_transforms_active() or _C._is_any_autocast_enabled()
+            or x.dtype is torch.float64):
+        return False
+    grad = _C.is_grad_enabled()
+    if grad and x.requires_grad:
+        return False
+    for t in others:
+        if t is not None and (type(t) not in _PLAIN or grad and t.requires_grad):
+            return False
+    backend = _scoped.get()
+    if backend is None:
+        backend = _backend
+    return backend == "native" or (backend == "auto" and _AUTO_CPU_NATIVE and x.is_cpu)
 
 
 def runs_native(t: torch.Tensor) -> bool:

@@ -57,7 +57,7 @@ from torch import Tensor
 from ._checks import check_float, check_qkv
 from . import cpu
 from ._buckets import relative_position_bucket  # re-exported: kernels.relative_position_bucket
-from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, path, use_triton
+from ._dispatch import HAS_TRITON, INTERPRET, eager_native, next_power_of_2, path, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -359,8 +359,10 @@ _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, t
 
 def _check(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optional[Tensor],
            rel_table: Optional[Tensor], rel_num_buckets: int, rel_max_distance: int, scale: float,
-           num_splits: int = 0) -> None:
-    _check_qkv(op, q, k, v)
+           num_splits: int = 0, qkv_checked: bool = False) -> None:
+    """Every argument's check; ``qkv_checked``: :func:`_check_qkv` passed already (the wrapper's :func:`_unpack`)."""
+    if not qkv_checked:
+        _check_qkv(op, q, k, v)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if mask is not None:
@@ -406,18 +408,21 @@ def _check(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bia
 
 def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
     check_qkv(op, q, k, v, "B, H, L, D")
-    for name, t in (("k", k), ("v", v)):
-        for dim, what in ((0, "batch size"), (1, "number of heads"), (3, "head dim")):
-            if t.shape[dim] != q.shape[dim]:
-                raise ValueError(
-                    f"{op}: {name} has {what} {t.shape[dim]} but q has {q.shape[dim]} "
-                    f"(q {tuple(q.shape)}, {name} {tuple(t.shape)})"
-                )
-    if v.shape[2] != k.shape[2]:
-        raise ValueError(f"{op}: k has {k.shape[2]} keys but v has {v.shape[2]} values")
-    if k.shape[2] == 0:
+    qs, ks, vs = q.shape, k.shape, v.shape
+    # One comparison for the common case; the loop below finds what to say when it fails.
+    if not (ks[0] == vs[0] == qs[0] and ks[1] == vs[1] == qs[1] and ks[3] == vs[3] == qs[3]):
+        for name, t in (("k", k), ("v", v)):
+            for dim, what in ((0, "batch size"), (1, "number of heads"), (3, "head dim")):
+                if t.shape[dim] != q.shape[dim]:
+                    raise ValueError(
+                        f"{op}: {name} has {what} {t.shape[dim]} but q has {q.shape[dim]} "
+                        f"(q {tuple(q.shape)}, {name} {tuple(t.shape)})"
+                    )
+    if vs[2] != ks[2]:
+        raise ValueError(f"{op}: k has {ks[2]} keys but v has {vs[2]} values")
+    if ks[2] == 0:
         raise ValueError(f"{op}: k and v must hold at least one key")
-    d = q.shape[3]
+    d = qs[3]
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim {d} is unsupported; expected {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
 
@@ -499,10 +504,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """
     op = "attention"
     table, bidir, nb, md, qoff, scale = _unpack(op, q, k, v, relative_bias, scale)
-    if table is not None and q.dtype != torch.float64 and path(q) == "native":
-        _check(op, q, k, v, attention_mask, bias, table, nb, md, scale)
+    fast = eager_native(q, k, v, attention_mask, bias, table)  # the eager fast path (kernels._dispatch)
+    if table is not None and (fast or q.dtype != torch.float64 and path(q) == "native"):
+        _check(op, q, k, v, attention_mask, bias, table, nb, md, scale, int(_num_splits), qkv_checked=True)
         dense = relative_bias.dense(q.shape[2], k.shape[2], q.dtype)  # shared by every layer's call
         bias, table = (dense if bias is None else bias.to(q.dtype) + dense), None
+    elif fast:
+        _check(op, q, k, v, attention_mask, bias, None, nb, md, scale, int(_num_splits), qkv_checked=True)
+    if fast:
+        return cpu.attention(q, k, v, attention_mask, bias, None, bidir, nb, md, qoff, bool(causal), scale)
     return torch.ops.trifuse.attention(q, k, v, attention_mask, bias, table, bidir, nb, md, qoff,
                                        bool(causal), scale, int(_num_splits))
 
@@ -516,5 +526,5 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
     """
     op = "attention_reference"
     table, bidir, nb, md, qoff, scale = _unpack(op, q, k, v, relative_bias, scale)
-    _check(op, q, k, v, attention_mask, bias, table, nb, md, scale)
+    _check(op, q, k, v, attention_mask, bias, table, nb, md, scale, qkv_checked=True)
     return _reference(q, k, v, attention_mask, bias, table, bidir, nb, md, qoff, bool(causal), scale)

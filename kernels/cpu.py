@@ -175,21 +175,23 @@ def norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: 
          rms: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """``(norm(x + residual), x + residual)`` (or ``(norm(x), None)``) on PyTorch's native norms."""
     h = x if residual is None else x + residual
-    w = None if weight is None else weight.to(x.dtype)
+    dtype = x.dtype
+    w = weight if weight is None or weight.dtype is dtype else weight.to(dtype)
     n = (x.shape[-1],)
+    # torch.layer_norm / torch.rms_norm: F.*'s kernels without their __torch_function__ checks.
     if rms:
-        y = F.rms_norm(h, n, w, eps)
+        y = torch.rms_norm(h, n, w, eps)
     else:
-        y = F.layer_norm(h, n, w, None if bias is None else bias.to(x.dtype), eps)
+        y = torch.layer_norm(h, n, w, bias if bias is None or bias.dtype is dtype else bias.to(dtype), eps)
     return y, None if residual is None else h.contiguous()
 
 
 def gelu(x: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], approximate: str) -> Tensor:
     """``gelu(x + bias) * gate`` in ``x``'s dtype (PyTorch's GELU computes in fp32 inside)."""
     if bias is None:
-        h = F.gelu(x, approximate=approximate).contiguous()
+        h = torch._C._nn.gelu(x, approximate=approximate).contiguous()
     else:
-        h = torch.ops.aten.gelu_(x + bias.to(x.dtype), approximate=approximate)
+        h = torch._C._nn.gelu_(x + (bias if bias.dtype is x.dtype else bias.to(x.dtype)), approximate=approximate)
     if gate is not None:
         h.mul_(gate)
     return h

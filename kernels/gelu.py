@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._checks import check_float, check_like, rows_view
 from . import cpu
-from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, path, use_triton
+from ._dispatch import HAS_TRITON, INTERPRET, eager_native, next_power_of_2, path, use_triton
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -102,11 +102,12 @@ def gelu_reference(x: Tensor, bias: Optional[Tensor] = None, approximate: str = 
 
 def _check(x: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], approximate: str) -> None:
     check_float("gelu", "x", x)
-    if x.dim() == 0:
+    shape = x.shape
+    if not shape:
         raise ValueError("gelu: x must have at least one dimension")
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"gelu: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-    check_like("gelu", "bias", bias, x, "x", shape=(x.shape[-1],), same_dtype=False)
+    check_like("gelu", "bias", bias, x, "x", shape=(shape[-1],), same_dtype=False)
     check_like("gelu", "gate", gate, x, "x")
 
 
@@ -134,4 +135,7 @@ def gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none",
     approximation (GPT-2's ``gelu_new``). ``bias`` is ``[N]`` over the last dim;
     ``gate`` has ``x``'s shape and dtype.
     """
+    if eager_native(x, bias, gate):  # the eager fast path (kernels._dispatch.eager_native)
+        _check(x, bias, gate, approximate)
+        return cpu.gelu(x, bias, gate, approximate)
     return torch.ops.trifuse.gelu(x, bias, gate, approximate)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._checks import check_eps, check_float, check_like, rows_view
 from . import cpu
-from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, path, use_triton
+from ._dispatch import HAS_TRITON, INTERPRET, eager_native, next_power_of_2, path, use_triton
 
 if HAS_TRITON:
     import triton
@@ -205,14 +205,15 @@ def rms_norm_reference(x: Tensor, weight: Optional[Tensor] = None, eps: float = 
 def _check(op: str, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
            bias: Optional[Tensor], eps: float) -> None:
     check_float(op, "x", x)
-    if x.dim() == 0:
+    shape = x.shape
+    if not shape:
         raise ValueError(f"{op}: x must have at least one dimension")
     check_like(op, "residual", residual, x, "x")
-    n = x.shape[-1]
+    n = (shape[-1],)
     # Parameters may be kept in another float dtype than the activations (fp32 weights
     # with fp16 activations is common); the kernel reads them in fp32 either way.
-    check_like(op, "weight", weight, x, "x", shape=(n,), same_dtype=False)
-    check_like(op, "bias", bias, x, "x", shape=(n,), same_dtype=False)
+    check_like(op, "weight", weight, x, "x", shape=n, same_dtype=False)
+    check_like(op, "bias", bias, x, "x", shape=n, same_dtype=False)
     check_eps(op, eps)
 
 
@@ -291,6 +292,10 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     With ``residual`` (same shape and dtype as ``x``) returns ``(layer_norm(x + residual), x + residual)``
     computed in one pass. Any float dtype in, the same dtype out, fp32 math inside.
     """
+    if eager_native(x, residual, weight, bias):  # the eager fast path (kernels._dispatch.eager_native)
+        _check("layer_norm", x, residual, weight, bias, eps)
+        y, h = cpu.norm(x, residual, weight, bias, eps, False)
+        return y if residual is None else (y, h)
     if residual is None:
         return torch.ops.trifuse.layer_norm(x, weight, bias, eps)
     y, h = torch.ops.trifuse.add_layer_norm(x, residual, weight, bias, eps)
@@ -303,6 +308,10 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,
 
     With ``residual`` returns ``(rms_norm(x + residual), x + residual)`` computed in one pass.
     """
+    if eager_native(x, residual, weight):
+        _check("rms_norm", x, residual, weight, None, eps)
+        y, h = cpu.norm(x, residual, weight, None, eps, True)
+        return y if residual is None else (y, h)
     if residual is None:
         return torch.ops.trifuse.rms_norm(x, weight, eps)
     y, h = torch.ops.trifuse.add_rms_norm(x, residual, weight, eps)
