@@ -25,6 +25,7 @@ fp64 runs the reference (the specification's own precision).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -34,12 +35,28 @@ from torch import Tensor
 from ._buckets import relative_position_bucket
 
 
+def _buckets(bidirectional: bool, num_buckets: int, max_distance: int, query_offset: int, lq: int, lk: int,
+             device: torch.device) -> Tensor:
+    """``[Lq, Lk]`` int64: the bucket of key ``j`` for query ``i``, ``bucket(j - (i + query_offset))``."""
+    rp = torch.arange(lk, device=device)[None, :] - (torch.arange(lq, device=device)[:, None] + query_offset)
+    return relative_position_bucket(rp, bidirectional, num_buckets, max_distance)
+
+
+@functools.lru_cache(maxsize=32)
+def _buckets_cached(bidirectional: bool, num_buckets: int, max_distance: int, query_offset: int, lq: int, lk: int,
+                    device: torch.device) -> Tensor:
+    """:func:`_buckets`, kept per setting and size: the index depends on no weight, and building it costs
+    a dozen small ops (T5's models ask once per forward, for the same few sizes)."""
+    with torch.inference_mode(False):  # a plain tensor, usable in and out of inference mode
+        return _buckets(bidirectional, num_buckets, max_distance, query_offset, lq, lk, device)
+
+
 def relative_bias_dense(table: Tensor, bidirectional: bool, num_buckets: int, max_distance: int,
                         query_offset: int, lq: int, lk: int, dtype: torch.dtype) -> Tensor:
-    """T5's bias ``[1, H, Lq, Lk]`` in ``dtype``: ``table[bucket(j - (i + query_offset)), h]``."""
-    rp = torch.arange(lk, device=table.device)[None, :] - (torch.arange(lq, device=table.device)[:, None]
-                                                             + query_offset)
-    buckets = relative_position_bucket(rp, bidirectional, num_buckets, max_distance)  # [Lq, Lk]
+    """T5's bias ``[1, H, Lq, Lk]`` in ``dtype``: ``table[bucket(j - (i + query_offset)), h]``; gathered from
+    ``table`` as it is now (only the bucket index is cached, outside compiling)."""
+    args = (bidirectional, num_buckets, max_distance, query_offset, lq, lk, table.device)
+    buckets = _buckets(*args) if torch.compiler.is_compiling() else _buckets_cached(*args)  # [Lq, Lk]
     return table.to(dtype)[buckets].permute(2, 0, 1).unsqueeze(0)
 
 

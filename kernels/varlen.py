@@ -45,7 +45,7 @@ from torch import Tensor
 
 from . import cpu
 from ._checks import check_float, check_qkv
-from ._dispatch import HAS_TRITON, INTERPRET, get_backend, next_power_of_2, path, use_triton
+from ._dispatch import HAS_TRITON, INTERPRET, eager_native, get_backend, next_power_of_2, path, use_triton
 from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, RelativeBias, attention_reference, relative_position_bucket
 
 LOG2E = 1.4426950408889634
@@ -414,11 +414,9 @@ def _launch(q, k, v, cu_q, cu_k, max_q, by_dist, rel_offset, max_distance, causa
     return out
 
 
-@torch.library.custom_op("trifuse::attention_varlen", mutates_args=())
-def _varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-               max_seqlen_k: int, rel_table: Optional[Tensor], rel_bidirectional: bool, rel_num_buckets: int,
-               rel_max_distance: int, rel_query_offset: Optional[int], causal: bool, scale: float,
-               validated: bool) -> Tensor:
+def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rel_table, rel_bidirectional,
+         rel_num_buckets, rel_max_distance, rel_query_offset, causal, scale, validated) -> Tensor:
+    """The op's body: checks, then the path :func:`_path` picks (the eager fast path calls it directly)."""
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rel_table, rel_num_buckets,
            rel_max_distance, scale)
     if not validated:
@@ -432,6 +430,15 @@ def _varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
     if path == "native":
         return _sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, *rel, causal, scale)
     return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *rel, causal, scale)
+
+
+@torch.library.custom_op("trifuse::attention_varlen", mutates_args=())
+def _varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+               max_seqlen_k: int, rel_table: Optional[Tensor], rel_bidirectional: bool, rel_num_buckets: int,
+               rel_max_distance: int, rel_query_offset: Optional[int], causal: bool, scale: float,
+               validated: bool) -> Tensor:
+    return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rel_table, rel_bidirectional,
+                rel_num_buckets, rel_max_distance, rel_query_offset, causal, scale, validated)
 
 
 @_varlen_op.register_fake
@@ -469,9 +476,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     built once per forward, skip reading them back to the host at every layer).
     """
     table, bidir, nb, md, qoff, scale = _unpack(q, relative_bias, scale)
-    return torch.ops.trifuse.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                              int(max_seqlen_k), table, bidir, nb, md, qoff, bool(causal), scale,
-                                              bool(_validated))
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), table, bidir, nb, md, qoff,
+            bool(causal), scale, bool(_validated))
+    if eager_native(q, k, v, cu_seqlens_q, cu_seqlens_k, table):  # the eager fast path (kernels._dispatch)
+        return _run(*args)
+    return torch.ops.trifuse.attention_varlen(*args)
 
 
 def attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
