@@ -257,8 +257,8 @@ class Attention(nn.Module):
             be = k.shape[0]
             q = self.q(x).view(be, (b // be) * n, self.heads, self.head_dim).transpose(1, 2)
         else:
-            qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
-            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, n, D] strided views
+            # [B, H, n, D] strided views, in two view ops (three slices and transposes cost twice as much)
+            q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             if isinstance(start, Tensor):  # static decoding: slot on the device, keys up to the mask's length
                 k, v = cache.update_at(self.layer, start, k, v, mask.shape[1])
             elif cache is not None:
