@@ -1,6 +1,6 @@
 """Per-call overhead of trifuse's ops on the CPU's native path, and tiny models against Hugging Face eager.
 
-``python -m trifuse.bench.eager_overhead [ops|models|all]``: one intra-op thread, under
+``python -m trifuse.bench.eager_overhead [ops|models|all] [fp32|bf16]``: one intra-op thread, under
 ``torch.inference_mode`` (ops) or ``torch.no_grad`` (models, as the main job times them), medians
 of many calls with the variants alternated so load drifts hit both alike.
 
@@ -8,8 +8,8 @@ of many calls with the variants alternated so load drifts hit both alike.
   ``torch.library`` dispatch) and against the plain PyTorch it replaces, at tiny widths and at
   1x128x768;
 * ``models``: the main job's ``--quick`` CPU sizes (batch 1, 32 tokens; :data:`bench.default.PLAN`'s
-  ``quick`` column), trifuse's native path against Hugging Face eager in fp32: encoders and ViT whole,
-  GPT-2's prefill, T5's and BART's encoder.
+  ``quick`` column), trifuse's native path against Hugging Face eager in one dtype (fp32 by default):
+  encoders and ViT whole, GPT-2's prefill, T5's and BART's encoder.
 
 Not a suite of the main job: a tool for checking where per-call time goes.
 """
@@ -83,7 +83,7 @@ def ops() -> None:
                       flush=True)
 
 
-def _families():
+def _families(dtype: torch.dtype = torch.float32):
     """``(label, our callable, Hugging Face eager's callable)`` per row of the main job's quick CPU plan."""
     from trifuse import engine
     from trifuse.bench import decoder, models, seq2seq, vision
@@ -93,16 +93,16 @@ def _families():
     for row in PLAN:
         name = row.quick
         if vision.is_model(name):
-            hf = vision.build_hf(name, torch.float32, torch.device("cpu"), "eager")
+            hf = vision.build_hf(name, dtype, torch.device("cpu"), "eager")
             c, hh, ww = vision._image_shape(hf.config)
-            px = torch.randn(1, c, hh, ww, generator=g)
-            ours = engine.from_pretrained(hf, task="feature-extraction", dtype=torch.float32, device="cpu")
+            px = torch.randn(1, c, hh, ww, generator=g).to(dtype)
+            ours = engine.from_pretrained(hf, task="feature-extraction", dtype=dtype, device="cpu")
             yield row.label, lambda ours=ours, px=px: ours(pixel_values=px), lambda hf=hf, px=px: hf(pixel_values=px)
         elif decoder.is_model(name):
-            hf = decoder.build_hf(name, torch.float32, torch.device("cpu"), "eager")
+            hf = decoder.build_hf(name, dtype, torch.device("cpu"), "eager")
             ids = torch.randint(0, hf.config.vocab_size - 1, (1, 32), generator=g)
             mask = torch.ones_like(ids)
-            ours = engine.from_pretrained(hf, task="causal-lm", dtype=torch.float32, device="cpu")
+            ours = engine.from_pretrained(hf, task="causal-lm", dtype=dtype, device="cpu")
             cache = ours.new_cache(1, 32)
             yield (row.label + " prefill",
                    lambda ours=ours, ids=ids, mask=mask, cache=cache: ours.start_decoding(
@@ -110,27 +110,27 @@ def _families():
                    lambda hf=hf, ids=ids, mask=mask: hf(input_ids=ids, attention_mask=mask, use_cache=True,
                                                         logits_to_keep=1))
         elif seq2seq.is_model(name):
-            hf = seq2seq.build_hf(name, torch.float32, torch.device("cpu"), "eager")
+            hf = seq2seq.build_hf(name, dtype, torch.device("cpu"), "eager")
             ids = torch.randint(2, hf.config.vocab_size, (1, 32), generator=g)
             mask = torch.ones_like(ids)
-            ours = engine.from_pretrained(hf, task="text2text-generation", dtype=torch.float32, device="cpu")
+            ours = engine.from_pretrained(hf, task="text2text-generation", dtype=dtype, device="cpu")
             yield (row.label + " encoder", lambda ours=ours, ids=ids, mask=mask: ours.encode(ids, mask),
                    lambda hf=hf, ids=ids, mask=mask: hf.get_encoder()(input_ids=ids, attention_mask=mask))
         else:
-            hf = models.build_hf(name, torch.float32, torch.device("cpu"), "eager")
+            hf = models.build_hf(name, dtype, torch.device("cpu"), "eager")
             ids = torch.randint(3, hf.config.vocab_size, (1, 32), generator=g)
             mask = torch.ones_like(ids)
-            ours = engine.from_pretrained(hf, task="feature-extraction", dtype=torch.float32, device="cpu")
+            ours = engine.from_pretrained(hf, task="feature-extraction", dtype=dtype, device="cpu")
             yield (row.label, lambda ours=ours, ids=ids, mask=mask: ours(input_ids=ids, attention_mask=mask),
                    lambda hf=hf, ids=ids, mask=mask: hf(input_ids=ids, attention_mask=mask))
 
 
-def model_ratios() -> None:
+def model_ratios(dtype: torch.dtype = torch.float32) -> None:
     from trifuse import kernels
 
     ratios = []
     with torch.no_grad():
-        for label, ours, hf in _families():
+        for label, ours, hf in _families(dtype):
             def native(ours=ours):
                 with kernels.use_backend("native"):
                     return ours()
@@ -147,7 +147,8 @@ def model_ratios() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[2] if len(sys.argv) > 2 else "fp32"]
     if what in ("ops", "all"):
         ops()
     if what in ("models", "all"):
-        model_ratios()
+        model_ratios(dtype)

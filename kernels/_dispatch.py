@@ -124,25 +124,30 @@ _AUTO_CPU_NATIVE = not (HAS_TRITON and INTERPRET)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def plain_eager() -> bool:
+    """Whether this call runs in plain eager mode: not compiling or exporting (``torch.compiler.is_compiling``,
+    which dynamo also folds to ``True`` while it traces the caller), not ``jit``-tracing (legacy ONNX
+    export), no ``__torch_dispatch__`` mode (FakeTensor, ``make_fx``, non-strict export, a user's mode),
+    no ``__torch_function__`` mode (``with torch.device(...)`` included), no functorch transform and no
+    autocast. Each test is one C call."""
+    return not (torch.compiler.is_compiling() or _C._is_tracing() or _C._len_torch_dispatch_stack()
+                or _C._is_torch_function_mode_enabled() or _C._are_functorch_transforms_active()
+                or _C._is_any_autocast_enabled())
+
+
 def eager_native(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     """Whether an op on ``x`` (its main input) and ``others`` (its other tensors, ``None`` allowed) may
     call :mod:`kernels.cpu` directly, skipping ``torch.ops.trifuse``: the call runs the native path
     (:func:`path`) on a float dtype other than fp64 (which runs the reference), in plain eager mode.
 
-    Plain eager means: not compiling or exporting (``torch.compiler.is_compiling``, which dynamo
-    also folds to ``True`` while it traces this very function), not ``jit``-tracing (legacy ONNX
-    export), no ``__torch_dispatch__`` mode (FakeTensor, ``make_fx``, non-strict export) or
-    ``__torch_function__`` mode (``with torch.device(...)`` included), no functorch transform, no
-    autocast (the ops do not autocast; PyTorch's native kernels would), plain tensors only (no
-    subclass: FakeTensor, functional or user tensors go through dispatch), and nothing that would
-    record autograd history (the ops have no autograd formula, so a backward through them fails;
-    the native kernels would silently differentiate): grad mode off (``no_grad``,
-    ``inference_mode``) or no tensor requiring grad. Each test is a C call of well under 1 us.
+    Plain eager means :func:`plain_eager` (autocast included: the ops do not autocast, PyTorch's
+    native kernels would), plain tensors only (no subclass: FakeTensor, functional or user tensors go
+    through dispatch; parameters are fine) and nothing that would record autograd history (the ops
+    have no autograd formula, so a backward through them fails; the native kernels would silently
+    differentiate): grad mode off (``no_grad``, ``inference_mode``) or no tensor requiring grad. The
+    whole guard costs about a microsecond in Python.
     """
-    if (torch.compiler.is_compiling() or type(x) is not torch.Tensor or _C._is_tracing()
-            or _C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled()
-            or _C._are_functorch_transforms_active() or _C._is_any_autocast_enabled()
-            or x.dtype is torch.float64):
+    if type(x) is not torch.Tensor or x.dtype is torch.float64 or not plain_eager():
         return False
     grad = _C.is_grad_enabled()
     if grad and x.requires_grad:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._buckets import relative_position_bucket
+from ._dispatch import plain_eager
 
 
 def _buckets(bidirectional: bool, num_buckets: int, max_distance: int, query_offset: int, lq: int, lk: int,
@@ -54,9 +55,10 @@ def _buckets_cached(bidirectional: bool, num_buckets: int, max_distance: int, qu
 def relative_bias_dense(table: Tensor, bidirectional: bool, num_buckets: int, max_distance: int,
                         query_offset: int, lq: int, lk: int, dtype: torch.dtype) -> Tensor:
     """T5's bias ``[1, H, Lq, Lk]`` in ``dtype``: ``table[bucket(j - (i + query_offset)), h]``; gathered from
-    ``table`` as it is now (only the bucket index is cached, outside compiling)."""
+    ``table`` as it is now (only the bucket index is cached, and only in plain eager mode: never a
+    traced, fake or symbolic tensor)."""
     args = (bidirectional, num_buckets, max_distance, query_offset, lq, lk, table.device)
-    buckets = _buckets(*args) if torch.compiler.is_compiling() else _buckets_cached(*args)  # [Lq, Lk]
+    buckets = _buckets_cached(*args) if plain_eager() else _buckets(*args)  # [Lq, Lk]
     return table.to(dtype)[buckets].permute(2, 0, 1).unsqueeze(0)
 
 
