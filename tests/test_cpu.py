@@ -17,7 +17,7 @@ from tests.helpers import TOL, assert_matches_reference, rel_err
 from tests.test_attention import CASES, _ref64, _visible
 from trifuse import engine, kernels
 from trifuse.engine.layers import PackedLinear, _onednn, lm_head, pack_linears, project, stored_transposed
-from trifuse.kernels import RelativeBias, attention
+from trifuse.kernels import RelativeBias, attention, relative_position_bucket
 
 cpu_mod = importlib.import_module("trifuse.kernels.cpu")
 
@@ -73,6 +73,28 @@ def test_t5_relative_bias_native(bidirectional, Lq, Lk, offset, native):
     assert len(rb.__dict__["_dense"]) == 1
     attention(q, k, v, **kw)
     assert len(rb.__dict__["_dense"]) == 1
+
+
+def test_t5_bucket_index_cache_follows_the_table_and_modes():
+    """Only the bucket index is cached (per setting and size): the bias follows the table's values,
+    stays differentiable outside inference mode, and nothing fake is ever cached."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    table = torch.randn(8, 3)
+    args = (True, 8, 20, 0, 7, 9, torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:  # first, so a leak would be cached
+        assert isinstance(cpu_mod.relative_bias_dense(fake.from_tensor(table), *args), FakeTensor)
+    with torch.inference_mode():
+        first = cpu_mod.relative_bias_dense(table, *args)
+    assert type(first) is torch.Tensor
+    rp = torch.arange(9)[None, :] - torch.arange(7)[:, None]
+    want = table.double()[relative_position_bucket(rp, True, 8, 20)].permute(2, 0, 1)[None]
+    torch.testing.assert_close(first.double(), want)
+    t = (table * 2).requires_grad_()
+    again = cpu_mod.relative_bias_dense(t, *args)  # grad mode, a cache hit made under inference mode
+    torch.testing.assert_close(again.detach().double(), 2 * want)
+    again.sum().backward()
+    assert t.grad is not None and t.grad.sum() == 7 * 9 * 3
 
 
 # ----------------------------------------------------------------------------
