@@ -49,8 +49,9 @@ def check_token_ids(name: str, ids, vocab_size: int) -> None:
         raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): batch size and length must be >= 1")
     if torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
+    lo, hi = (int(t) for t in torch.aminmax(ids))  # one pass; Python ints compare without new tensors
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}); got [{lo}, {hi}]")
 
 
 def check_mask(name: str, mask, shapes: Sequence[tuple]) -> None:

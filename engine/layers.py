@@ -181,10 +181,10 @@ def kernel_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
     ``torch.compile`` the mask is kept as it is (the kernel's result is the same)."""
     if attention_mask is None:
         return None
-    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.ne(0)
-    if torch.compiler.is_compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return mask
-    return None if bool(mask.all()) else mask
+    if not (torch.compiler.is_compiling() or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing())):
+        if attention_mask.all().item():  # any dtype: all() tests nonzero
+            return None
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask.ne(0)
 
 
 def attention_with_probs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
