@@ -42,7 +42,7 @@ from torch import Tensor
 
 from . import cpu
 from ._checks import check_float
-from ._dispatch import HAS_TRITON, INTERPRET, next_power_of_2, use_triton
+from ._dispatch import HAS_TRITON, INTERPRET, eager_native, next_power_of_2, use_triton
 from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, RelativeBias, relative_position_bucket
 
 LOG2E = 1.4426950408889634
@@ -352,10 +352,9 @@ def _check_values(op: str, k_pool: Tensor, block_tables: Tensor, token_seq: Tens
 # The op.
 
 
-@torch.library.custom_op("trifuse::paged_attention", mutates_args=())
-def _paged_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, token_seq: Tensor, kv_lens: Tensor,
-              scale: float, rel_table: Optional[Tensor], rel_bidirectional: bool, rel_num_buckets: int,
-              rel_max_distance: int, num_splits: int) -> Tensor:
+def _run(q, k_pool, v_pool, block_tables, token_seq, kv_lens, scale, rel_table, rel_bidirectional, rel_num_buckets,
+         rel_max_distance, num_splits) -> Tensor:
+    """The op's body: checks, then Triton, the reference or the CPU path (the eager fast path calls it directly)."""
     op = "paged_attention"
     _check(op, q, k_pool, v_pool, block_tables, token_seq, kv_lens, rel_table, scale)
     max_kv = _check_values(op, k_pool, block_tables, token_seq, kv_lens)
@@ -372,6 +371,14 @@ def _paged_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, t
         return _reference(q, k_pool, v_pool, block_tables, token_seq, kv_lens, scale, rel)
     lut = None if rel is None else _rel_lut(rel, q.shape[1])
     return _cpu(q, k_pool, v_pool, block_tables, token_seq, kv_lens, max_kv, scale, lut, rel_max_distance)
+
+
+@torch.library.custom_op("trifuse::paged_attention", mutates_args=())
+def _paged_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, token_seq: Tensor, kv_lens: Tensor,
+              scale: float, rel_table: Optional[Tensor], rel_bidirectional: bool, rel_num_buckets: int,
+              rel_max_distance: int, num_splits: int) -> Tensor:
+    return _run(q, k_pool, v_pool, block_tables, token_seq, kv_lens, scale, rel_table, rel_bidirectional,
+                rel_num_buckets, rel_max_distance, num_splits)
 
 
 @_paged_op.register_fake
@@ -403,8 +410,10 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Ten
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     table, bidir, nb, md = _unpack(relative_bias)
-    return torch.ops.trifuse.paged_attention(q, k_pool, v_pool, block_tables, token_seq, kv_lens, float(scale),
-                                             table, bidir, nb, md, int(_num_splits))
+    args = (q, k_pool, v_pool, block_tables, token_seq, kv_lens, float(scale), table, bidir, nb, md, int(_num_splits))
+    if eager_native(q, k_pool, v_pool, block_tables, token_seq, kv_lens, table):  # kernels._dispatch's fast path
+        return _run(*args)
+    return torch.ops.trifuse.paged_attention(*args)
 
 
 def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, token_seq: Tensor,

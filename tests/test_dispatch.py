@@ -225,6 +225,27 @@ def test_fast_path_attention_varlen_matches_the_op():
             kernels.attention_varlen(q, k, v, cu, cu, 5, 97)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_paged_attention_matches_the_op(dtype):
+    from tests.test_paged_attention import problem, ref64, t5_bias
+
+    args = problem(lens=((3, 7), (1, 97), (1, 1)), dtype=dtype)
+    rel = t5_bias(3)
+    with kernels.use_backend("native"), torch.inference_mode():
+        got, ran = _trifuse_ops_run(lambda: kernels.paged_attention(*args, relative_bias=rel))
+        assert not ran
+    with kernels.use_backend("native"):
+        q = args[0].clone().requires_grad_()  # the op path
+        want, ran = _trifuse_ops_run(lambda: kernels.paged_attention(q, *args[1:], relative_bias=rel))
+        assert ran == {"trifuse::paged_attention"}
+    _assert_both_within_budget(got, want.detach(), ref64(args, rel), dtype)
+    with kernels.use_backend("native"), torch.inference_mode():
+        bad = args[:5] + (args[5] + 200,)
+        fast = _errors(lambda: kernels.paged_attention(*bad))
+    with kernels.use_backend("reference"):
+        assert _errors(lambda: kernels.paged_attention(*bad)) == fast
+
+
 def _errors(fn):
     try:
         fn()
