@@ -45,7 +45,11 @@ def _onednn(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-_BLAS_ROWS = 2  # up to this many rows, an fp32 weight stored [K, N] goes to BLAS (see project)
+#: One row against an fp32 weight stored ``[K, N]`` goes to BLAS's GEMV (see :func:`project`).
+_BLAS_ROWS = 1
+#: Fewer rows than this are padded with zero rows to it before oneDNN's GEMM on a prepacked weight
+#: (see :func:`project`).
+_MIN_PACKED_ROWS = 4
 
 
 def stored_transposed(w: Tensor) -> bool:
@@ -56,59 +60,76 @@ def stored_transposed(w: Tensor) -> bool:
 def project(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, gelu: Optional[str] = None) -> Tensor:
     """``x @ w^T (+ bias)``, then ``gelu(.)`` with ``gelu`` the approximation, on the native CPU path,
     by the layout ``w`` is stored in (any leading dims on ``x``; ``w`` in ``x``'s dtype, or oneDNN's
-    prepacked bf16 weight).
+    prepacked copy: :class:`Prepacked`).
 
-    One or two rows (a decoding step) against an fp32 weight stored ``[K, N]`` (:func:`pack_linears`)
-    stream the weight once, row after row, through BLAS (``torch.addmm``), faster than oneDNN reads
-    ``[N, K]`` (about 1.2-1.6x on one Zen 4 thread, the matrix out of cache; from four rows on oneDNN
-    is as fast on either layout, or faster). Every other case is oneDNN's GEMM
-    (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU freezing emits) on the strides as they
-    are, the bias and the GELU in its epilogue. ``x`` is read as a 2-D matrix: a 3-D input with odd
-    strides would make ``matmul`` copy the weight per call.
+    * One row (a decoding step) against an fp32 weight stored ``[K, N]`` (:func:`pack_linears`) streams
+      the weight once through BLAS's GEMV (``torch.addmm``).
+    * Every other case is oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU
+      freezing emits) on the strides as they are, the bias and the GELU in its epilogue. On a prepacked
+      weight, fewer than :data:`_MIN_PACKED_ROWS` rows are padded with zero rows to that many first:
+      oneDNN's kernels for one or two rows mostly read the blocked weight slower than its four-row
+      kernel does, by up to 60% (measured on one Zen 4 thread, the weights out of cache; docs/cpu.md). Rows do not
+      mix in a GEMM, so the padding changes no real row's sums.
+
+    ``x`` is read as a 2-D matrix: a 3-D input with odd strides would make ``matmul`` copy the weight.
     """
     k, n = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, k)
-    if x2.shape[0] <= _BLAS_ROWS and x.dtype == torch.float32 and stored_transposed(w):
+    rows = x2.shape[0]
+    if rows <= _BLAS_ROWS and x.dtype == torch.float32 and stored_transposed(w):
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
         if gelu is not None:
             y = torch.ops.aten.gelu_(y, approximate=gelu)
+        return y.view(*x.shape[:-1], n)
+    post = ("none", "") if gelu is None else ("gelu", gelu)
+    if 0 < rows < _MIN_PACKED_ROWS and w.is_mkldnn:
+        x2 = torch.cat([x2, x2.new_zeros(_MIN_PACKED_ROWS - rows, k)])
+        y = torch.ops.mkldnn._linear_pointwise(x2, w, bias, post[0], [], post[1])[:rows]
     else:
-        post = ("none", "") if gelu is None else ("gelu", gelu)
         y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w, bias, post[0], [], post[1])
     return y.view(*x.shape[:-1], n)
 
 
-class PackedLinear(nn.Linear):
-    """``nn.Linear`` that, on the native CPU path, runs :func:`project`: oneDNN's GEMM with the bias (and
-    a GELU) fused in, or BLAS for one or two rows against a weight stored ``[K, N]``.
+def _native(x: Tensor, w: Tensor) -> bool:
+    """Whether ``x @ w^T`` runs :func:`project` (the native CPU path, a dtype oneDNN takes, not compiling)."""
+    return (x.device.type == "cpu" and x.dtype == w.dtype and _onednn(x.dtype) and kernels.runs_native(x)
+            and not torch.compiler.is_compiling())
 
-    bf16 weights are reordered once into oneDNN's blocked layout (a second copy, rebuilt whenever the
-    weight changes: the cache is keyed on its storage, strides and version, and ``load_state_dict``
-    drops it; a write through ``.data``, which bumps no version, is not seen); fp32 weights are read
-    as they are stored. Elsewhere (CUDA, the interpreter, the reference backend, fp16/fp64) it is
-    ``nn.Linear``. :func:`pack_linears` swaps a model's ``nn.Linear`` modules for it (same parameters,
-    same state dict).
+
+class Prepacked:
+    """A mixin for a module with a 2-D ``weight`` ``[N, K]`` that :func:`project` reads: oneDNN's blocked
+    copy of it (``torch.ops.mkldnn._reorder_linear_weight``, what Inductor's CPU freezing emits), made
+    on first use and rebuilt whenever the weight changes.
+
+    The copy is a second one, as large as the weight (docs/cpu.md: how much that is, and
+    ``pack_linears(prepack=False)``, which keeps only the checkpoint's); oneDNN's GEMM reads it 5-10%
+    faster than the plain layout at 128 rows and 1.5-3x faster at 2-8 rows (a few decoding sequences,
+    an LM head; one Zen 4 thread). It is keyed on the weight's storage, strides and version, and
+    ``load_state_dict`` drops it; a write through ``.data``, which bumps no version, is not seen.
+    Copies and pickles of the module leave it behind (oneDNN's tensors cannot be copied).
     """
 
     _packed: Optional[Tuple[tuple, Tensor]] = None
+    prepack: bool = True
 
-    def native(self, x: Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype == self.weight.dtype and _onednn(x.dtype)
-                and kernels.runs_native(x) and not torch.compiler.is_compiling())
-
-    def _weight(self) -> Tensor:
-        w = self.weight
-        if w.dtype != torch.bfloat16:
+    def weight_for(self, x: Tensor) -> Tensor:
+        """The weight :func:`project` reads for ``x``: the plain one for one fp32 row (BLAS on a weight stored
+        ``[K, N]``, oneDNN's one-row kernel on ``[N, K]``: both stream the weight faster than the padded
+        GEMM on the blocked copy, measured on one Zen 4 thread) or with ``prepack`` off, else the
+        prepacked copy."""
+        w = self.weight.detach()
+        if not self.prepack or (x.numel() <= _BLAS_ROWS * x.shape[-1] and w.dtype == torch.float32):
             return w
         try:
-            key = (w.data_ptr(), w._version, tuple(w.shape), w.stride())
+            key = (w.data_ptr(), self.weight._version, tuple(w.shape), w.stride())
         except RuntimeError:  # an inference tensor has no version counter: its data cannot change in place
             key = (w.data_ptr(), None, tuple(w.shape), w.stride())
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 128))
+            self._packed = None  # free the stale copy before building the new one
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 128))
         return self._packed[1]
 
-    def __getstate__(self):  # copies and pickles leave the packed weight behind (oneDNN's cannot be copied)
+    def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_packed"}
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -116,21 +137,38 @@ class PackedLinear(nn.Linear):
         self.__dict__.pop("_packed", None)
         super()._load_from_state_dict(*args, **kwargs)
 
+
+class PackedLinear(Prepacked, nn.Linear):
+    """``nn.Linear`` that, on the native CPU path, runs :func:`project` on its :class:`Prepacked` weight:
+    oneDNN's GEMM with the bias (and a GELU) fused in, or BLAS for one fp32 row against a weight stored
+    ``[K, N]``. Elsewhere (CUDA, the interpreter, the reference backend, fp16/fp64) it is ``nn.Linear``.
+    :func:`pack_linears` swaps a model's ``nn.Linear`` modules for it (same parameters, same state dict).
+    """
+
+    def native(self, x: Tensor) -> bool:
+        return _native(x, self.weight)
+
     def forward(self, x: Tensor, gelu: Optional[str] = None) -> Tensor:
         """``linear(x)``, or ``gelu(linear(x))`` with ``gelu`` the approximation (``"none"``/``"tanh"``)."""
         if not self.native(x):
             y = F.linear(x, self.weight, self.bias)
             return y if gelu is None else kernels.gelu(y, approximate=gelu)
-        return project(x, self._weight(), None if self.bias is None else self.bias.detach(), gelu)
+        return project(x, self.weight_for(x), None if self.bias is None else self.bias.detach(), gelu)
 
 
-def lm_head(x: Tensor, weight: Tensor) -> Tensor:
-    """Logits ``x @ weight^T`` for an LM head's ``weight`` ``[V, H]`` (an embedding table read as the
-    head, or the head's own): :func:`project` on the native CPU path, ``F.linear`` elsewhere."""
-    if x.device.type == "cpu" and x.dtype == weight.dtype and _onednn(x.dtype) and kernels.runs_native(x) \
-            and not torch.compiler.is_compiling():
-        return project(x, weight.detach())
-    return F.linear(x, weight)
+class PackedEmbedding(Prepacked, nn.Embedding):
+    """``nn.Embedding`` whose table is also an LM head (a model's ``tied_lm_embedding``): the lookup is
+    ``nn.Embedding``'s, the head (:func:`lm_head`) reads the table's :class:`Prepacked` copy."""
+
+
+def lm_head(x: Tensor, head: nn.Module) -> Tensor:
+    """Logits ``x @ head.weight^T`` for an LM head (its own linear, or an embedding table read as the
+    head): :func:`project` on the native CPU path, on the :class:`Prepacked` weight where ``head`` keeps
+    one (:func:`pack_linears`), ``F.linear`` elsewhere."""
+    w = head.weight
+    if not _native(x, w):
+        return F.linear(x, w)
+    return project(x, head.weight_for(x) if isinstance(head, Prepacked) else w.detach())
 
 
 def _store_transposed(p: nn.Parameter) -> None:
@@ -143,22 +181,28 @@ def _store_transposed(p: nn.Parameter) -> None:
         p.data = p.detach().t().contiguous().t()
 
 
-def pack_linears(model: nn.Module) -> nn.Module:
-    """Make every plain ``nn.Linear`` in ``model`` a :class:`PackedLinear` in place (parameters shared),
-    and lay out fp32 weights for decoding: a weight with more outputs than inputs (QKV, the feed-forward's
-    up-projection, an LM head), and an embedding table that a model's ``tied_lm_embedding`` names as its
-    LM head, is stored ``[K, N]`` and read through a transposed view, still one copy, where that pays
-    (:func:`_store_transposed`; :func:`project` says why; the embedding lookup reads the view's rows)."""
+def pack_linears(model: nn.Module, prepack: bool = True) -> nn.Module:
+    """Make every plain ``nn.Linear`` in ``model`` a :class:`PackedLinear`, and the embedding table a
+    model's ``tied_lm_embedding`` names as its LM head a :class:`PackedEmbedding`, in place (parameters
+    shared). With ``prepack`` (the default) they read oneDNN's :class:`Prepacked` copies of their weights,
+    made on first use; without, only the checkpoint's weights are kept (one copy, slower GEMMs).
+    fp32 weights are also laid out for one-row decoding: a weight with more outputs than inputs (QKV,
+    the feed-forward's up-projection, an LM head) is stored ``[K, N]`` and read through a transposed
+    view, still one copy, where that pays (:func:`_store_transposed`; :func:`project` says why; the
+    embedding lookup reads the view's rows)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 child.__class__ = PackedLinear
     for module in model.modules():
-        if isinstance(module, PackedLinear):
-            _store_transposed(module.weight)
         tied = getattr(module, "tied_lm_embedding", None)
-        if tied is not None:
-            _store_transposed(tied.weight)
+        if type(tied) is nn.Embedding:
+            tied.__class__ = PackedEmbedding
+    for module in model.modules():
+        if isinstance(module, Prepacked):
+            module.prepack = prepack
+            module.__dict__.pop("_packed", None)
+            _store_transposed(module.weight)
     return model
 
 

@@ -130,7 +130,7 @@ def supported_model_types() -> tuple[str, ...]:
 
 
 def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, device=None,
-                    task: Optional[str] = None, quantize: Optional[str] = None):
+                    task: Optional[str] = None, quantize: Optional[str] = None, prepack: bool = True):
     """Load a Hugging Face checkpoint into trifuse.
 
     ``source``: a directory with ``config.json`` and ``model.safetensors`` (or
@@ -142,6 +142,9 @@ def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, devi
     dtypes). Keys missing from the config take Hugging Face's defaults. A decoder's
     ``generation_config.json`` sets its ``generate`` defaults (``model.generation_config``).
     ``quantize="int8"`` (CPU only) runs the layers' linears in int8 (:mod:`engine.quantize`).
+    ``prepack`` (CPU): the linears and LM head read a second, oneDNN-blocked copy of each float
+    weight, made on first use: faster GEMMs for about twice the weights' memory; ``prepack=False``
+    keeps one copy (``docs/cpu.md`` has both's speed and memory).
     """
     # Imported here: the CLI imports this module before `trifuse bench` decides on Triton's
     # interpreter, which must happen before anything imports the kernels (engine.layers does).
@@ -151,6 +154,8 @@ def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, devi
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     check_quantize(quantize, device, dtype)
+    if not isinstance(prepack, bool):
+        raise TypeError(f"prepack must be True or False, got {prepack!r}")
     config, state = read_checkpoint(source)
     config = with_hf_defaults(config)
     model_type = config["model_type"]
@@ -170,7 +175,7 @@ def from_pretrained(source, *, dtype: Union[str, torch.dtype, None] = None, devi
     if quantize is not None:
         quantize_linears(model, quantize)
     if device.type == "cpu":
-        pack_linears(model)  # oneDNN's GEMM on the native CPU path; nn.Linear everywhere else
+        pack_linears(model, prepack)  # oneDNN's GEMM on the native CPU path; nn.Linear everywhere else
     if fam.generative:
         model.generation_config = generation
     return model

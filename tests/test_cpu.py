@@ -16,7 +16,8 @@ from tests import test_bart, test_bert, test_gpt2, test_t5, test_vit
 from tests.helpers import TOL, assert_matches_reference, rel_err
 from tests.test_attention import CASES, _ref64, _visible
 from trifuse import engine, kernels
-from trifuse.engine.layers import PackedLinear, _onednn, lm_head, pack_linears, project, stored_transposed
+from trifuse.engine.layers import (PackedEmbedding, PackedLinear, _onednn, lm_head, pack_linears, project,
+                                   stored_transposed)
 from trifuse.kernels import RelativeBias, attention, relative_position_bucket
 
 cpu_mod = importlib.import_module("trifuse.kernels.cpu")
@@ -238,7 +239,7 @@ def test_gelu_native(approximate, with_bias, with_gate, dtype, native):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gelu", [None, "none", "tanh"])
-@pytest.mark.parametrize("shape", [(1, 64), (3, 7, 64), (2, 128, 96)])
+@pytest.mark.parametrize("shape", [(1, 64), (2, 1, 64), (3, 64), (3, 7, 64), (2, 128, 96)])
 def test_packed_linear(shape, gelu, dtype, native):
     g = torch.Generator().manual_seed(7)
     lin = PackedLinear(shape[-1], 48)
@@ -279,8 +280,9 @@ def _linear_inputs(rows: int, k: int, n: int, odd_strides: bool, seed: int):
 @pytest.mark.parametrize("gelu", [None, "tanh"])
 @pytest.mark.parametrize("odd_strides", [False, True])
 def test_project_on_either_layout(rows, n, k, gelu, odd_strides, native):
-    """fp32 ``x @ w^T + b`` (and GELU) with the weight stored ``[N, K]`` and ``[K, N]`` (read through a
-    transposed view, one row taking BLAS's GEMV): both within fp32's budget of float64."""
+    """fp32 ``x @ w^T + b`` (and GELU) with the weight stored ``[N, K]``, ``[K, N]`` (read through a
+    transposed view, one row taking BLAS's GEMV) and prepacked (fewer than four rows padded): each
+    within fp32's budget of float64."""
     if not _onednn(torch.float32):
         pytest.skip("no oneDNN in this PyTorch build")
     x, w, b = _linear_inputs(rows, k, n, odd_strides, seed=rows * 100 + n)
@@ -288,7 +290,8 @@ def test_project_on_either_layout(rows, n, k, gelu, odd_strides, native):
     ref = ref if gelu is None else F.gelu(ref, approximate=gelu)
     wt = w.t().contiguous().t()
     assert stored_transposed(wt) == (n > 1) and not stored_transposed(w)
-    for weight in (w, wt):
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 128)
+    for weight in (w, wt, packed):
         for bias in (b, None):
             out = project(x, weight, bias, gelu)
             want = ref if bias is not None else F.linear(x.double(), w.double())
@@ -298,16 +301,29 @@ def test_project_on_either_layout(rows, n, k, gelu, odd_strides, native):
                                        rtol=TOL[torch.float32][1])
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_lm_head_bf16_on_a_sliced_row(rows, native):
-    """An LM head on the last position of a bf16 batch (a 3-D slice with odd strides, which made
-    ``F.linear`` copy the whole table per call) within bf16's 2x-PyTorch budget."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_head_on_a_sliced_row(rows, dtype, native):
+    """An LM head on the last position of a batch (a 3-D slice with odd strides, which made ``F.linear``
+    copy the whole table per call), read from a plain embedding table and from a packed one (the
+    prepacked copy; fp32 one row: BLAS on the ``[K, N]`` layout; fewer than four rows padded), within
+    the dtype's budget of float64."""
     x, w, _ = _linear_inputs(rows, 64, 301, True, seed=rows)
-    x, w = x.bfloat16(), w.bfloat16()
-    out = lm_head(x, w)
-    assert out.shape == (rows, 1, 301) and out.dtype == torch.bfloat16
-    assert_matches_reference(out, F.linear(x.double(), w.double()), torch.bfloat16,
-                             torch_lowp=F.linear(x, w), scale=8.0)
+    x, w = x.to(dtype), w.to(dtype)
+    plain = torch.nn.Embedding(301, 64, _weight=w.clone()).to(dtype)
+    packed = torch.nn.Module()
+    packed.tied_lm_embedding = torch.nn.Embedding(301, 64, _weight=w.clone()).to(dtype)
+    pack_linears(packed)
+    assert isinstance(packed.tied_lm_embedding, PackedEmbedding)
+    ref = F.linear(x.double(), w.double())
+    for head in (plain, packed.tied_lm_embedding):
+        with torch.no_grad():
+            out = lm_head(x, head)
+        assert out.shape == (rows, 1, 301) and out.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(out.double(), ref, atol=TOL[dtype][0] * 8, rtol=TOL[dtype][1])
+        else:
+            assert_matches_reference(out, ref, dtype, torch_lowp=F.linear(x, w), scale=8.0)
 
 
 def test_gpt2_weights_laid_out_for_decoding_one_copy_each():
@@ -355,6 +371,32 @@ def test_gpt2_greedy_native_equals_hf(lengths, native):
             logits.append(ours(got[:, i:i + 1], full[:, :i + 1], past_key_values=cache).logits)
     real = full.bool()
     assert rel_err(torch.cat(logits, 1)[real], ref[real]) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepack_off_keeps_one_copy_and_the_same_logits(dtype, native):
+    """``from_pretrained(prepack=False)`` builds no blocked copies (one copy of each weight); its logits and
+    the prepacked model's (one row, two rows: padded, a batch) each match float64 within the dtype's
+    budget; ``prepack`` must be a bool."""
+    if not _onednn(dtype):
+        pytest.skip("no oneDNN for this dtype here")
+    hf = test_gpt2.hf_model()
+    models = {p: engine.from_pretrained(hf, dtype=dtype, prepack=p) for p in (True, False)}
+    ids = torch.randint(0, 97, (3, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for rows in (ids[:1, :1], ids[:2, -1:], ids):
+            ref = hf.double()(rows).logits
+            for p, m in models.items():
+                out = m(rows).logits
+                if dtype == torch.float32:
+                    assert rel_err(out, ref) < 2e-5
+                else:
+                    assert_matches_reference(out, ref, dtype, torch_lowp=hf.to(dtype)(rows).logits, scale=8.0)
+    copies = {p: [m.__dict__.get("_packed") is not None for m in models[p].modules()
+                  if isinstance(m, engine.layers.Prepacked)] for p in models}
+    assert any(copies[True]) and not any(copies[False])
+    with pytest.raises(TypeError, match="prepack must be True or False"):
+        engine.from_pretrained(hf, prepack="no")
 
 
 def test_gpt2_beam_search_native_equals_hf(native):

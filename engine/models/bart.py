@@ -519,7 +519,7 @@ class BartModel(EncoderDecoderDecoding, nn.Module):
         return self.shared if self.has_lm_head and self.lm_head is None else None
 
     def _logits(self, x: Tensor) -> Tensor:
-        head = self.shared.weight if self.lm_head is None else self.lm_head.weight
+        head = self.shared if self.lm_head is None else self.lm_head
         return lm_head(x, head) + self.final_logits_bias
 
     # -- decoding (engine.decoding.EncoderDecoderDecoding: generate, stream) -----

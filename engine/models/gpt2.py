@@ -325,7 +325,7 @@ class GPT2Model(Decoding, nn.Module):
         return self.wte if self.has_lm_head and self.lm_head is None else None
 
     def _lm_logits(self, x: Tensor) -> Tensor:
-        return lm_head(x, self.wte.weight if self.lm_head is None else self.lm_head.weight)
+        return lm_head(x, self.wte if self.lm_head is None else self.lm_head)
 
     # -- decoding (engine.decoding.Decoding: generate, stream) -------------------
 

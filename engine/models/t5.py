@@ -529,7 +529,7 @@ class T5Model(EncoderDecoderDecoding, nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         if self.config.scale_decoder_outputs:
             x = x * (self.config.d_model ** -0.5)
-        return lm_head(x, self.shared.weight if self.lm_head is None else self.lm_head.weight)
+        return lm_head(x, self.shared if self.lm_head is None else self.lm_head)
 
     # -- decoding (engine.decoding.EncoderDecoderDecoding: generate, stream) -----
 

@@ -77,13 +77,14 @@ _PIPELINES = {cls.task: cls for cls in (FeatureExtraction, SentenceEmbedding, Te
 
 
 def pipeline(task: str, model: Union[str, Path], *, device=None, dtype=None, batch_size: Optional[int] = None,
-             quantize: Optional[str] = None, **task_defaults) -> Pipeline:
+             quantize: Optional[str] = None, prepack: bool = True, **task_defaults) -> Pipeline:
     """A callable for ``task`` on the checkpoint directory ``model``, as ``transformers.pipeline``.
 
     ``device`` (default: CUDA when available, else the CPU), ``dtype`` (``"fp16"``,
     ``"bf16"``, ``torch.float32``, ...; default: the checkpoint's), ``batch_size``
     (inputs per model call when given a list), ``quantize`` (``"int8"``: the CPU's int8 path,
-    see ``docs/cpu.md``); ``task_defaults`` are options every call
+    see ``docs/cpu.md``), ``prepack`` (``False``: one copy of each weight on the CPU, slower GEMMs; see
+    ``from_pretrained``); ``task_defaults`` are options every call
     gets unless it passes its own (``top_k=3``, ``aggregation_strategy="simple"``,
     ``num_beams=4``, ...). Unknown options are a ``TypeError`` naming them.
     """
@@ -93,7 +94,7 @@ def pipeline(task: str, model: Union[str, Path], *, device=None, dtype=None, bat
     config = read_json_object(path / "config.json")
     cls = _PIPELINES[_canonical_task(task)]
     return cls(path, config, device=device, dtype=dtype, batch_size=batch_size, defaults=task_defaults,
-               task_name=ALIASES.get(task, task), quantize=quantize)
+               task_name=ALIASES.get(task, task), quantize=quantize, prepack=prepack)
 
 
 __all__ = ["pipeline", "Pipeline", "plot_attention", "jsonable", "TASKS", "ALIASES", "FeatureExtraction",

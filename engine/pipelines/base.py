@@ -70,7 +70,8 @@ class Pipeline:
     text = True  # tokenized input
 
     def __init__(self, path: Path, config: dict, *, device=None, dtype=None, batch_size: Optional[int] = None,
-                 defaults: Optional[dict] = None, task_name: Optional[str] = None, quantize: Optional[str] = None):
+                 defaults: Optional[dict] = None, task_name: Optional[str] = None, quantize: Optional[str] = None,
+                 prepack: bool = True):
         self.path, self.config = path, config
         self.task_name = task_name or self.task
         model_types = [t for f in families() if f.kind in self.kinds for t in f.model_types]
@@ -85,7 +86,7 @@ class Pipeline:
         self._sized = batch_size is not None  # an explicit batch_size keeps batches of that many inputs
         self.defaults = dict(defaults or {})
         self.model = from_pretrained(path, dtype=self.dtype, device=self.device, task=self.model_task,
-                                     quantize=quantize)
+                                     quantize=quantize, prepack=prepack)
         self.tokenizer = Tokenizer.from_pretrained(path) if self.text else None
         self.model_type = config.get("model_type")
         self.id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
