@@ -8,18 +8,21 @@ of many calls with the variants alternated so load drifts hit both alike.
   ``torch.library`` dispatch) and against the plain PyTorch it replaces, at tiny widths and at
   1x128x768;
 * ``models``: the main job's ``--quick`` CPU sizes (batch 1, 32 tokens; :data:`bench.default.PLAN`'s
-  ``quick`` column), trifuse's native path against Hugging Face eager in one dtype (fp32 by default):
-  encoders and ViT whole, GPT-2's prefill, T5's and BART's encoder.
+  ``quick`` column), trifuse's native path with the eager fast path off (every op through
+  ``torch.ops.trifuse``) and on, against Hugging Face eager in one dtype (fp32 by default): encoders
+  and ViT whole, GPT-2's prefill, T5's and BART's encoder.
 
 Not a suite of the main job: a tool for checking where per-call time goes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import statistics
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -125,23 +128,44 @@ def _families(dtype: torch.dtype = torch.float32):
                    lambda hf=hf, ids=ids, mask=mask: hf(input_ids=ids, attention_mask=mask))
 
 
+_OPS = ("norm", "gelu", "attention", "varlen", "paged_attention")
+
+
+@contextlib.contextmanager
+def _fast_path(on: bool) -> Iterator[None]:
+    """``on=False``: the ops' wrappers see :func:`kernels._dispatch.eager_native` answer False, so every call
+    goes through ``torch.ops.trifuse`` as it did before the eager fast path (for an A/B in one process)."""
+    mods = [importlib.import_module(f"trifuse.kernels.{m}") for m in _OPS]
+    saved = [m.eager_native for m in mods]
+    if not on:
+        for m in mods:
+            m.eager_native = lambda *args: False
+    try:
+        yield
+    finally:
+        for m, fn in zip(mods, saved):
+            m.eager_native = fn
+
+
 def model_ratios(dtype: torch.dtype = torch.float32) -> None:
     from trifuse import kernels
 
-    ratios = []
+    ratios = {"op path": [], "fast path": []}
     with torch.no_grad():
         for label, ours, hf in _families(dtype):
-            def native(ours=ours):
-                with kernels.use_backend("native"):
+            def native(on: bool, ours=ours):
+                with kernels.use_backend("native"), _fast_path(on):
                     return ours()
 
-            us = _ab({"trifuse-native": native, "hf-eager": hf}, rounds=15, calls=10)
-            ratio = us["hf-eager"] / us["trifuse-native"]
-            ratios.append(ratio)
-            print(f"{label:20s} trifuse-native {us['trifuse-native']:8.0f} us  hf-eager {us['hf-eager']:8.0f} us  "
-                  f"{ratio:.2f}x", flush=True)
-    geo = statistics.geometric_mean(ratios)
-    print(f"geometric mean {geo:.2f}x (from {min(ratios):.2f}x to {max(ratios):.2f}x)")
+            us = _ab({"op path": lambda: native(False), "fast path": lambda: native(True), "hf-eager": hf},
+                     rounds=15, calls=10)
+            for k in ratios:
+                ratios[k].append(us["hf-eager"] / us[k])
+            print(f"{label:15s} " + "  ".join(f"{k} {v:7.0f} us" for k, v in us.items())
+                  + "   vs hf-eager: " + ", ".join(f"{k} {r[-1]:.2f}x" for k, r in ratios.items()), flush=True)
+    for k, r in ratios.items():
+        print(f"trifuse native, {k}: geometric mean {statistics.geometric_mean(r):.2f}x Hugging Face eager "
+              f"(from {min(r):.2f}x to {max(r):.2f}x)")
 
 
 if __name__ == "__main__":
