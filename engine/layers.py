@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from trifuse import kernels
 
 from .packing import Packed, PackedCross
+from .quantize import Int8Linear
 
 # Hugging Face activation names -> the GELU kernel's ``approximate``.
 _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
@@ -377,6 +378,8 @@ class FeedForward(nn.Module):
         up = self.up
         if isinstance(up, PackedLinear) and self.act in _GELU and up.native(x):
             return self.down(up(x, gelu=_GELU[self.act]))  # bias and GELU in oneDNN's GEMM epilogue
+        if isinstance(up, Int8Linear) and self.act in _GELU and kernels.runs_native(x):
+            return self.down(up(x, gelu=_GELU[self.act]))  # GELU in place on the rescaled output
         if isinstance(up, nn.Linear) and not kernels.runs_native(x):
             # The up-projection's bias is added inside the fused activation.
             return self.down(bias_act(F.linear(x, up.weight), up.bias, self.act))
