@@ -192,7 +192,7 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
             hf_sdpa.load_state_dict(hf_eager.state_dict())
             if "torch-compile" in mine:
                 compiled = torch.compile(hf_sdpa)
-        ours = engine.from_pretrained(hf_eager, task="causal-lm", dtype=dtype, device=dev)
+        ours = engine.from_pretrained(hf_eager, task="causal-lm", dtype=dtype, device=dev, quantize=opts.quantize)
         n_pos = ours.max_decoder_positions
         ort = ort_models(hf_eager, "causal-lm", mine, opts.threads)
         graphed = graph_decoder(ours, max_len=min(n_pos, max(contexts))) if "trifuse-graphs" in mine else None

@@ -46,7 +46,7 @@ class Options:
     seq: Optional[list[int]] = None
     head_dims: Optional[list[int]] = None
     threads: Optional[int] = None  # CPU: torch (and ONNX Runtime) intra-op threads while timing
-    quantize: Optional[str] = None  # "int8": trifuse's encoder rows quantized (engine.quantize)
+    quantize: Optional[str] = None  # "int8": trifuse's rows quantized (engine.quantize); not seq2seq yet
     # Told what runs now ("bert-small 1x64 hf-eager"), for a progress display; None: silent.
     progress: Optional[Callable[[str], None]] = None
 
@@ -375,7 +375,13 @@ def cpu_notes(opts: Options) -> list[str]:
     why onnxruntime-cpu is missing for large models. Empty on a GPU."""
     if opts.on_gpu:
         return []
-    return [cpu_note(opts.device)] + ([ORT_CPU_DEFAULT_NOTE] if opts.backends is None else [])
+    notes = [cpu_note(opts.device)] + ([ORT_CPU_DEFAULT_NOTE] if opts.backends is None else [])
+    if opts.quantize:
+        notes.append(f"--quantize {opts.quantize}: the trifuse rows (trifuse, trifuse-native, reference) load with "
+                     f"quantize={opts.quantize!r} (int8 linears, {DTYPE_NAMES[opts.dtype]} elsewhere) and are checked "
+                     f"within the int8 budget ({QUANTIZED_TOL} of the largest output); every other row runs "
+                     f"{DTYPE_NAMES[opts.dtype]}.")
+    return notes
 
 
 # Encoders (BERT family, ViT): the backends side by side.

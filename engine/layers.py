@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from trifuse import kernels
 
 from .packing import Packed, PackedCross
+from .quantize import Int8Linear
 
 # Hugging Face activation names -> the GELU kernel's ``approximate``.
 _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
@@ -47,6 +48,10 @@ def _onednn(dtype: torch.dtype) -> bool:
 
 #: One row against an fp32 weight stored ``[K, N]`` goes to BLAS's GEMV (see :func:`project`).
 _BLAS_ROWS = 1
+#: fp32 GEMMs this small (the weight's elements, and rows x the weight's elements) go to BLAS too (see
+#: :func:`project`).
+_TINY_WEIGHT = 1 << 16
+_TINY_MACS = 1 << 22
 #: Fewer rows than this are padded with zero rows to it before oneDNN's GEMM on a prepacked weight
 #: (see :func:`project`).
 _MIN_PACKED_ROWS = 4
@@ -57,13 +62,24 @@ def stored_transposed(w: Tensor) -> bool:
     return w.dim() == 2 and w.shape[0] > 1 and w.stride() == (1, w.shape[0])
 
 
+def _blas(rows: int, w: Tensor) -> bool:
+    """Whether ``rows`` rows against the fp32 weight ``w`` (not prepacked) run BLAS (``torch.addmm``)."""
+    if w.dtype != torch.float32 or w.is_mkldnn:
+        return False
+    n = w.numel()
+    return (rows <= _BLAS_ROWS and stored_transposed(w)) or (n <= _TINY_WEIGHT and rows * n <= _TINY_MACS)
+
+
 def project(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, gelu: Optional[str] = None) -> Tensor:
     """``x @ w^T (+ bias)``, then ``gelu(.)`` with ``gelu`` the approximation, on the native CPU path,
     by the layout ``w`` is stored in (any leading dims on ``x``; ``w`` in ``x``'s dtype, or oneDNN's
     prepacked copy: :class:`Prepacked`).
 
     * One row (a decoding step) against an fp32 weight stored ``[K, N]`` (:func:`pack_linears`) streams
-      the weight once through BLAS's GEMV (``torch.addmm``).
+      the weight once through BLAS's GEMV (``torch.addmm``). So do tiny fp32 GEMMs (a weight of at
+      most :data:`_TINY_WEIGHT` elements, at most :data:`_TINY_MACS` multiply-adds: the small models'
+      projections), where oneDNN's call costs about 10 us more than BLAS's, more than either computes
+      (measured on one Zen 4 thread: 128 x 64 x 192, 36 vs 45 us; 32 x 128 x 384, 38 vs 45 us).
     * Every other case is oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU
       freezing emits) on the strides as they are, the bias and the GELU in its epilogue. On a prepacked
       weight, fewer than :data:`_MIN_PACKED_ROWS` rows are padded with zero rows to that many first:
@@ -76,7 +92,7 @@ def project(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, gelu: Optional[
     k, n = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
-    if rows <= _BLAS_ROWS and x.dtype == torch.float32 and stored_transposed(w):
+    if x.dtype == torch.float32 and _blas(rows, w):
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
         if gelu is not None:
             y = torch.ops.aten.gelu_(y, approximate=gelu)
@@ -115,10 +131,11 @@ class Prepacked:
     def weight_for(self, x: Tensor) -> Tensor:
         """The weight :func:`project` reads for ``x``: the plain one for one fp32 row (BLAS on a weight stored
         ``[K, N]``, oneDNN's one-row kernel on ``[N, K]``: both stream the weight faster than the padded
-        GEMM on the blocked copy, measured on one Zen 4 thread) or with ``prepack`` off, else the
-        prepacked copy."""
+        GEMM on the blocked copy, measured on one Zen 4 thread), for a tiny fp32 GEMM (BLAS), or with
+        ``prepack`` off, else the prepacked copy."""
         w = self.weight.detach()
-        if not self.prepack or (x.numel() <= _BLAS_ROWS * x.shape[-1] and w.dtype == torch.float32):
+        rows = x.numel() // max(1, x.shape[-1])
+        if not self.prepack or (w.dtype == torch.float32 and (rows <= _BLAS_ROWS or _blas(rows, w))):
             return w
         try:
             key = (w.data_ptr(), self.weight._version, tuple(w.shape), w.stride())
@@ -361,6 +378,8 @@ class FeedForward(nn.Module):
         up = self.up
         if isinstance(up, PackedLinear) and self.act in _GELU and up.native(x):
             return self.down(up(x, gelu=_GELU[self.act]))  # bias and GELU in oneDNN's GEMM epilogue
+        if isinstance(up, Int8Linear) and self.act in _GELU and kernels.runs_native(x):
+            return self.down(up(x, gelu=_GELU[self.act]))  # GELU in place on the rescaled output
         if isinstance(up, nn.Linear) and not kernels.runs_native(x):
             # The up-projection's bias is added inside the fused activation.
             return self.down(bias_act(F.linear(x, up.weight), up.bias, self.act))

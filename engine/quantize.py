@@ -70,7 +70,9 @@ class Int8Linear(nn.Module):
     def __getstate__(self):  # copies leave the packed weight behind (oneDNN's cannot be copied)
         return {k: v for k, v in self.__dict__.items() if k != "_packed"}
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gelu: Optional[str] = None) -> Tensor:
+        """``linear(x)``, or ``gelu(linear(x))`` with ``gelu`` the approximation (``"none"``/``"tanh"``),
+        in place on the output (PyTorch's GELU, fp32 inside)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
@@ -95,6 +97,8 @@ class Int8Linear(nn.Module):
             torch.mul(y, sx, out=out)
         else:
             torch.addcmul(self.bias, y, sx, out=out)
+        if gelu is not None:
+            torch.ops.aten.gelu_(out, approximate=gelu)
         return out.view(*lead, self.out_features)
 
     def _zero_points(self) -> Tensor:

@@ -57,6 +57,11 @@ def test_int8_linear(shape, bias, dtype):
     # And against the unquantized layer: per-token scales keep the cosine high despite the outlier.
     cos = F.cosine_similarity(out.double().flatten(), lin(x).double().flatten(), dim=0)
     assert cos > 0.999, cos
+    # The feed-forward's GELU, applied in place on the output: the same within the same budget.
+    for approximate in ("none", "tanh"):
+        act = q(x.to(dtype), gelu=approximate)
+        want = F.gelu(ref, approximate=approximate)
+        torch.testing.assert_close(act.double(), want, atol=rtol * want.abs().max().item(), rtol=rtol)
 
 
 # Measured minimum cosine of the main output (fp32 vs int8) on the random test models: bert family

@@ -135,12 +135,14 @@ _STALE = pytest.mark.xfail(strict=True, reason="the prepacked copies cannot see 
     (c, d) if c != ".data in place" else pytest.param(c, d, marks=_STALE)
     for c in GPT2_CHANGES for d in (torch.float32, torch.bfloat16)])
 def test_gpt2_native_cpu_follows_weight_changes(change, dtype):
-    """Swapping every weight (the transposed layouts and the bf16 prepacked copies included) switches
-    the whole model: the logits of a one-row decoding step and of a batch follow model B."""
+    """Swapping every weight (the transposed layouts and the prepacked copies included) switches the
+    whole model: the logits of a one-row decoding step and of a batch follow model B. The model is wide
+    enough (192) that fp32's GEMMs are not tiny ones, which skip the prepacked copies."""
     from tests import test_gpt2
 
-    hf_b = test_gpt2.hf_model(seed=1)
-    ours = engine.from_pretrained(test_gpt2.hf_model(seed=0), dtype=dtype)
+    wide = dict(n_embd=192, n_head=3)
+    hf_b = test_gpt2.hf_model(seed=1, **wide)
+    ours = engine.from_pretrained(test_gpt2.hf_model(seed=0, **wide), dtype=dtype)
     other = engine.from_pretrained(hf_b, dtype=dtype)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), kernels.use_backend("native"):
@@ -148,13 +150,17 @@ def test_gpt2_native_cpu_follows_weight_changes(change, dtype):
         GPT2_CHANGES[change](ours, other)
         after = [ours(x).logits for x in (ids, ids[:1])]
         steps = ours.generate(ids[:1], max_new_tokens=4)
+        fresh = [other(x).logits for x in (ids, ids[:1])]  # B loaded as itself, same dtype and path
     with torch.no_grad():
         want = [hf_b.double()(x).logits for x in (ids, ids[:1])]
         want_steps = hf_b.float().generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
-    tol = 2e-5 if dtype == torch.float32 else 3e-2
-    for b, a, w in zip(before, after, want):
+    for b, a, f, w in zip(before, after, fresh, want):
         assert rel_err(b, w) > 1e-1  # the two models differ ...
-        assert rel_err(a, w) < tol  # ... and the swapped one is all B
+        # ... and the swapped one is all B: as B loaded fresh computes it (bf16's own error, about 5e-2 of
+        # the range here, is B's too), and within fp32's budget of float64
+        assert rel_err(a, f) < 1e-3
+        if dtype == torch.float32:
+            assert rel_err(a, w) < 2e-5
     if dtype == torch.float32:
         assert torch.equal(steps, want_steps)
 
