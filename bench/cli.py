@@ -65,9 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activation dtype (default: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--quantize", choices=["int8"],
-                   help="text encoders, vision and decoder-only models (not seq2seq yet): trifuse's rows load "
-                        "with quantize='int8' (CPU only; checked against Hugging Face in the run's dtype within "
-                        "the int8 budget); the cpu suite always has its int8 rows")
+                   help="trifuse's rows load with quantize='int8' (CPU only; checked against Hugging Face in the "
+                        "run's dtype within the int8 budget); the cpu suite always has its int8 rows")
     p.add_argument("--backends", nargs="+", help="backends to run side by side (default: all the suite has)")
     p.add_argument("--rows", nargs="+", type=positive_int, help="kernels: row counts to sweep")
     p.add_argument("--widths", nargs="+", type=positive_int, help="kernels: widths to sweep")
@@ -138,10 +137,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     suites = [s for s in args.suites if s in SUITES] + list(by_suite)
     if args.quantize and device.type != "cpu":
         args.parser.error(f"--quantize {args.quantize} runs on the CPU only for now (device {device})")
-    seq2seq = [m for suite, names in by_suite.items() if suite.__name__.rsplit(".", 1)[-1] == "seq2seq" for m in names]
-    if args.quantize and seq2seq:
-        args.parser.error(f"--quantize {args.quantize} applies to text encoders, vision models and decoder-only "
-                          f"models; the seq2seq suite does not take it yet ({', '.join(seq2seq)})")
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     # A suite runs its whole sweep unless --quick; the main job is quick without a GPU unless --full.
     quick = args.quick or (not suites and not args.full and device.type != "cuda")

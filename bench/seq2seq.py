@@ -189,7 +189,8 @@ def run(opts: Options, models: Optional[list[str]] = None) -> SuiteResult:
             hf_sdpa.load_state_dict(hf_eager.state_dict())
             if "torch-compile" in mine:
                 compiled_encoder = torch.compile(hf_sdpa.get_encoder())
-        ours = engine.from_pretrained(hf_eager, task="text2text-generation", dtype=dtype, device=dev)
+        ours = engine.from_pretrained(hf_eager, task="text2text-generation", dtype=dtype, device=dev,
+                                      quantize=opts.quantize)
         ort = ort_models(hf_eager, "text2text-generation", mine, opts.threads)
         graphed = graph_decoder(ours, max_len=1 + new) if "trifuse-graphs" in mine else None
         for b in batches:

@@ -46,7 +46,7 @@ class Options:
     seq: Optional[list[int]] = None
     head_dims: Optional[list[int]] = None
     threads: Optional[int] = None  # CPU: torch (and ONNX Runtime) intra-op threads while timing
-    quantize: Optional[str] = None  # "int8": trifuse's rows quantized (engine.quantize); not seq2seq yet
+    quantize: Optional[str] = None  # "int8": trifuse's rows quantized (engine.quantize)
     # Told what runs now ("bert-small 1x64 hf-eager"), for a progress display; None: silent.
     progress: Optional[Callable[[str], None]] = None
 

@@ -207,6 +207,11 @@ def assemble_state(module: nn.Module, state: Mapping[str, Tensor], spec: Mapping
             t = t.to(device=device, dtype=dtype or t.dtype)
         elif device is not None:
             t = t.to(device)
+        if len(parts) == 1 and t.untyped_storage().data_ptr() == parts[0].untyped_storage().data_ptr():
+            # Our own copy: a tensor still backed by the checkpoint's memory-mapped file would keep the
+            # whole mapping resident (the fused and transposed weights are copies already, so the file's
+            # pages would count twice), and one taken from an in-memory model would alias the user's.
+            t = t.clone()
         out[ours] = t
     unexpected = sorted(k for k in state if k not in used and not skip(k))
     problems = []
@@ -222,6 +227,7 @@ def assemble_state(module: nn.Module, state: Mapping[str, Tensor], spec: Mapping
 
 
 def load_into(module: nn.Module, state: dict) -> nn.Module:
-    """Move ``module`` (built on the meta device) onto the loaded tensors without copies."""
+    """Move ``module`` (built on the meta device) onto the tensors :func:`assemble_state` built (its own
+    copies), without copying them again."""
     module.load_state_dict(state, strict=True, assign=True)
     return module.requires_grad_(False).eval()  # inference: no autograd bookkeeping

@@ -164,7 +164,6 @@ def test_cli_rejects_unknown_suite(capsys):
     (["--threads", "0"], "argument --threads: must be > 0, got 0"),
     (["--quick", "--full"], "argument --full: not allowed with argument --quick"),
     (["kernels", "--keep-onnx"], "--keep-onnx applies to the main job"),
-    (["t5-tiny", "--quantize", "int8", "--device", "cpu"], "the seq2seq suite does not take it yet"),
 ])
 def test_cli_refuses_bad_arguments_in_one_line(args, message, capsys):
     """Out-of-range sizes are refused (exit status 2, one error line), never clamped."""
@@ -300,22 +299,23 @@ def test_cli_bench_vit_quantize_int8_runs_the_int8_model(tmp_path, monkeypatch):
     assert bench_row_passed(rows["trifuse-native"]) and rows["trifuse-native"]["rel_err"] > 0
 
 
-def test_cli_bench_gpt2_quantize_int8_runs_the_int8_model(tmp_path, monkeypatch):
-    """`--quantize int8` reaches the decoder suite: trifuse-native's prefill and decode rows run the int8
-    model, pass within the int8 budget, and the report says which rows are int8."""
+@pytest.mark.parametrize("model,suite,first", [("gpt2-tiny", "decoder", "prefill"), ("t5-tiny", "seq2seq", "encoder")])
+def test_cli_bench_generative_quantize_int8_runs_the_int8_model(model, suite, first, tmp_path, monkeypatch):
+    """`--quantize int8` reaches the decoder and seq2seq suites: trifuse-native's rows (the prompt's pass
+    and decoding) run the int8 model, pass within the int8 budget, and the report says which rows are int8."""
     from trifuse.engine import quantize
 
     calls = []
     forward = quantize.Int8Linear.forward
     monkeypatch.setattr(quantize.Int8Linear, "forward",
                         lambda self, x, **kw: calls.append(1) or forward(self, x, **kw))
-    rc = trifuse_main(["bench", "gpt2-tiny", "--quick", "--device", "cpu", "--quantize", "int8",
+    rc = trifuse_main(["bench", model, "--quick", "--device", "cpu", "--quantize", "int8",
                        "--backends", "trifuse-native", "hf-eager", "--out", str(tmp_path)])
     assert rc == 0 and calls
-    (result,) = list(tmp_path.glob("decoder-*.json"))
+    (result,) = list(tmp_path.glob(f"{suite}-*.json"))
     data = json.loads(result.read_text())
     ours = [r for r in data["rows"] if r["backend"] == "trifuse-native"]
-    assert {r["phase"] for r in ours} == {"prefill", "decode"}
+    assert {r["phase"] for r in ours} == {first, "decode"}
     assert all(bench_row_passed(r) for r in ours), ours
     assert any("--quantize int8: the trifuse rows" in n for n in data["notes"])
 

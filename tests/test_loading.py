@@ -169,3 +169,29 @@ def test_missing_size_keys_take_defaults_and_the_mismatch_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"mis-shaped tensors: embeddings\.word_embeddings\.weight has shape "
                                          r"\(99, 32\), expected \(99, 768\)"):
         engine.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_loaded_weights_are_the_models_own(family, tmp_path):
+    """Every parameter is trifuse's own memory: none aliases the in-memory model it came from, and a
+    checkpoint directory's safetensors file is not left memory-mapped by tensors taken from it as they
+    are (the mapping would keep the whole file resident beside the fused and transposed copies)."""
+    from pathlib import Path
+
+    from tests import test_bert, test_gpt2
+
+    hf = test_gpt2.hf_model() if family == "gpt2" else test_bert.hf_model("bert", "Model")
+    ours = engine.from_pretrained(hf)
+    theirs = {p.untyped_storage().data_ptr() for p in hf.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in theirs for p in ours.parameters())
+    hf.save_pretrained(tmp_path)
+    ours = engine.from_pretrained(tmp_path)
+    file = str((tmp_path / "model.safetensors").resolve())
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps here")
+    assert file not in maps.read_text()
+    with torch.no_grad():
+        ids = torch.randint(0, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+        want = hf(ids)[0]
+        assert rel_err(ours(ids)[0], want) < 2e-5
