@@ -43,6 +43,11 @@ def _buckets(bidirectional: bool, num_buckets: int, max_distance: int, query_off
     return relative_position_bucket(rp, bidirectional, num_buckets, max_distance)
 
 
+#: :func:`_buckets_cached` keeps indices of at most this many elements (1 MiB of int64 each, 32 MiB for the
+#: whole cache): long sequences rebuild theirs, so the cache's memory is bounded whatever the lengths seen.
+BUCKETS_CACHE_MAX = 1 << 17
+
+
 @functools.lru_cache(maxsize=32)
 def _buckets_cached(bidirectional: bool, num_buckets: int, max_distance: int, query_offset: int, lq: int, lk: int,
                     device: torch.device) -> Tensor:
@@ -55,10 +60,11 @@ def _buckets_cached(bidirectional: bool, num_buckets: int, max_distance: int, qu
 def relative_bias_dense(table: Tensor, bidirectional: bool, num_buckets: int, max_distance: int,
                         query_offset: int, lq: int, lk: int, dtype: torch.dtype) -> Tensor:
     """T5's bias ``[1, H, Lq, Lk]`` in ``dtype``: ``table[bucket(j - (i + query_offset)), h]``; gathered from
-    ``table`` as it is now (only the bucket index is cached, and only in plain eager mode: never a
-    traced, fake or symbolic tensor)."""
+    ``table`` as it is now (only the bucket index is cached, up to :data:`BUCKETS_CACHE_MAX` elements, and
+    only in plain eager mode: never a traced, fake or symbolic tensor)."""
     args = (bidirectional, num_buckets, max_distance, query_offset, lq, lk, table.device)
-    buckets = _buckets_cached(*args) if plain_eager() else _buckets(*args)  # [Lq, Lk]
+    small = lq * lk <= BUCKETS_CACHE_MAX
+    buckets = _buckets_cached(*args) if small and plain_eager() else _buckets(*args)  # [Lq, Lk]
     return table.to(dtype)[buckets].permute(2, 0, 1).unsqueeze(0)
 
 

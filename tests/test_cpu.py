@@ -97,6 +97,14 @@ def test_t5_bucket_index_cache_follows_the_table_and_modes():
     torch.testing.assert_close(again.detach().double(), 2 * want)
     again.sum().backward()
     assert t.grad is not None and t.grad.sum() == 7 * 9 * 3
+    # Memory stays bounded: an index past BUCKETS_CACHE_MAX elements is rebuilt, never kept.
+    cpu_mod._buckets_cached.cache_clear()
+    n = int(cpu_mod.BUCKETS_CACHE_MAX ** 0.5) + 1
+    with torch.inference_mode():
+        long = cpu_mod.relative_bias_dense(table, True, 8, 20, 0, n, n, torch.float32)
+    assert long.shape == (1, 3, n, n) and cpu_mod._buckets_cached.cache_info().currsize == 0
+    cpu_mod.relative_bias_dense(table, *args)
+    assert cpu_mod._buckets_cached.cache_info().currsize == 1
 
 
 # ----------------------------------------------------------------------------
