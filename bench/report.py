@@ -135,10 +135,13 @@ def print_table(rows: Sequence[dict], title: str, columns=None, *, wide: bool = 
     cells = [[_cell(r, k, f, wide) for k, _, f in cols] for r in rows]
     for i, (key, header, fmt) in enumerate(cols):
         if key in _TEXT:  # names wrap onto the next line, at a word or '-' if they can, rather than being cut
-            words = [w for c in cells for w in c[i].replace("-", "- ").split()]
+            # A backend name up to 16 characters is kept whole (folding cut "trifuse-native" mid-word);
+            # longer names and other text break at '-'.
+            words = [w for c in cells for w in
+                     (c[i] if key == "backend" and len(c[i]) <= 16 else c[i].replace("-", "- ")).split()]
             longest = max(map(len, words), default=len(header))
-            table.add_column(header, justify="left", overflow="fold",
-                             min_width=min(longest, 14 if key in ("op", "backend") else 8))
+            cap = 16 if key == "backend" else 14 if key == "op" else 8
+            table.add_column(header, justify="left", overflow="fold", min_width=min(longest, cap))
         else:
             table.add_column(header, justify="right", no_wrap=True)
     for c in cells:

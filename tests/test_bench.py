@@ -194,6 +194,12 @@ def test_tables_fit_80_columns_without_cutting_names(monkeypatch):
     # every name whole, wrapped over lines, never cut
     assert cells == ["distilbert-smallprefill", "1x64", "torch-compile-max-autotune", "noisy:spread,load"], body
     assert "12.35 ±4%" in body[0]
+    # a backend name of up to 16 characters stays on one line (folding cut "trifuse-native" mid-word)
+    console.export_text(clear=True)
+    decode = {"suite": "decoder", "op": "gpt2-tiny prefill", "shape": "1x32", "dtype": "fp32", "status": "ok",
+              "median_ms": 1.76, "spread": 0.06, "tokens_per_s": 18180.0, "speedup_vs_hf_eager": 0.83}
+    report.print_table([{**decode, "backend": "trifuse-native"}, {**decode, "backend": "hf-eager"}], "two")
+    assert any("trifuse-native" in line for line in console.export_text().splitlines())
     report.print_table(rows, "wide", wide=True)
     assert "rel err" in console.export_text()
 
