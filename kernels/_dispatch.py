@@ -119,8 +119,6 @@ def path(t: torch.Tensor) -> str:
 
 
 _C = torch._C
-#: The ``auto`` backend runs CPU tensors natively unless Triton's interpreter is on (fixed at import).
-_AUTO_CPU_NATIVE = not (HAS_TRITON and INTERPRET)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -158,7 +156,9 @@ def eager_native(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     backend = _scoped.get()
     if backend is None:
         backend = _backend
-    return backend == "native" or (backend == "auto" and _AUTO_CPU_NATIVE and x.is_cpu)
+    # path()'s rule for the auto backend (one source of truth: a tool that lets Triton "run" on CPU
+    # tensors by patching triton_runnable sees the ops take Triton here too).
+    return backend == "native" or (backend == "auto" and x.is_cpu and not triton_runnable(x.device))
 
 
 def runs_native(t: torch.Tensor) -> bool:
