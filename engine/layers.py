@@ -376,10 +376,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         up = self.up
-        if isinstance(up, PackedLinear) and self.act in _GELU and up.native(x):
-            return self.down(up(x, gelu=_GELU[self.act]))  # bias and GELU in oneDNN's GEMM epilogue
-        if isinstance(up, Int8Linear) and self.act in _GELU and kernels.runs_native(x):
-            return self.down(up(x, gelu=_GELU[self.act]))  # GELU in place on the rescaled output
+        if self.act in _GELU and (up.native(x) if isinstance(up, PackedLinear) else
+                                  isinstance(up, Int8Linear) and kernels.runs_native(x)):
+            # The GELU fused into the linear: oneDNN's GEMM epilogue, or in place on int8's rescaled output.
+            return self.down(up(x, gelu=_GELU[self.act]))
         if isinstance(up, nn.Linear) and not kernels.runs_native(x):
             # The up-projection's bias is added inside the fused activation.
             return self.down(bias_act(F.linear(x, up.weight), up.bias, self.act))

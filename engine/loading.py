@@ -207,7 +207,7 @@ def assemble_state(module: nn.Module, state: Mapping[str, Tensor], spec: Mapping
             t = t.to(device=device, dtype=dtype or t.dtype)
         elif device is not None:
             t = t.to(device)
-        if len(parts) == 1 and t.untyped_storage().data_ptr() == parts[0].untyped_storage().data_ptr():
+        if t is parts[0]:  # no cat and no conversion made a new tensor
             # Our own copy: a tensor still backed by the checkpoint's memory-mapped file would keep the
             # whole mapping resident (the fused and transposed weights are copies already, so the file's
             # pages would count twice), and one taken from an in-memory model would alias the user's.
